@@ -1,0 +1,49 @@
+"""Orbax run dir (from `convert`, or a purify/attack workdir) -> Hugging Face model dir.
+
+    python -m recipe_jax.export --ckpt runs/purify --out runs/purify/hf [--verify] [--step N]
+
+Writes config.json, model.safetensors (safetensors.numpy; torch not needed) and the source's
+tokenizer files, atomically. `--verify` loads the result with transformers PyTorch and compares
+logits with the Flax model on a fixed padded batch (exit 1 above 1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from recipe_jax import checkpoint, hf, parity
+
+
+def export(run_dir, out_dir, *, step: int | None = None, verify: bool = False) -> int:
+    """Exports the newest (or given) step of `run_dir` to `out_dir`; returns the step."""
+    model, params, step = checkpoint.restore_params(run_dir, step)
+    _, hf_config, source = checkpoint.read_source(run_dir)
+    hf.save_pretrained(model, params, out_dir, tokenizer_from=source, base_config=hf_config)
+    if verify:
+        parity.verify(model, params, out_dir, head="classify" if model.cfg.num_labels else "mlm")
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recipe_jax.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="run dir written by convert/purify/attack")
+    parser.add_argument("--out", required=True, help="output Hugging Face model dir")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument("--verify", action="store_true",
+                        help="reload with transformers PyTorch and compare logits")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        step = export(args.ckpt, args.out, step=args.step, verify=args.verify)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"export: wrote {args.out} from step {step} of {args.ckpt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

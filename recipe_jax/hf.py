@@ -1,0 +1,339 @@
+"""Hugging Face checkpoints <-> Flax parameters, strictly, in both directions.
+
+    model, params = load_pretrained("path/to/hf_dir")      # Transformer, float32 params
+    save_pretrained(model, params, "out_dir", tokenizer_from="path/to/hf_dir")
+
+The map is name-for-name (`hf_name`) with one transform: Linear weights are transposed (PyTorch
+[out, in], Flax kernel [in, out]). Every known tensor of the source is kept, whatever the
+`architectures` field says (pooler, MLM head, NSP head, classifier); unknown keys, missing keys and
+shape mismatches are errors that list them. A checkpoint without an MLM head gets a freshly
+initialized one (with a warning), so the export loads as `*ForMaskedLM` as well as `*Model`.
+The decoder is tied to the word embeddings and is not written (transformers re-ties it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import uuid
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+
+from recipe_jax import weights
+from recipe_jax.model import ModelConfig, Transformer, abstract_params, init_params
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
+# Buffers that HF sometimes serializes; they carry no learned state.
+_IGNORED = re.compile(r"(^|\.)embeddings\.(position_ids|token_type_ids)$")
+# Refuse configs whose tensors could not be real before allocating anything.
+_MAX_PARAMS = 50_000_000_000
+_HEAD_NAMES = {
+    # Flax top-level name -> HF name (prefix-less), per model type.
+    "bert": {"mlm/dense": "cls.predictions.transform.dense",
+             "mlm/LayerNorm": "cls.predictions.transform.LayerNorm",
+             "mlm/bias": "cls.predictions.bias", "nsp": "cls.seq_relationship",
+             "classifier": "classifier"},
+    "roberta": {"mlm/dense": "lm_head.dense", "mlm/LayerNorm": "lm_head.layer_norm",
+                "mlm/bias": "lm_head.bias", "classifier_dense": "classifier.dense",
+                "classifier": "classifier.out_proj"},
+}
+_TIED = {"bert": ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
+         "roberta": ("lm_head.decoder.weight", "lm_head.decoder.bias")}
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def hf_name(path: tuple[str, ...], model_type: str) -> str:
+    """Flax parameter path -> HF state-dict key, e.g.
+    ('encoder', 'layer_3', 'intermediate', 'dense', 'kernel') ->
+    'bert.encoder.layer.3.intermediate.dense.weight'."""
+    *modules, leaf = path
+    full = "/".join(path)
+    for flax_prefix, hf_prefix in _HEAD_NAMES[model_type].items():
+        if full == flax_prefix:  # a bare parameter (the MLM output bias)
+            return hf_prefix
+        if full.startswith(flax_prefix + "/"):
+            rest = full[len(flax_prefix) + 1:].split("/")[:-1]
+            return ".".join([hf_prefix, *rest, _LEAF[leaf]])
+    parts = [re.sub(r"^layer_(\d+)$", r"layer.\1", m) for m in modules]
+    if parts == ["pooler"]:
+        parts = ["pooler", "dense"]
+    return ".".join([model_type, *parts, _LEAF[leaf]])
+
+
+def flat_params(params) -> dict[tuple[str, ...], Any]:
+    """{path tuple: leaf} of a (possibly boxed) parameter tree."""
+    flat = jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]
+    return {tuple(k.key for k in path): leaf for path, leaf in flat}
+
+
+def named_params(params, model_type: str) -> dict[str, Any]:
+    """{HF name: leaf} of a parameter tree (leaves untouched: kernels stay [in, out])."""
+    return {hf_name(p, model_type): leaf for p, leaf in flat_params(params).items()}
+
+
+def _to_hf_layout(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array.T) if path[-1] == "kernel" else array
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+# ------------------------------------------------------------------------------------- config
+
+def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """config.json of an HF dir, checked: supported type, sane sizes, remote code ignored."""
+    d = pathlib.Path(model_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no such directory; pass a Hugging Face model dir "
+                                "(config.json + model.safetensors or pytorch_model.bin)")
+    path = d / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; a Hugging Face model dir needs its config.json")
+    try:
+        hf = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    for key in ("auto_map", "trust_remote_code"):
+        if key in hf:
+            log.warning("%s: ignoring %r (recipe_jax never runs code from a checkpoint)", path, key)
+            hf.pop(key)
+    cfg = ModelConfig.from_hf_config(hf)  # raises on unsupported model_type
+    _check_sizes(cfg, path)
+    return hf
+
+
+def _check_sizes(cfg: ModelConfig, path) -> None:
+    sizes = {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                          "num_attention_heads", "intermediate_size",
+                                          "max_position_embeddings", "type_vocab_size")}
+    bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
+    if bad:
+        raise ValueError(f"{path}: sizes must be positive integers, got {bad}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by "
+                         f"num_attention_heads {cfg.num_attention_heads}")
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    approx = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * h + (
+        cfg.num_hidden_layers * (4 * h * h + 2 * h * f))
+    if approx > _MAX_PARAMS:
+        raise ValueError(f"{path}: config describes ~{approx:.3g} parameters (sizes {sizes}); "
+                         f"refusing anything over {_MAX_PARAMS:.0e} as corrupt or hostile")
+
+
+# --------------------------------------------------------------------------------------- load
+
+def _normalize(key: str, model_type: str) -> str:
+    key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
+                                                                      "LayerNorm.bias")
+    if re.match(r"(embeddings|encoder|pooler)\.", key):  # *Model checkpoints have no prefix
+        key = f"{model_type}.{key}"
+    return key
+
+
+def _present_heads(keys: set[str], model_type: str) -> dict[str, Any]:
+    names = _HEAD_NAMES[model_type]
+    return {
+        "pooler": f"{model_type}.pooler.dense.weight" in keys,
+        "nsp_head": "cls.seq_relationship.weight" in keys,
+        "mlm_head": f"{names['mlm/dense']}.weight" in keys,
+    }
+
+
+def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = None,
+                    seed: int = 0, with_info: bool = False):
+    """Loads an HF BERT/RoBERTa dir into (Transformer, float32 params).
+
+    Heads found in the file are kept. The MLM head, and with `num_labels` the pooler and the
+    classifier, are freshly initialized (from `seed`) when the file has none. With `with_info`,
+    also returns {"files": files read, "fresh": HF names initialized fresh}.
+    """
+    hf = read_config(model_dir)
+    model_type = hf["model_type"]
+    state, files = weights.read_weights(model_dir)
+    state = {_normalize(k, model_type): v for k, v in state.items() if not _IGNORED.search(k)}
+    found = _present_heads(set(state), model_type)
+    labels = _classifier_labels(state, model_type)
+    if num_labels is not None and labels and labels != num_labels:
+        raise ValueError(f"{model_dir}: checkpoint classifier has {labels} labels, asked for "
+                         f"{num_labels}; pass the matching number or a checkpoint without a head")
+    num_labels = labels or num_labels or 0
+    pooler = found["pooler"] or (bool(num_labels) and model_type == "bert")
+    cfg = ModelConfig.from_hf_config(hf, mlm_head=True, pooler=pooler, nsp_head=found["nsp_head"],
+                                     num_labels=num_labels)
+    expected = {hf_name(p, model_type): (p, leaf) for p, leaf in
+                flat_params(abstract_params(cfg)).items()}
+    state = _untie(state, model_type, where=f"{model_dir}/{files[0]}")
+
+    unknown = sorted(set(state) - set(expected))
+    if unknown:
+        raise ValueError(f"{model_dir}: unknown weights (not part of a BERT/RoBERTa encoder or "
+                         f"its heads): {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+    missing = sorted(set(expected) - set(state))
+    fresh_ok = re.compile(_fresh_pattern(model_type, found, hf_pooler=found["pooler"]))
+    required = [k for k in missing if not fresh_ok.search(k)]
+    if required:
+        raise ValueError(f"{model_dir}: missing weights: {required[:10]}"
+                         f"{' ...' if len(required) > 10 else ''}")
+    flat = {}
+    mismatched = []
+    for name, (path, abstract) in expected.items():
+        if name not in state:
+            continue
+        array = state[name]
+        if path[-1] == "kernel":
+            array = array.T
+        if tuple(array.shape) != tuple(abstract.shape):
+            mismatched.append(f"{name}: file {tuple(state[name].shape)}, config expects "
+                              f"{tuple(abstract.shape)[::-1] if path[-1] == 'kernel' else abstract.shape}")
+        flat[path] = np.asarray(array, dtype=np.float32)
+    if mismatched:
+        raise ValueError(f"{model_dir}: shape mismatch between config.json and weights: "
+                         f"{mismatched[:10]}")
+    if missing:
+        log.warning("%s: no %s in the checkpoint; initialized fresh (seed %d)", model_dir,
+                    ", ".join(sorted({m.rsplit('.', 1)[0] for m in missing})), seed)
+        fresh = flat_params(init_params(cfg, jax.random.PRNGKey(seed)))
+        for name in missing:
+            path = expected[name][0]
+            flat[path] = np.asarray(fresh[path], dtype=np.float32)
+    if with_info:
+        return Transformer(cfg), _unflatten(flat), {"files": files, "fresh": missing}
+    return Transformer(cfg), _unflatten(flat)
+
+
+def summary(model: Transformer, params) -> str:
+    cfg = model.cfg
+    heads = [h for h, on in (("mlm", cfg.mlm_head), ("pooler", cfg.pooler), ("nsp", cfg.nsp_head),
+                             (f"classifier[{cfg.num_labels}]", cfg.num_labels)) if on]
+    n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    return (f"{cfg.model_type}, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
+            f"{n:,} params, heads: {', '.join(heads)}")
+
+
+def _classifier_labels(state: dict[str, np.ndarray], model_type: str) -> int:
+    key = f"{_HEAD_NAMES[model_type]['classifier']}.weight"
+    return int(state[key].shape[0]) if key in state else 0
+
+
+def _fresh_pattern(model_type: str, found: dict[str, bool], hf_pooler: bool) -> str:
+    names = _HEAD_NAMES[model_type]
+    fresh = []
+    if not found["mlm_head"]:
+        fresh += [re.escape(names[k]) for k in ("mlm/dense", "mlm/LayerNorm", "mlm/bias")]
+    fresh += [re.escape(names["classifier"]) + r"\."]
+    if model_type == "roberta":
+        fresh += [re.escape(names["classifier_dense"]) + r"\."]
+    if not hf_pooler:
+        fresh += [re.escape(f"{model_type}.pooler.")]
+    return "^(" + "|".join(fresh) + ")"
+
+
+def _untie(state: dict[str, np.ndarray], model_type: str, where: str) -> dict[str, np.ndarray]:
+    """Drops the tied decoder tensors after checking they really are the tied copies."""
+    decoder_w, decoder_b = _TIED[model_type]
+    bias_key = _HEAD_NAMES[model_type]["mlm/bias"]
+    words_key = f"{model_type}.embeddings.word_embeddings.weight"
+    state = dict(state)
+    if decoder_w in state:
+        w = state.pop(decoder_w)
+        if words_key in state and not np.array_equal(w, state[words_key]):
+            raise ValueError(f"{where}: {decoder_w} differs from {words_key}; untied MLM decoders "
+                             "are not supported (BERT/RoBERTa tie them)")
+    if decoder_b in state:
+        b = state.pop(decoder_b)
+        if bias_key not in state:
+            state[bias_key] = b
+        elif not np.array_equal(b, state[bias_key]):
+            raise ValueError(f"{where}: {decoder_b} differs from {bias_key}; they must be tied")
+    return state
+
+
+# --------------------------------------------------------------------------------------- save
+
+def architectures(cfg: ModelConfig) -> list[str]:
+    """The HF class whose keys match the exported tensors most closely."""
+    family = "Bert" if cfg.model_type == "bert" else "Roberta"
+    if cfg.num_labels:
+        return [f"{family}ForSequenceClassification"]
+    if cfg.model_type == "bert" and cfg.pooler and cfg.nsp_head:
+        return ["BertForPreTraining"]
+    return [f"{family}ForMaskedLM"] if cfg.mlm_head else [f"{family}Model"]
+
+
+def hf_state_dict(model: Transformer, params) -> dict[str, np.ndarray]:
+    """{HF key: numpy array in PyTorch layout} for every parameter (tied decoder omitted)."""
+    host = jax.device_get(nn.unbox(params))
+    return {hf_name(p, model.cfg.model_type): _to_hf_layout(p, np.asarray(a))
+            for p, a in flat_params(host).items()}
+
+
+def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,
+                    tokenizer_from: str | os.PathLike | None = None,
+                    base_config: dict[str, Any] | None = None) -> pathlib.Path:
+    """Writes `config.json`, `model.safetensors` and tokenizer files, atomically.
+
+    The result is assembled in a sibling temp dir and renamed into place, so `out_dir` is either
+    the previous export or the complete new one, never a half-written dir.
+    """
+    out = pathlib.Path(out_dir)
+    hf = dict(base_config or {})
+    src = pathlib.Path(tokenizer_from) if tokenizer_from else None
+    if not hf and src is not None and (src / "config.json").is_file():
+        hf = json.loads((src / "config.json").read_text())
+    for key in ("auto_map", "trust_remote_code", "id2label", "label2id", "_name_or_path"):
+        hf.pop(key, None)
+    hf.update(model.cfg.to_hf_config())
+    hf["architectures"] = architectures(model.cfg)
+    hf.setdefault("tie_word_embeddings", True)
+    tensors = hf_state_dict(model, params)
+    if any(not np.isfinite(a).all() for a in tensors.values()):
+        bad = [k for k, a in tensors.items() if not np.isfinite(a).all()]
+        raise ValueError(f"refusing to export non-finite weights: {bad[:5]}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if src is not None:
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+        # config.json last: a dir without it is never mistaken for a model.
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _replace_dir(new: pathlib.Path, target: pathlib.Path) -> None:
+    """Renames `new` onto `target`; an existing target is moved aside first, then removed."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

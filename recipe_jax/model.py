@@ -1,0 +1,344 @@
+"""Flax Linen BERT and RoBERTa encoders with MLM, NSP, pooler and classification heads.
+
+One module, `Transformer`, covers both families: they differ only in position ids (RoBERTa counts
+from `padding_idx + 1` and skips padding), the classification head, and the HF names of the heads
+(which `hf.py` maps). Parameter names mirror Hugging Face module names (`encoder/layer_3/
+intermediate/dense/kernel` is `encoder.layer.3.intermediate.dense.weight`), so conversion is a
+dict-to-dict map with transposes. Every parameter carries logical axis names; `sharding.py` maps
+them onto the device mesh.
+
+Shape letters: B batch, L length, M masked positions, H hidden, F ffn, V vocab, N heads, D head dim.
+
+    model = Transformer(ModelConfig.from_hf_config(json.load(open("config.json"))))
+    logits_blv = model.apply({"params": params}, input_ids, attention_mask, token_type_ids)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one checkpoint; the head flags say which optional tensors exist."""
+
+    model_type: str = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    classifier_dropout: float | None = None
+    # Which heads the parameter tree holds.
+    mlm_head: bool = True
+    pooler: bool = False
+    nsp_head: bool = False
+    num_labels: int = 0  # 0 = no sequence-classification head
+    # Compute dtype (params stay float32).
+    dtype: str = "float32"
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], **heads: Any) -> ModelConfig:
+        """Reads a Hugging Face `config.json` dict; `heads` sets the head flags."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: recipe_jax supports "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT and RoBERTa encoders)"
+            )
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"position_embedding_type={hf['position_embedding_type']!r} is not supported; "
+                "only 'absolute' position embeddings (BERT/RoBERTa default) are"
+            )
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise ValueError("decoder/cross-attention BERT configs are not supported (encoders only)")
+        fields = {f.name for f in dataclasses.fields(cls)} - {
+            "model_type", "mlm_head", "pooler", "nsp_head", "num_labels", "dtype"}
+        values = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
+        if hf.get("classifier_dropout") is None:
+            values.pop("classifier_dropout", None)
+        return cls(model_type=model_type, **values, **heads)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The architecture fields of a Hugging Face `config.json` (hf.py adds the rest)."""
+        skip = {"mlm_head", "pooler", "nsp_head", "num_labels", "dtype"}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        out["position_embedding_type"] = "absolute"
+        if self.num_labels:
+            out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        return out
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def _dense(features: int, cfg: ModelConfig, axes: tuple[str, str], name: str) -> nn.Dense:
+    init = nn.initializers.normal(cfg.initializer_range)
+    return nn.Dense(
+        features,
+        dtype=jnp.dtype(cfg.dtype),
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps,
+        dtype=jnp.dtype(cfg.dtype),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
+
+
+def _embed(num: int, cfg: ModelConfig, axes: tuple[str, str], name: str) -> nn.Embed:
+    init = nn.initializers.normal(cfg.initializer_range)
+    return nn.Embed(num, cfg.hidden_size, embedding_init=nn.with_logical_partitioning(init, axes),
+                    name=name)
+
+
+def position_ids(cfg: ModelConfig, input_ids_bl: jax.Array) -> jax.Array:
+    """BERT: 0..L-1. RoBERTa: padding_idx+1 onwards over non-pad tokens, pad -> padding_idx."""
+    if cfg.model_type == "roberta":
+        not_pad = (input_ids_bl != cfg.pad_token_id).astype(jnp.int32)
+        return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+    return jnp.broadcast_to(jnp.arange(input_ids_bl.shape[1]), input_ids_bl.shape)
+
+
+class Embeddings(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids_bl, token_type_ids_bl, deterministic: bool):
+        cfg = self.cfg
+        words = _embed(cfg.vocab_size, cfg, ("vocab", "embed"), "word_embeddings")
+        x_blh = words(input_ids_bl)
+        x_blh += _embed(cfg.max_position_embeddings, cfg, (None, "embed"), "position_embeddings")(
+            position_ids(cfg, input_ids_bl))
+        x_blh += _embed(cfg.type_vocab_size, cfg, (None, "embed"), "token_type_embeddings")(
+            token_type_ids_bl)
+        x_blh = _layer_norm(cfg, "LayerNorm")(x_blh)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x_blh, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_blh, bias_b11l, deterministic: bool):
+        cfg = self.cfg
+        b, l, _ = x_blh.shape
+        split = lambda t: t.reshape(b, l, cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
+        q_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "query")(x_blh))
+        k_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "key")(x_blh))
+        v_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "value")(x_blh))
+        scores_bnll = jnp.einsum("bqnd,bknd->bnqk", q_blnd, k_blnd) / jnp.sqrt(cfg.head_dim)
+        # Softmax in float32 even under bf16 compute: masked logits need the range.
+        probs_bnll = jax.nn.softmax(scores_bnll.astype(jnp.float32) + bias_b11l, axis=-1)
+        probs_bnll = nn.Dropout(cfg.attention_probs_dropout_prob)(
+            probs_bnll, deterministic=deterministic).astype(v_blnd.dtype)
+        out_blnd = jnp.einsum("bnqk,bknd->bqnd", probs_bnll, v_blnd)
+        return out_blnd.reshape(b, l, cfg.hidden_size)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_blh, bias_b11l, deterministic: bool):
+        cfg = self.cfg
+        ctx_blh = SelfAttention(cfg, name="self")(x_blh, bias_b11l, deterministic)
+        out = _AddNorm(cfg, ("heads", "embed"), name="output")(ctx_blh, x_blh, deterministic)
+        return out
+
+
+class _AddNorm(nn.Module):
+    """HF's `*Output` block: dense -> dropout -> LayerNorm(x + residual)."""
+
+    cfg: ModelConfig
+    axes: tuple[str, str]
+
+    @nn.compact
+    def __call__(self, x, residual_blh, deterministic: bool):
+        cfg = self.cfg
+        y_blh = _dense(cfg.hidden_size, cfg, self.axes, "dense")(x)
+        y_blh = nn.Dropout(cfg.hidden_dropout_prob)(y_blh, deterministic=deterministic)
+        return _layer_norm(cfg, "LayerNorm")(y_blh + residual_blh)
+
+
+class Intermediate(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_blh):
+        # The pre-activation is sown so the selective-activation diagnostic can read it.
+        pre_blf = _dense(self.cfg.intermediate_size, self.cfg, ("embed", "mlp"), "dense")(x_blh)
+        self.sow("intermediates", "pre_activation", pre_blf)
+        return ACTIVATIONS[self.cfg.hidden_act](pre_blf)
+
+
+class Layer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_blh, bias_b11l, deterministic: bool):
+        cfg = self.cfg
+        x_blh = Attention(cfg, name="attention")(x_blh, bias_b11l, deterministic)
+        h_blf = Intermediate(cfg, name="intermediate")(x_blh)
+        return _AddNorm(cfg, ("mlp", "embed"), name="output")(h_blf, x_blh, deterministic)
+
+
+class Encoder(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_blh, bias_b11l, deterministic: bool):
+        hidden = [x_blh]
+        for i in range(self.cfg.num_hidden_layers):
+            hidden.append(Layer(self.cfg, name=f"layer_{i}")(hidden[-1], bias_b11l, deterministic))
+        return hidden
+
+
+class MLMHead(nn.Module):
+    """transform (dense, act, LayerNorm) -> decoder tied to the word embeddings + own bias."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_bmh, word_embeddings_vh):
+        cfg = self.cfg
+        x_bmh = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"), "dense")(x_bmh)
+        act = "gelu" if cfg.model_type == "roberta" else cfg.hidden_act  # RoBERTa's lm_head: gelu
+        x_bmh = _layer_norm(cfg, "LayerNorm")(ACTIVATIONS[act](x_bmh))
+        bias_v = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                 ("vocab",)), (cfg.vocab_size,))
+        logits_bmv = jnp.einsum("bmh,vh->bmv", x_bmh, word_embeddings_vh.astype(x_bmh.dtype))
+        return logits_bmv.astype(jnp.float32) + bias_v
+
+
+class Transformer(nn.Module):
+    """BERT/RoBERTa encoder with the heads named in `cfg`.
+
+    `__call__` gives MLM logits (`[B, L, V]`, or `[B, M, V]` at `masked_positions`); `classify`
+    gives sequence-classification logits; `encode` gives every layer's hidden states.
+    """
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        if cfg.pooler:
+            self.pooler = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"), "pooler")
+        if cfg.mlm_head:
+            self.mlm = MLMHead(cfg)
+        if cfg.nsp_head:
+            self.nsp = _dense(2, cfg, ("embed", None), "nsp")
+        if cfg.num_labels:
+            if cfg.model_type == "roberta":  # RobertaClassificationHead: dense-tanh-out_proj on <s>
+                self.classifier_dense = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"),
+                                               "classifier_dense")
+            self.classifier = _dense(cfg.num_labels, cfg, ("embed", None), "classifier")
+            rate = cfg.classifier_dropout
+            self.classifier_dropout = nn.Dropout(cfg.hidden_dropout_prob if rate is None else rate)
+
+    def encode(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
+               deterministic: bool = True) -> list[jax.Array]:
+        """Hidden states `[B, L, H]` after the embeddings and after each layer."""
+        if attention_mask_bl is None:
+            attention_mask_bl = jnp.ones_like(input_ids_bl)
+        if token_type_ids_bl is None:
+            token_type_ids_bl = jnp.zeros_like(input_ids_bl)
+        x_blh = self.embeddings(input_ids_bl, token_type_ids_bl, deterministic)
+        x_blh = x_blh.astype(jnp.dtype(self.cfg.dtype))
+        neg = jnp.finfo(jnp.float32).min
+        bias_b11l = jnp.where(attention_mask_bl[:, None, None, :] > 0, 0.0, neg)
+        return self.encoder(x_blh, bias_b11l.astype(jnp.float32), deterministic)
+
+    def __call__(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
+                 deterministic: bool = True, masked_positions_bm=None) -> jax.Array:
+        x_blh = self.encode(input_ids_bl, attention_mask_bl, token_type_ids_bl, deterministic)[-1]
+        if masked_positions_bm is not None:
+            # Gather before the vocab projection: the [H, V] matmul runs only where a label is.
+            x_blh = jnp.take_along_axis(x_blh, masked_positions_bm[..., None], axis=1)
+        words_vh = nn.unbox(self.embeddings.variables["params"]["word_embeddings"]["embedding"])
+        return self.mlm(x_blh, words_vh)
+
+    def pool(self, x_blh) -> jax.Array:
+        return jnp.tanh(self.pooler(x_blh[:, 0]))
+
+    def classify(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
+                 deterministic: bool = True) -> jax.Array:
+        """Sequence-classification logits `[B, num_labels]`, as HF's *ForSequenceClassification."""
+        cfg = self.cfg
+        x_blh = self.encode(input_ids_bl, attention_mask_bl, token_type_ids_bl, deterministic)[-1]
+        drop = self.classifier_dropout
+        if cfg.model_type == "roberta":
+            x_bh = drop(x_blh[:, 0], deterministic=deterministic)
+            x_bh = jnp.tanh(self.classifier_dense(x_bh))
+        else:
+            x_bh = self.pool(x_blh)
+        logits = self.classifier(drop(x_bh, deterministic=deterministic))
+        return logits.astype(jnp.float32)
+
+    def init_all(self, input_ids_bl):
+        """Touches every configured head so that `init` creates all their parameters."""
+        hidden_blh = self.encode(input_ids_bl)[-1]
+        outs = []
+        if self.cfg.mlm_head:
+            outs.append(self(input_ids_bl))
+        if self.cfg.pooler:
+            pooled = self.pool(hidden_blh)
+            if self.cfg.nsp_head:
+                outs.append(self.nsp(pooled))
+        elif self.cfg.nsp_head:
+            outs.append(self.nsp(hidden_blh[:, 0]))
+        if self.cfg.num_labels:
+            outs.append(self.classify(input_ids_bl))
+        return outs
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """Fresh boxed (logically partitioned) parameters for every head in `cfg`."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return Transformer(cfg).init(rng, ids, method=Transformer.init_all)["params"]
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """Shapes and logical axes of all parameters, without allocating (`jax.eval_shape`)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
