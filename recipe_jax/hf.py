@@ -203,8 +203,8 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
         if path[-1] == "kernel":
             array = array.T
         if tuple(array.shape) != tuple(abstract.shape):
-            mismatched.append(f"{name}: file {tuple(state[name].shape)}, config expects "
-                              f"{tuple(abstract.shape)[::-1] if path[-1] == 'kernel' else abstract.shape}")
+            want = tuple(abstract.shape)[::-1] if path[-1] == "kernel" else tuple(abstract.shape)
+            mismatched.append(f"{name}: file {tuple(state[name].shape)}, config expects {want}")
         flat[path] = np.asarray(array, dtype=np.float32)
     if mismatched:
         raise ValueError(f"{model_dir}: shape mismatch between config.json and weights: "

@@ -77,7 +77,7 @@ class ModelConfig:
                 "only 'absolute' position embeddings (BERT/RoBERTa default) are"
             )
         if hf.get("is_decoder") or hf.get("add_cross_attention"):
-            raise ValueError("decoder/cross-attention BERT configs are not supported (encoders only)")
+            raise ValueError("decoder/cross-attention configs are not supported (encoders only)")
         fields = {f.name for f in dataclasses.fields(cls)} - {
             "model_type", "mlm_head", "pooler", "nsp_head", "num_labels", "dtype"}
         values = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
@@ -157,8 +157,8 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x_blh, bias_b11l, deterministic: bool):
         cfg = self.cfg
-        b, l, _ = x_blh.shape
-        split = lambda t: t.reshape(b, l, cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
+        b, length, _ = x_blh.shape
+        split = lambda t: t.reshape(b, length, cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
         q_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "query")(x_blh))
         k_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "key")(x_blh))
         v_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "value")(x_blh))
@@ -168,7 +168,7 @@ class SelfAttention(nn.Module):
         probs_bnll = nn.Dropout(cfg.attention_probs_dropout_prob)(
             probs_bnll, deterministic=deterministic).astype(v_blnd.dtype)
         out_blnd = jnp.einsum("bnqk,bknd->bqnd", probs_bnll, v_blnd)
-        return out_blnd.reshape(b, l, cfg.hidden_size)
+        return out_blnd.reshape(b, length, cfg.hidden_size)
 
 
 class Attention(nn.Module):

@@ -53,7 +53,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         data_len = size - data_start
         spans = [_check_entry(path, name, entry, data_len) for name, entry in header.items()]
         spans.sort()
-        for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:], strict=False):
             if b1 < e0:
                 raise WeightFileError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
         if not header:
@@ -94,9 +94,9 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A legacy PyTorch state dict, loaded with `weights_only=True` (no code runs)."""
     try:
         import torch
-    except ImportError:
+    except ImportError as e:
         raise WeightFileError(f"{path}: reading legacy .bin checkpoints needs torch "
-                              "(pip install torch==2.13.0), or convert the file to safetensors")
+                              "(pip install torch==2.13.0), or convert the file to safetensors") from e
     import pickle
 
     try:
@@ -111,7 +111,8 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise WeightFileError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+        kind = type(state).__name__
+        raise WeightFileError(f"{path}: expected a state dict of tensors, got {kind}")
     out = {}
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):

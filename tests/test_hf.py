@@ -135,7 +135,7 @@ def test_sharded_safetensors_index(tmp_path):
     a = hf.load_pretrained(tmp_path / "m")[1]
     b = hf.load_pretrained(tmp_path / "sharded")[1]
     assert all(np.array_equal(x, y) for x, y in zip(hf.flat_params(a).values(),
-                                                    hf.flat_params(b).values()))
+                                                    hf.flat_params(b).values(), strict=True))
 
 
 def test_legacy_gamma_beta_names(tmp_path):
