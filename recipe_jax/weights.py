@@ -96,7 +96,7 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
         import torch
     except ImportError as e:
         raise WeightFileError(f"{path}: reading legacy .bin checkpoints needs torch "
-                              "(pip install torch==2.13.0), or convert the file to safetensors") from e
+                              "(pip install torch==2.13.0); or convert it to safetensors") from e
     import pickle
 
     try:

