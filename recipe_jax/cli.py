@@ -42,4 +42,13 @@ def run(main: Callable, *, doc: str, default_config: str, required: list[str]) -
             print("\n".join(config_keys(config_file)))
         sys.exit(0)
     flags.mark_flags_as_required(required)
-    app.run(main)
+    app.run(main, flags_parser=_parse_quietly)
+
+
+def _parse_quietly(argv):
+    """Parses flags, then keeps absl/Orbax INFO chatter out of the progress output."""
+    from absl import logging as absl_logging
+
+    rest = app.parse_flags_with_usage(argv)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    return rest

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true",
                         help="reload with transformers PyTorch and compare logits")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         step = export(args.ckpt, args.out, step=args.step, verify=args.verify)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

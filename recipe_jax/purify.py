@@ -12,9 +12,7 @@ purified model as a Hugging Face dir, `DIR/hf/`. `--help` lists every flag and c
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import logging
 import pathlib
 import sys
@@ -27,8 +25,8 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from recipe_jax import checkpoint, cli, data, hf, losses, parity, sharding, train
-from recipe_jax.model import Transformer, abstract_params
+from recipe_jax import cli, data, hf, losses, train
+from recipe_jax.model import Transformer
 
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption; any other change is an error.
@@ -158,112 +156,36 @@ def prepare_data(config, model_dir, vocab_size: int) -> tuple[dict[str, np.ndarr
 
 # -------------------------------------------------------------------------------------- main
 
-def _check_resume_config(workdir: pathlib.Path, config) -> None:
-    path = workdir / "config.json"
-    now = json.loads(config.to_json_best_effort())
-    if path.exists():
-        old = json.loads(path.read_text())
-        flat = lambda d, p="": {  # noqa: E731
-            f"{p}{k}": v for kk, vv in d.items()
-            for k, v in (flat(vv, f"{kk}.").items() if isinstance(vv, dict) else [(kk, vv)])}
-        a, b = flat(old), flat(now)
-        diff = [k for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
-        if diff:
-            raise ValueError(f"{workdir} holds a run with another config ({', '.join(diff)} "
-                             "differ); use a new --workdir, or the old values to resume")
-    elif jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(now, indent=2, sort_keys=True))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The whole purify stage; returns a summary dict (also written to DIR/summary.json)."""
     validate(config)
-    train.initialize_distributed(config.distributed)
+    mesh = train.start(config)
     workdir = pathlib.Path(workdir).absolute()
-    mesh = sharding.make_mesh(config.mesh.shape)
-    if config.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"train.batch_size={config.train.batch_size} must divide evenly over "
-                         f"data*fsdp={mesh.shape['data'] * mesh.shape['fsdp']} mesh devices")
     model_dir = resolve_model_dir(config.model.init_from)
-
-    # --- Model, data, and the trainable/frozen split (all host-side, before compiling).
     model, host_params = hf.load_pretrained(model_dir, seed=config.train.seed)
     cfg = model.cfg
-    arrays, masking = prepare_data(config, model_dir, cfg.vocab_size)
     if config.data.max_length > cfg.max_position_embeddings:
         raise ValueError(f"data.max_length={config.data.max_length} exceeds the model's "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
-    num_examples = len(arrays["attention_mask"])
-    num_steps = num_train_steps(config, num_examples)
-    _check_resume_config(workdir, config)
-    checkpoint.write_source(workdir, cfg, hf.read_config(model_dir), model_dir)
-    names = losses.select_names(host_params, config.recipe.trainable, cfg.model_type)
-    if not names:
-        raise ValueError(f"recipe.trainable={tuple(config.recipe.trainable)} matches no "
-                         f"parameter; names look like {EXAMPLE_NAME}")
     if config.recipe.weight > 0 and not losses.select_names(
             host_params, config.recipe.regularize, cfg.model_type):
         raise ValueError(f"recipe.regularize={tuple(config.recipe.regularize)} matches no "
                          f"parameter; names look like {EXAMPLE_NAME}")
+    arrays, masking = prepare_data(config, model_dir, cfg.vocab_size)
 
-    # --- State, born sharded; resumed from the newest complete checkpoint if there is one.
-    params = train.shard_params(host_params, sharding.param_shardings(abstract_params(cfg), mesh))
-    trainable, frozen = train.split_params(params, config.recipe.trainable, cfg.model_type)
-    optimizer, schedule = train.make_optimizer(config.train, num_steps)
-    state = train.init_state(trainable, optimizer)
-    mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.max_to_keep)
-    if mngr.latest_step() is not None:
-        state, frozen, step = train.restore(mngr, state, frozen, config.recipe.trainable,
-                                            cfg.model_type)
-        print(f"purify: resuming from step {step} in {workdir}", flush=True)
+    def make_step(compute, optimizer, schedule):
+        return functools.partial(
+            train_step, model=compute, optimizer=optimizer, schedule=schedule,
+            recipe=config.recipe, dropout=config.train.dropout, seed=config.train.seed,
+            masking=masking if config.data.masking == "dynamic" else None)
 
-    # --- The jitted step and the loop.
-    compute = Transformer(dataclasses.replace(cfg, dtype=config.train.dtype))
-    step_fn = functools.partial(
-        train_step, model=compute, optimizer=optimizer, schedule=schedule,
-        recipe=config.recipe, dropout=config.train.dropout, seed=config.train.seed,
-        masking=masking if config.data.masking == "dynamic" else None)
-    jitted = jax.jit(step_fn, in_shardings=(train.state_shardings(state),
-                                            jax.tree.map(lambda x: x.sharding, frozen),
-                                            sharding.batch_sharding(mesh)),
-                     donate_argnums=(0,))
-
-    def batch_for(step):
-        rows = data.batch_rows(config.train.seed, step, num_examples, config.train.batch_size,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
-        return sharding.put_batch({k: v[rows] for k, v in arrays.items()}, mesh)
-
-    print(f"purify: {hf.summary(model, host_params)}; {len(names)} trainable tensors; "
-          f"{num_examples} sentences, {num_steps} steps of {config.train.batch_size}; "
-          f"mesh {dict(mesh.shape)}", flush=True)
-    state = train.run(workdir=str(workdir), name="purify", state=state, frozen=frozen,
-                      step_fn=jitted, batch_for=batch_for, num_steps=num_steps,
-                      log_every=config.train.log_every, every_steps=config.checkpoint.every_steps,
-                      mngr=mngr, meta={"num_steps": num_steps},
-                      tokens_per_step=config.train.batch_size * config.data.max_length)
-    return _export(config, workdir, model, train.merge_params(state.trainable, frozen), mngr)
-
-
-def _export(config, workdir: pathlib.Path, model, params, mngr) -> dict:
-    host = train.fetch_to_host(params)
-    summary = {"step": mngr.latest_step(),
-               "reg_loss": float(losses.frobenius_penalty(host, config.recipe.regularize,
-                                                          model.cfg.model_type))}
-    if jax.process_index() == 0:
-        _, hf_config, source = checkpoint.read_source(workdir)
-        out = hf.save_pretrained(model, host, workdir / "hf", tokenizer_from=source,
-                                 base_config=hf_config)
-        if config.export.verify:
-            try:
-                summary["export_max_logit_diff"] = parity.verify(model, host, out)
-            except ImportError:
-                log.warning("torch is not installed: skipped the export's logit check")
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"purify: exported {out}", flush=True)
-    return summary
+    params, step = train.fit(config, workdir, mesh, name="purify", model_dir=model_dir, model=model,
+                       host_params=host_params, arrays=arrays,
+                       trainable_patterns=config.recipe.trainable, make_step=make_step)
+    reg = losses.frobenius_penalty(params, config.recipe.regularize, cfg.model_type)
+    summary = {"step": step, "reg_loss": float(reg)}
+    return train.export_hf(workdir, "purify", model, params, verify=config.export.verify,
+                           summary=summary)
 
 
 FLAGS = flags.FLAGS
@@ -274,7 +196,7 @@ flags.DEFINE_string("workdir", None, "run dir: checkpoints/, metrics.jsonl, hf/"
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
