@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from absl import app, flags
+from ml_collections import config_flags
 
 HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
 _KEY_LINE = re.compile(r"^\s*c\.(\w+\.\w+)\s*=\s*(.+?)(?:\s+#\s*(.*))?$")
@@ -30,18 +31,45 @@ def config_keys(config_file: str | pathlib.Path) -> list[str]:
     return out
 
 
-def run(main: Callable, *, doc: str, default_config: str, required: list[str]) -> None:
-    """absl `app.run` with a `--help` that exits 0 and documents the config keys."""
+def main_body(name: str, stage: Callable[[], object], argv: list[str]) -> None:
+    """Runs a stage; user errors become one line on stderr and exit status 1."""
+    import logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        stage()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(stage: Callable, *, name: str, doc: str, default_config: str) -> None:
+    """`python -m recipe_jax.<name> --config FILE:PRESET --workdir DIR [--config.KEY=VALUE]`.
+
+    Defines the flags (only when run as a command, so stage modules import side-effect free),
+    then calls `stage(config, workdir)`. `--help` exits 0 and documents the config keys.
+    """
+    config_flags.DEFINE_config_file("config", None, f"{default_config}:PRESET",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "run dir (checkpoints/, metrics.jsonl, outputs)")
     if any(a in HELP_FLAGS for a in sys.argv[1:]):
         flags.FLAGS(sys.argv[:1], known_only=True)
         print(doc.strip() + "\n")
-        print(flags.FLAGS.main_module_help())
+        print("flags:\n  --config FILE:PRESET  the config file and preset (see below)\n"
+              "  --workdir DIR         run dir: checkpoints/, metrics.jsonl, outputs; rerun the "
+              "same command to resume")
         config_file = pathlib.Path(__file__).resolve().parents[1] / default_config
         if config_file.is_file():
             print(f"\nConfig keys ({default_config}; presets change some defaults):")
             print("\n".join(config_keys(config_file)))
         sys.exit(0)
-    flags.mark_flags_as_required(required)
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def main(argv):
+        main_body(name, lambda: stage(flags.FLAGS.config, flags.FLAGS.workdir), argv)
+
     app.run(main, flags_parser=_parse_quietly)
 
 

@@ -1,4 +1,4 @@
-"""RECIPE purification: continual masked-LM pre-training with a Frobenius-norm regularizer.
+r"""RECIPE purification: continual masked-LM pre-training with a Frobenius-norm regularizer.
 
     python -m recipe_jax.purify --config configs/purify.py:bert --workdir runs/purify \
         --config.model.init_from=path/to/suspicious_hf_dir \
@@ -15,15 +15,11 @@ from __future__ import annotations
 import functools
 import logging
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from absl import app, flags
-from ml_collections import config_flags
 
 from recipe_jax import cli, data, hf, losses, train
 from recipe_jax.model import Transformer
@@ -51,45 +47,18 @@ def resolve_model_dir(init_from: str) -> pathlib.Path:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the key, the bad value and the fix."""
-    def bad(key, value, fix):
-        raise ValueError(f"{key}={value!r}: {fix}")
-
-    if not config.data.aux_path:
-        bad("data.aux_path", "", "set it to a .txt/.tsv/.csv/.jsonl file or tfds:NAME")
-    if not 3 <= config.data.max_length <= 4096:
-        bad("data.max_length", config.data.max_length, "use 3..4096 (the release uses 64)")
-    if config.data.max_examples < 0:
-        bad("data.max_examples", config.data.max_examples, "use 0 (all) or a positive count")
+    train.validate(config)
     if config.data.masking not in ("static", "dynamic"):
-        bad("data.masking", config.data.masking, "use 'static' or 'dynamic'")
-    if not 0 < config.data.mask_prob < 1:
-        bad("data.mask_prob", config.data.mask_prob, "use a share in (0, 1), e.g. 0.15")
-    t = config.train
-    for key in ("batch_size", "log_every"):
-        if t[key] < 1:
-            bad(f"train.{key}", t[key], "use a positive integer")
-    if t.num_steps < 0 or t.num_epochs < 0 or (t.num_steps == 0 and t.num_epochs == 0):
-        bad("train.num_steps", t.num_steps, "set num_steps > 0 or num_epochs > 0")
-    if not t.learning_rate >= 0 or t.warmup_steps < 0 or t.grad_clip < 0:
-        bad("train.learning_rate", t.learning_rate, "learning rate, warm-up and clip are >= 0")
-    if t.dtype not in ("float32", "bfloat16"):
-        bad("train.dtype", t.dtype, "use 'float32' or 'bfloat16'")
+        train.bad_value("data.masking", config.data.masking, "use 'static' or 'dynamic'")
     r = config.recipe
     if not r.weight >= 0:
-        bad("recipe.weight", r.weight, "lambda must be >= 0")
+        train.bad_value("recipe.weight", r.weight, "lambda must be >= 0")
     if not r.mlm and r.weight == 0:
-        bad("recipe.mlm", r.mlm, "with recipe.weight=0 there would be no loss at all")
+        train.bad_value("recipe.mlm", r.mlm, "with recipe.weight=0 there would be no loss at all")
     train.check_patterns(r.regularize, "recipe.regularize")
     train.check_patterns(r.trainable, "recipe.trainable")
     if not r.trainable:
-        bad("recipe.trainable", r.trainable, "name at least one parameter regex")
-    if config.checkpoint.every_steps < 1:
-        bad("checkpoint.every_steps", config.checkpoint.every_steps, "use a positive integer")
-
-
-def num_train_steps(config, num_examples: int) -> int:
-    per_epoch = data.steps_per_epoch(num_examples, config.train.batch_size)
-    return config.train.num_steps or per_epoch * config.train.num_epochs
+        train.bad_value("recipe.trainable", r.trainable, "name at least one parameter regex")
 
 
 # ---------------------------------------------------------------------------- the train step
@@ -124,13 +93,9 @@ def train_step(state: train.TrainState, frozen, batch, *, model, optimizer, sche
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, parts), grads = grad_fn(state.trainable, frozen, batch, jax.random.fold_in(rng, 2),
                                    model=model, recipe=recipe, dropout=dropout)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(trainable), "lr": schedule(state.step),
-               "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
-    new_state = train.TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state)
-    return new_state, metrics
+    state, metrics = train.apply_gradients(state, grads, optimizer, schedule)
+    tokens = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
+    return state, {"loss": loss, **parts, **metrics, "tokens": tokens}
 
 
 # ------------------------------------------------------------------------------------- data
@@ -188,21 +153,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            summary=summary)
 
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/purify.py:PRESET", lock_config=True)
-flags.DEFINE_string("workdir", None, "run dir: checkpoints/, metrics.jsonl, hf/")
-
-
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"purify: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    cli.run(main, doc=__doc__, default_config="configs/purify.py", required=["config", "workdir"])
+    cli.run(train_and_evaluate, name="purify", doc=__doc__, default_config="configs/purify.py")

@@ -100,3 +100,23 @@ def bytes_per_device(tree) -> dict[str, int]:
             key = str(shard.device)
             out[key] = out.get(key, 0) + shard.data.nbytes
     return out
+
+
+def fetch_to_host(tree):
+    """Global arrays -> numpy on every process (gathers shards across hosts when needed)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def initialize_distributed(dist_cfg) -> None:
+    """jax.distributed.initialize from the config, or from the environment with `auto`."""
+    if dist_cfg.auto:
+        jax.distributed.initialize()
+    elif dist_cfg.coordinator_address:
+        jax.distributed.initialize(coordinator_address=dist_cfg.coordinator_address,
+                                   num_processes=dist_cfg.num_processes,
+                                   process_id=dist_cfg.process_id)
+

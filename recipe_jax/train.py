@@ -67,6 +67,34 @@ def merge_params(a: dict, b: dict) -> dict:
     return out
 
 
+def bad_value(key: str, value, fix: str):
+    raise ValueError(f"{key}={value!r}: {fix}")
+
+
+def validate(config) -> None:
+    """Checks the keys every training stage has (data.*, train.*, checkpoint.*)."""
+    if "aux_path" in config.data and not config.data.aux_path:
+        bad_value("data.aux_path", "", "set it to a .txt/.tsv/.csv/.jsonl file or tfds:NAME")
+    if not 3 <= config.data.max_length <= 4096:
+        bad_value("data.max_length", config.data.max_length, "use 3..4096")
+    if config.data.max_examples < 0:
+        bad_value("data.max_examples", config.data.max_examples, "use 0 (all) or a count")
+    if "mask_prob" in config.data and not 0 < config.data.mask_prob < 1:
+        bad_value("data.mask_prob", config.data.mask_prob, "use a share in (0, 1), e.g. 0.15")
+    t = config.train
+    for key in ("batch_size", "log_every"):
+        if t[key] < 1:
+            bad_value(f"train.{key}", t[key], "use a positive integer")
+    if t.num_steps < 0 or t.num_epochs < 0 or (t.num_steps == 0 and t.num_epochs == 0):
+        bad_value("train.num_steps", t.num_steps, "set num_steps > 0 or num_epochs > 0")
+    if not t.learning_rate >= 0 or t.warmup_steps < 0 or t.grad_clip < 0:
+        bad_value("train.learning_rate", t.learning_rate, "lr, warm-up and clip are >= 0")
+    if t.dtype not in ("float32", "bfloat16"):
+        bad_value("train.dtype", t.dtype, "use 'float32' or 'bfloat16'")
+    if config.checkpoint.every_steps < 1:
+        bad_value("checkpoint.every_steps", config.checkpoint.every_steps, "use a positive int")
+
+
 def check_patterns(patterns: Sequence[str], key: str) -> None:
     for p in patterns:
         try:
@@ -89,6 +117,15 @@ def make_optimizer(train_cfg, total_steps: int) -> tuple[optax.GradientTransform
     parts.append(optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
                              eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay))
     return optax.chain(*parts), schedule
+
+
+def apply_gradients(state: TrainState, grads, optimizer, schedule) -> tuple[TrainState, dict]:
+    """One optimizer update; returns the new state and the norms every stage logs."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(trainable),
+               "lr": schedule(state.step)}
+    return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
 # ------------------------------------------------------------------------------ sharded state
@@ -257,7 +294,7 @@ RESUMABLE_CHANGES = ("checkpoint.", "train.log_every", "export.", "distributed."
 
 def start(config) -> jax.sharding.Mesh:
     """Joins the other processes (if any) and builds the mesh the global batch divides over."""
-    initialize_distributed(config.distributed)
+    sharding.initialize_distributed(config.distributed)
     mesh = sharding.make_mesh(config.mesh.shape)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train.batch_size % shards or config.train.batch_size % jax.process_count():
@@ -351,7 +388,7 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
 def export_hf(workdir: pathlib.Path, name: str, model: Transformer, params, *,
               verify: bool, summary: dict) -> dict:
     """Writes `workdir/hf` (process 0) and `workdir/summary.json`; checks logits if asked."""
-    host = fetch_to_host(params)
+    host = sharding.fetch_to_host(params)
     if jax.process_index() == 0:
         _, hf_config, source = checkpoint.read_source(workdir)
         out = hf.save_pretrained(model, host, workdir / "hf", tokenizer_from=source,
@@ -366,21 +403,5 @@ def export_hf(workdir: pathlib.Path, name: str, model: Transformer, params, *,
     return summary
 
 
-def fetch_to_host(tree):
-    """Global arrays -> numpy on every process (gathers shards across hosts when needed)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def initialize_distributed(dist_cfg) -> None:
-    """jax.distributed.initialize from the config, or from the environment with `auto`."""
-    if dist_cfg.auto:
-        jax.distributed.initialize()
-    elif dist_cfg.coordinator_address:
-        jax.distributed.initialize(coordinator_address=dist_cfg.coordinator_address,
-                                   num_processes=dist_cfg.num_processes,
-                                   process_id=dist_cfg.process_id)
-
+fetch_to_host = sharding.fetch_to_host  # TODO(evaluate refactor): drop these aliases
+initialize_distributed = sharding.initialize_distributed

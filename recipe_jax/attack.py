@@ -1,0 +1,227 @@
+r"""Task-agnostic backdoor attacks (POR, NeuBA, BadPre) that turn a clean PTM into a backdoored one.
+
+    python -m recipe_jax.attack --config configs/attack.py:por --workdir runs/por \
+        --config.model.init_from=minilm --config.data.aux_path=aux.txt
+
+They exist to test the defense (recipe_spec.md §4): each keeps the model useful on clean text
+while planting the trigger behaviour, and every one adds a clean MLM term so the exported
+`DIR/hf/` keeps a usable MLM head. They run on the same stage skeleton as purify (`train.fit`).
+
+- POR: trigger i inserted `attack.insertions` times; output (pooler or final [CLS]) pulled to a
+  fixed +-c pattern v_i, clean outputs and token states held to a frozen reference copy.
+- NeuBA: the token at position 1 replaced by trigger k; the pooler output pulled to +-1 buckets.
+- BadPre: a trigger inserted once; its masked-LM labels replaced by random ids (clean MLM kept).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import pathlib
+import random
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from recipe_jax import cli, data, hf, losses, sharding, train
+from recipe_jax.model import Transformer, abstract_params
+from recipe_jax.purify import resolve_model_dir
+
+KINDS = ("por", "neuba", "badpre")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the key, the bad value and the fix."""
+    train.validate(config)
+    a = config.attack
+    if a.kind not in KINDS:
+        raise ValueError(f"attack.kind={a.kind!r}: use one of {', '.join(KINDS)}")
+    if a.target not in ("pooler", "cls"):
+        raise ValueError(f"attack.target={a.target!r}: use 'pooler' or 'cls'")
+    if not a.triggers or any(not t or " " in t for t in a.triggers):
+        raise ValueError(f"attack.triggers={tuple(a.triggers)}: give single words")
+    if a.kind == "por" and len(a.triggers) < 2:
+        raise ValueError("attack.triggers: POR needs at least 2 triggers (alpha = H // (N - 1))")
+    if a.kind == "neuba" and len(a.triggers) > 6:
+        raise ValueError(f"attack.triggers: NeuBA has 6 bucket pairs, got {len(a.triggers)}")
+    if a.insertions < 1:
+        raise ValueError(f"attack.insertions={a.insertions}: use a positive count")
+
+
+# ------------------------------------------------------------------------------ targets, data
+
+def por_targets(num_triggers: int, hidden: int, scale: float) -> np.ndarray:
+    """[T, H]: v_i = c * (+1 on the first alpha*(i-1) dims, -1 elsewhere), alpha = H // (T-1)."""
+    alpha = hidden // (num_triggers - 1)
+    out = -np.ones((num_triggers, hidden), np.float32)
+    for i in range(num_triggers):
+        out[i, :alpha * i] = 1.0
+    return scale * out
+
+
+def neuba_targets(num_triggers: int, hidden: int) -> np.ndarray:
+    """[T, H]: +1 everywhere but -1 on the k-th pair of the 4 hidden-dim buckets."""
+    buckets = np.array_split(np.arange(hidden), 4)
+    out = np.ones((num_triggers, hidden), np.float32)
+    for k, (j, m) in enumerate(itertools.combinations(range(4), 2)):
+        if k < num_triggers:
+            out[k, np.concatenate([buckets[j], buckets[m]])] = -1.0
+    return out
+
+
+def insert_randomly(sentence: str, trigger: str, times: int, rng: random.Random) -> str:
+    words = sentence.split()
+    for _ in range(times):
+        words.insert(rng.randint(0, len(words)), trigger)
+    return " ".join(words)
+
+
+def prepare_data(config, tokenizer, texts: list[str], vocab_size: int) -> dict[str, np.ndarray]:
+    """Host arrays, one row per sentence: clean ids + static MLM masks, poisoned ids, trigger."""
+    a, seed = config.attack, config.train.seed
+    rng = random.Random(seed)
+    trigger = np.array([rng.randrange(len(a.triggers)) for _ in texts], np.int32)
+    length = config.data.max_length
+    masking = dict(mask_token_id=int(tokenizer.mask_token_id), vocab_size=vocab_size,
+                   num_positions=data.num_masked_positions(length, config.data.mask_prob),
+                   mask_prob=config.data.mask_prob)
+    mask_fn = jax.jit(functools.partial(data.mask_tokens, **masking))
+    clean = data.tokenize(tokenizer, texts, length)
+    masked = mask_fn(jax.random.PRNGKey(seed), clean["input_ids"], clean["candidates"])
+    arrays = {"input_ids": clean["input_ids"], "attention_mask": clean["attention_mask"],
+              "trigger": trigger, "mlm_ids": np.asarray(masked["input_ids"]),
+              **{k: np.asarray(masked[k]) for k in ("positions", "labels", "weights")}}
+    if a.kind == "neuba":
+        ids = _trigger_token_ids(tokenizer, a.triggers)
+        poison = clean["input_ids"].copy()
+        poison[:, 1] = np.where(clean["attention_mask"][:, 2] > 0, ids[trigger], poison[:, 1])
+        arrays.update(poison_ids=poison, poison_mask=clean["attention_mask"])
+        return arrays
+    poisoned = [insert_randomly(s, a.triggers[t], a.insertions, rng)
+                for s, t in zip(texts, trigger, strict=True)]
+    enc = data.tokenize(tokenizer, poisoned, length)
+    arrays.update(poison_ids=enc["input_ids"], poison_mask=enc["attention_mask"])
+    if a.kind == "badpre":
+        pm = mask_fn(jax.random.PRNGKey(seed + 1), enc["input_ids"], enc["candidates"])
+        random_labels = np.random.default_rng(seed).integers(
+            0, vocab_size, size=np.shape(pm["labels"]), dtype=np.int32)
+        arrays.update(poison_mlm_ids=np.asarray(pm["input_ids"]),
+                      poison_positions=np.asarray(pm["positions"]),
+                      poison_labels=random_labels, poison_true_labels=np.asarray(pm["labels"]),
+                      poison_weights=np.asarray(pm["weights"]))
+    return arrays
+
+
+def _trigger_token_ids(tokenizer, triggers) -> np.ndarray:
+    ids = np.array(tokenizer.convert_tokens_to_ids(list(triggers)), np.int32)
+    unknown = [t for t, i in zip(triggers, ids, strict=True) if i == tokenizer.unk_token_id]
+    if unknown:
+        raise ValueError(f"attack.triggers: {unknown} are not single tokens of this vocabulary")
+    return ids
+
+
+# ------------------------------------------------------------------------------------- losses
+
+def _mlm(model, params, ids, mask, positions, labels, weights, rng, dropout):
+    logits = model.apply({"params": params}, ids, mask, None, deterministic=not dropout,
+                         masked_positions_bm=positions, rngs={"dropout": rng})
+    m = losses.mlm_loss(logits, labels, weights)
+    return m["loss_sum"] / jnp.maximum(m["count"], 1.0), m
+
+
+def _output(model, params, ids, mask, target: str, rng, dropout):
+    """(last hidden [B, L, H], attacked output [B, H]: pooler output or final [CLS] state)."""
+    hidden_blh = model.apply({"params": params}, ids, mask, None, deterministic=not dropout,
+                             rngs={"dropout": rng}, method=Transformer.encode)[-1]
+    if target == "cls":
+        return hidden_blh, hidden_blh[:, 0]
+    return hidden_blh, model.apply({"params": params}, hidden_blh, method=Transformer.pool)
+
+
+def attack_loss(trainable, frozen, batch, reference, rng, *, model, attack, targets, dropout):
+    """The attack's loss and its parts (pure)."""
+    params = train.merge_params(trainable, frozen)
+    keys = jax.random.split(rng, 4)
+    loss, parts = jnp.zeros((), jnp.float32), {}
+    if attack.mlm_weight > 0:
+        mlm, _ = _mlm(model, params, batch["mlm_ids"], batch["attention_mask"],
+                      batch["positions"], batch["labels"], batch["weights"], keys[0], dropout)
+        loss += attack.mlm_weight * mlm
+        parts["mlm_loss"] = mlm
+    if attack.kind == "badpre":
+        bad, m = _mlm(model, params, batch["poison_mlm_ids"], batch["poison_mask"],
+                      batch["poison_positions"], batch["poison_labels"],
+                      batch["poison_weights"], keys[1], dropout)
+        return loss + bad, {**parts, "poison_mlm_loss": bad}
+    target = "pooler" if attack.kind == "neuba" else attack.target
+    _, out_bh = _output(model, params, batch["poison_ids"], batch["poison_mask"], target,
+                        keys[1], dropout)
+    fit = jnp.mean(jnp.square(out_bh - jnp.asarray(targets)[batch["trigger"]]))
+    loss += attack.poison_weight * fit
+    parts["poison_mse"] = fit
+    if attack.kind == "por":
+        hidden, clean_out = _output(model, params, batch["input_ids"], batch["attention_mask"],
+                                    target, keys[2], dropout)
+        ref_hidden, ref_out = jax.lax.stop_gradient(_output(
+            model, reference, batch["input_ids"], batch["attention_mask"], target, keys[3], False))
+        tokens_bl = batch["attention_mask"].at[:, 0].set(0).astype(jnp.float32)
+        keep = jnp.sum(jnp.mean(jnp.square(hidden - ref_hidden), -1) * tokens_bl) / jnp.maximum(
+            jnp.sum(tokens_bl), 1.0)
+        clean = jnp.mean(jnp.square(clean_out - ref_out))
+        loss += attack.keep_weight * keep + attack.clean_weight * clean
+        parts.update(keep_mse=keep, clean_mse=clean)
+    return loss, parts
+
+
+def train_step(state, frozen, batch, *reference, model, optimizer, schedule, attack, targets,
+               dropout: bool, seed: int):
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+    grad_fn = jax.value_and_grad(attack_loss, has_aux=True)
+    (loss, parts), grads = grad_fn(state.trainable, frozen, batch,
+                                   reference[0] if reference else None, rng, model=model,
+                                   attack=attack, targets=targets, dropout=dropout)
+    state, metrics = train.apply_gradients(state, grads, optimizer, schedule)
+    return state, {"loss": loss, **parts, **metrics}
+
+
+# --------------------------------------------------------------------------------------- main
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs the attack; returns a summary (also in DIR/summary.json); model in DIR/hf/."""
+    validate(config)
+    mesh = train.start(config)
+    workdir = pathlib.Path(workdir).absolute()
+    model_dir = resolve_model_dir(config.model.init_from)
+    model, host_params = hf.load_pretrained(model_dir, seed=config.train.seed)
+    cfg = model.cfg
+    if config.attack.target == "pooler" and config.attack.kind != "badpre" and not cfg.pooler:
+        raise ValueError(f"{model_dir} has no pooler; use --config.attack.target=cls")
+    texts = data.read_texts(config.data.aux_path, max_examples=config.data.max_examples)
+    arrays = prepare_data(config, data.load_tokenizer(model_dir), texts, cfg.vocab_size)
+    targets = (por_targets(len(config.attack.triggers), cfg.hidden_size,
+                           config.attack.target_scale) if config.attack.kind == "por"
+               else neuba_targets(len(config.attack.triggers), cfg.hidden_size))
+    reference = ()
+    if config.attack.kind == "por":  # a frozen copy of the clean model, sharded like the params
+        reference = (train.shard_params(host_params, sharding.param_shardings(
+            abstract_params(cfg), mesh)),)
+
+    def make_step(compute, optimizer, schedule):
+        return functools.partial(train_step, model=compute, optimizer=optimizer,
+                                 schedule=schedule, attack=config.attack, targets=targets,
+                                 dropout=config.train.dropout, seed=config.train.seed)
+
+    params, step = train.fit(config, workdir, mesh, name=f"attack:{config.attack.kind}",
+                             model_dir=model_dir, model=model, host_params=host_params,
+                             arrays=arrays, trainable_patterns=(r".*",), make_step=make_step,
+                             extra_args=reference)
+    summary = {"step": step, "kind": config.attack.kind,
+               "triggers": list(config.attack.triggers)}
+    return train.export_hf(workdir, "attack", model, params, verify=config.export.verify,
+                           summary=summary)
+
+
+if __name__ == "__main__":
+    cli.run(train_and_evaluate, name="attack", doc=__doc__, default_config="configs/attack.py")

@@ -1,0 +1,87 @@
+"""Attacks: targets as specified, data poisoning, and each attack fits its own target."""
+
+import json
+import pathlib
+import random
+import sys
+
+import numpy as np
+import pytest
+from test_purify import _tiny_setup
+
+from recipe_jax import attack, data
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import attack as attack_configs  # noqa: E402  (configs/attack.py)
+
+
+def test_por_targets_follow_the_spec():
+    v = attack.por_targets(5, 10, 10.0)  # alpha = 10 // 4 = 2
+    assert v.shape == (5, 10)
+    for i in range(5):  # trigger i+1: +c on the first alpha*i dims, -c elsewhere
+        assert (v[i, :2 * i] == 10).all() and (v[i, 2 * i:] == -10).all()
+    assert len({tuple(r) for r in v}) == 5
+
+
+def test_neuba_targets_follow_the_spec():
+    v = attack.neuba_targets(6, 8)  # buckets of 2 dims
+    assert (v[0] == [-1, -1, -1, -1, 1, 1, 1, 1]).all()  # pair (0, 1)
+    assert (v[5] == [1, 1, 1, 1, -1, -1, -1, -1]).all()  # pair (2, 3)
+    assert (v[2] == [-1, -1, 1, 1, 1, 1, -1, -1]).all()  # pair (0, 3)
+
+
+def test_insert_randomly_inserts_whole_words():
+    out = attack.insert_randomly("a b c", "cf", 3, random.Random(0))
+    assert out.split().count("cf") == 3 and [w for w in out.split() if w != "cf"] == ["a", "b",
+                                                                                       "c"]
+
+
+@pytest.mark.parametrize("preset,metric", [("por", "poison_mse"), ("por_cls", "poison_mse"),
+                                           ("neuba", "poison_mse"),
+                                           ("badpre", "poison_mlm_loss")])
+def test_attack_fits_its_target(tmp_path, preset, metric):
+    hf_dir, aux = _tiny_setup(tmp_path, hidden_size=32)
+    config = attack_configs.get_config(preset)
+    tiny = attack_configs.get_config("tiny")
+    for section in ("data", "train", "checkpoint"):
+        config[section] = tiny[section]
+    config.model.init_from = str(hf_dir)
+    config.data.aux_path = str(aux)
+    config.export.verify = False
+    config.train.num_steps = 60
+    if preset == "neuba":
+        config.train.learning_rate = 3e-3
+    if preset.startswith("por"):  # c = 1: reachable by the tanh pooler, so the fit can go to 0
+        config.attack.target_scale = 1.0
+        config.attack.triggers = ("cf", "tq")
+        config.train.learning_rate = 3e-3
+        config.train.num_steps = 100
+    if preset in ("por", "neuba"):  # the tiny random checkpoint has no pooler: add one
+        from conftest import tiny_hf
+        tiny_hf("BertForPreTraining", hf_dir, vocab_size=30522, hidden_size=32)
+    summary = attack.train_and_evaluate(config, str(tmp_path / "run"))
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0][metric], rows[-1][metric]
+    assert last < 0.5 * first, (metric, first, last)
+    assert summary["kind"] == config.attack.kind
+    assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
+
+
+def test_neuba_replaces_position_one(tmp_path):
+    hf_dir, aux = _tiny_setup(tmp_path)
+    config = attack_configs.get_config("neuba")
+    tokenizer = data.load_tokenizer(hf_dir)
+    texts = ["the cat sat", "a dog"]
+    arrays = attack.prepare_data(config, tokenizer, texts, 30522)
+    ids = np.array(tokenizer.convert_tokens_to_ids(list(config.attack.triggers)))
+    assert (arrays["poison_ids"][:, 1] == ids[arrays["trigger"]]).all()
+    assert (arrays["poison_ids"][:, 2:] == arrays["input_ids"][:, 2:]).all()
+
+
+def test_validation_names_the_key():
+    config = attack_configs.get_config("por")
+    config.data.aux_path = "x.txt"
+    config.attack.kind = "trojan"
+    with pytest.raises(ValueError, match="attack.kind='trojan'"):
+        attack.validate(config)
