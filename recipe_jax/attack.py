@@ -27,7 +27,6 @@ import numpy as np
 
 from recipe_jax import cli, data, hf, losses, sharding, train
 from recipe_jax.model import Transformer, abstract_params
-from recipe_jax.purify import resolve_model_dir
 
 KINDS = ("por", "neuba", "badpre")
 
@@ -193,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     mesh = train.start(config)
     workdir = pathlib.Path(workdir).absolute()
-    model_dir = resolve_model_dir(config.model.init_from)
+    model_dir = hf.resolve_model_dir(config.model.init_from)
     model, host_params = hf.load_pretrained(model_dir, seed=config.train.seed)
     cfg = model.cfg
     if config.attack.target == "pooler" and config.attack.kind != "badpre" and not cfg.pooler:

