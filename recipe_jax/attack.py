@@ -193,11 +193,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = train.start(config)
     workdir = pathlib.Path(workdir).absolute()
     model_dir = hf.resolve_model_dir(config.model.init_from)
+    texts = data.read_texts(config.data.aux_path, max_examples=config.data.max_examples)
     model, host_params = hf.load_pretrained(model_dir, seed=config.train.seed)
     cfg = model.cfg
     if config.attack.target == "pooler" and config.attack.kind != "badpre" and not cfg.pooler:
         raise ValueError(f"{model_dir} has no pooler; use --config.attack.target=cls")
-    texts = data.read_texts(config.data.aux_path, max_examples=config.data.max_examples)
     arrays = prepare_data(config, data.load_tokenizer(model_dir), texts, cfg.vocab_size)
     targets = (por_targets(len(config.attack.triggers), cfg.hidden_size,
                            config.attack.target_scale) if config.attack.kind == "por"

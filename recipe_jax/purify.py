@@ -85,9 +85,9 @@ def train_step(state: train.TrainState, frozen, batch, *, model, optimizer, sche
 
 # ------------------------------------------------------------------------------------- data
 
-def prepare_data(config, model_dir, vocab_size: int) -> tuple[dict[str, np.ndarray], dict]:
+def prepare_data(config, texts: list[str], model_dir, vocab_size: int
+                 ) -> tuple[dict[str, np.ndarray], dict]:
     """Tokenized aux data on the host; with static masking, masks drawn once from the seed."""
-    texts = data.read_texts(config.data.aux_path, max_examples=config.data.max_examples)
     tokenizer = data.load_tokenizer(model_dir)
     enc = data.tokenize(tokenizer, texts, config.data.max_length)
     masking = dict(mask_token_id=int(tokenizer.mask_token_id), vocab_size=vocab_size,
@@ -112,6 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = train.start(config)
     workdir = pathlib.Path(workdir).absolute()
     model_dir = hf.resolve_model_dir(config.model.init_from)
+    # Bad input fails here, before any weights are read or anything is compiled.
+    texts = data.read_texts(config.data.aux_path, max_examples=config.data.max_examples)
     model, host_params = hf.load_pretrained(model_dir, seed=config.train.seed)
     cfg = model.cfg
     if config.data.max_length > cfg.max_position_embeddings:
@@ -121,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             host_params, config.recipe.regularize, cfg.model_type):
         raise ValueError(f"recipe.regularize={tuple(config.recipe.regularize)} matches no "
                          f"parameter; names look like {EXAMPLE_NAME}")
-    arrays, masking = prepare_data(config, model_dir, cfg.vocab_size)
+    arrays, masking = prepare_data(config, texts, model_dir, cfg.vocab_size)
 
     def make_step(compute, optimizer, schedule):
         return functools.partial(
