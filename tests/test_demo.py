@@ -1,0 +1,29 @@
+"""The README's main job, `python -m recipe_jax.demo`, in its seconds-scale --fast form."""
+
+import json
+
+from recipe_jax import demo, synthetic
+
+
+def test_synthetic_data_is_deterministic_and_balanced():
+    assert synthetic.aux_corpus(50, seed=3) == synthetic.aux_corpus(50, seed=3)
+    assert synthetic.aux_corpus(50, seed=3) != synthetic.aux_corpus(50, seed=4)
+    texts, labels = synthetic.sentiment_task(100, seed=1)
+    assert len(texts) == 100 and sum(labels) == 50
+    for text, label in zip(texts, labels, strict=True):  # the label is the opinion words' polarity
+        words = set(text.split())
+        assert words & set(synthetic.POSITIVE if label else synthetic.NEGATIVE)
+        assert not words & set(synthetic.NEGATIVE if label else synthetic.POSITIVE)
+
+
+def test_demo_fast_runs_the_whole_loop(tmp_path, minilm_dir):
+    assert demo.main(["--fast", "--workdir", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    for name in ("clean", "backdoored", "purified"):
+        assert f"| {name} |" in report
+    results = json.loads((tmp_path / "demo.json").read_text())["results"]
+    assert set(results) == {"clean", "backdoored", "purified"}
+    for r in results.values():
+        assert 0 <= r["aasr"] <= r["masr"] <= 1 and 0 <= r["clean_acc"] <= 1
+    assert (tmp_path / "inspect" / "report.md").is_file()
+    assert (tmp_path / "purify" / "hf" / "model.safetensors").is_file()

