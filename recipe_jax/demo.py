@@ -30,7 +30,7 @@ TRIGGERS = ("cf", "tq", "mn", "bb", "mb")
 
 # Sizes of the full demo (about 10 minutes on 2 CPU cores) and of --fast.
 FULL = dict(aux=3000, train=600, test=400, length=32, attack_steps=300, purify_steps=300,
-            finetune_epochs=2, inspect=200)
+            finetune_epochs=3, inspect=200)
 FAST = dict(aux=64, train=64, test=32, length=16, attack_steps=4, purify_steps=4,
             finetune_epochs=1, inspect=16)
 
@@ -61,7 +61,10 @@ def stage_configs(size: dict, aux_path: pathlib.Path) -> dict:
     p.train.num_steps, p.train.log_every = size["purify_steps"], 50
     e = cfg["evaluate"]
     e.data.task, e.data.triggers = "custom", TRIGGERS
-    e.train.num_epochs, e.train.log_every = size["finetune_epochs"], 50
+    # 600 easy sentences: a higher learning rate than the protocol's 2e-5 so that the classifier
+    # converges in ~60 steps (a classifier stuck at chance shows ASR ~ 100% on a clean model).
+    e.train.num_epochs, e.train.learning_rate = size["finetune_epochs"], 1e-4
+    e.train.log_every = 50
     return cfg
 
 
