@@ -17,7 +17,7 @@ import transformers
 from conftest import tiny_hf
 from safetensors.numpy import load_file
 
-from recipe_jax import data, hf, purify, train
+from recipe_jax import data, hf, losses, purify, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -228,3 +228,25 @@ def test_validate_names_key_value_and_fix():
         purify.validate(config)
     with pytest.raises(ValueError, match="unknown purify preset"):
         purify_configs.get_config("bart")
+
+
+def test_roberta_preset_trains_everything_and_regularizes_query(tmp_path):
+    hf_dir, aux = _tiny_setup(tmp_path)
+    tiny_hf("RobertaForMaskedLM", hf_dir, vocab_size=30522, pad_token_id=0)  # BERT vocab's pad
+    config = purify_configs.get_config("roberta")
+    tiny = purify_configs.get_config("tiny")
+    for section in ("data", "train", "checkpoint"):
+        config[section] = tiny[section]
+    config.model.init_from, config.data.aux_path = str(hf_dir), str(aux)
+    config.train.num_steps, config.train.dropout = 2, False
+    summary = purify.train_and_evaluate(config, str(tmp_path / "run"))
+    assert summary["export_max_logit_diff"] < 1e-4
+    before = load_file(str(hf_dir / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "hf" / "model.safetensors"))
+    changed = {k for k in after if not np.array_equal(after[k], before[k])}
+    assert "roberta.encoder.layer.0.attention.self.query.weight" in changed
+    assert "roberta.embeddings.word_embeddings.weight" in changed  # everything is trainable
+    _, params = hf.load_pretrained(hf_dir)
+    regularized = losses.select_names(params, config.recipe.regularize, "roberta")
+    assert regularized == sorted(f"roberta.encoder.layer.{i}.{m}.weight" for i in range(2)
+                                 for m in ("attention.self.query", "intermediate.dense"))
