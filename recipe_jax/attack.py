@@ -5,7 +5,7 @@ r"""Task-agnostic backdoor attacks (POR, NeuBA, BadPre) that turn a clean PTM in
 
 They exist to test the defense (recipe_spec.md §4): each keeps the model useful on clean text
 while planting the trigger behaviour, and every one adds a clean MLM term so the exported
-`DIR/hf/` keeps a usable MLM head. They run on the same stage skeleton as purify (`train.fit`).
+`DIR/hf/` keeps a usable MLM head. They run on the same stage skeleton as purify (`stage.fit`).
 
 - POR: trigger i inserted `attack.insertions` times; output (pooler or final [CLS]) pulled to a
   fixed +-c pattern v_i, clean outputs and token states held to a frozen reference copy.
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, data, hf, losses, sharding, train
+from recipe_jax import cli, data, losses, sharding, stage, train
 from recipe_jax.model import Transformer, abstract_params
 
 KINDS = ("por", "neuba", "badpre")
@@ -190,11 +190,9 @@ def train_step(state, frozen, batch, *reference, model, optimizer, schedule, att
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the attack; returns a summary (also in DIR/summary.json); model in DIR/hf/."""
     validate(config)
-    mesh = train.start(config)
+    mesh = stage.start(config)
     workdir = pathlib.Path(workdir).absolute()
-    model_dir = hf.resolve_model_dir(config.model.init_from)
-    texts = data.read_texts(config.data.aux_path, max_examples=config.data.max_examples)
-    model, host_params = hf.load_pretrained(model_dir, seed=config.train.seed)
+    model_dir, texts, model, host_params = stage.load(config)
     cfg = model.cfg
     if config.attack.target == "pooler" and config.attack.kind != "badpre" and not cfg.pooler:
         raise ValueError(f"{model_dir} has no pooler; use --config.attack.target=cls")
@@ -212,13 +210,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  schedule=schedule, attack=config.attack, targets=targets,
                                  dropout=config.train.dropout, seed=config.train.seed)
 
-    params, step = train.fit(config, workdir, mesh, name=f"attack:{config.attack.kind}",
+    params, step = stage.fit(config, workdir, mesh, name=f"attack:{config.attack.kind}",
                              model_dir=model_dir, model=model, host_params=host_params,
                              arrays=arrays, trainable_patterns=(r".*",), make_step=make_step,
                              extra_args=reference)
     summary = {"step": step, "kind": config.attack.kind,
                "triggers": list(config.attack.triggers)}
-    return train.export_hf(workdir, "attack", model, params, verify=config.export.verify,
+    return stage.export_hf(workdir, "attack", model, params, verify=config.export.verify,
                            summary=summary)
 
 

@@ -10,7 +10,7 @@ release's rule, `insert_trigger`) and each poisoned sentence is predicted once; 
 of the rows whose label != y predicted y, ASR(t) = max_y, AASR = mean_t ASR(t), MASR = max_t.
 Batches are padded to a power-of-two length bucket, so short sentences do not pay for 128 tokens.
 Writes DIR/results.json, DIR/metrics.jsonl and DIR/checkpoints/ (resumable: rerun the command;
-DIR/run.json records what the checkpoints were trained on, so two runs are never mixed).
+DIR/config.json records what the checkpoints were trained on, so two runs are never mixed).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from recipe_jax import checkpoint, cli, data, hf, sharding, train
-from recipe_jax.model import Transformer, abstract_params
+from recipe_jax import cli, data, hf, sharding, stage, train
+from recipe_jax.model import Transformer
 
 TASKS = ("sst2", "hsol", "agnews", "custom")
 # What a *ForSequenceClassification model holds; the MLM/NSP heads hf.py keeps stay frozen.
@@ -266,22 +266,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             bad(key, value, "use a positive integer")
 
 
-def _check_resume(workdir: pathlib.Path, fingerprint: dict) -> None:
-    """Refuses to resume checkpoints of another model, data set or training setup."""
-    path = workdir / "run.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if diff:
-            raise ValueError(f"{workdir} holds a fine-tuning run with another {', '.join(diff)}; "
-                             "use a new --workdir, or the old settings to resume")
-    elif jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
-
-
 def _start(config) -> jax.sharding.Mesh:
-    mesh = train.start(config)  # joins the processes; checks train.batch_size against the mesh
+    mesh = stage.start(config)  # joins the processes; checks train.batch_size against the mesh
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.eval.batch_size % shards or config.eval.batch_size % jax.process_count():
         raise ValueError(f"eval.batch_size={config.eval.batch_size} must divide evenly over "
@@ -289,42 +275,24 @@ def _start(config) -> jax.sharding.Mesh:
     return mesh
 
 
-def fine_tune(config, workdir: pathlib.Path, model: Transformer, host_params, enc, labels,
-              mesh) -> dict:
-    """Fine-tunes every classifier parameter through train.run; returns the last step's params."""
-    num_examples = len(labels)
-    num_steps = config.train.num_steps or data.steps_per_epoch(
-        num_examples, config.train.batch_size) * config.train.num_epochs
-    params = train.shard_params(host_params,
-                                sharding.param_shardings(abstract_params(model.cfg), mesh))
-    trainable, frozen = train.split_params(params, CLASSIFIER_PARAMS, model.cfg.model_type)
-    optimizer, schedule = train.make_optimizer(config.train, num_steps)
-    state = train.init_state(trainable, optimizer)
-    mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.max_to_keep)
-    if mngr.latest_step() is not None:
-        state, frozen, step = train.restore(mngr, state, frozen, CLASSIFIER_PARAMS,
-                                            model.cfg.model_type)
-        print(f"evaluate: resuming from step {step} in {workdir}", flush=True)
-    compute = Transformer(dataclasses.replace(model.cfg, dtype=config.train.dtype))
-    step_fn = jax.jit(functools.partial(train_step, model=compute, optimizer=optimizer,
-                                        schedule=schedule, dropout=config.train.dropout,
-                                        seed=config.train.seed),
-                      in_shardings=(train.state_shardings(state),
-                                    jax.tree.map(lambda x: x.sharding, frozen),
-                                    sharding.batch_sharding(mesh)), donate_argnums=(0,))
+def fine_tune(config, workdir: pathlib.Path, model_dir, model: Transformer, host_params, enc,
+              labels, mesh, fingerprint: dict) -> dict:
+    """Fine-tunes every classifier parameter through stage.fit; returns the last step's params."""
     arrays = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
               "labels": np.asarray(labels, np.int32)}
-    batch_for = lambda step: make_batch(arrays, data.batch_rows(
-        config.train.seed, step, num_examples, config.train.batch_size),
-        config.data.max_length, mesh)
-    print(f"evaluate: {hf.summary(model, host_params)}; fine-tuning on {num_examples} examples, "
-          f"{num_steps} steps of {config.train.batch_size}; mesh {dict(mesh.shape)}", flush=True)
+
+    def make_step(compute, optimizer, schedule):
+        return functools.partial(train_step, model=compute, optimizer=optimizer,
+                                 schedule=schedule, dropout=config.train.dropout,
+                                 seed=config.train.seed)
+
     tokens = config.train.batch_size * float(enc["attention_mask"].sum(axis=1).mean())
-    state = train.run(workdir=str(workdir), name="evaluate", state=state, frozen=frozen,
-                      step_fn=step_fn, batch_for=batch_for, num_steps=num_steps,
-                      log_every=config.train.log_every, every_steps=config.checkpoint.every_steps,
-                      mngr=mngr, meta={"num_steps": num_steps}, tokens_per_step=int(tokens))
-    return train.merge_params(state.trainable, frozen)
+    params, _ = stage.fit(
+        config, workdir, mesh, name="evaluate", model_dir=model_dir, model=model,
+        host_params=host_params, arrays=arrays, trainable_patterns=CLASSIFIER_PARAMS,
+        make_step=make_step, fingerprint=fingerprint, tokens_per_step=int(tokens),
+        collate=lambda rows: make_batch(arrays, rows, config.data.max_length, mesh))
+    return params
 
 
 def score(config, model: Transformer, params, tokenizer, test: Split, mesh) -> dict:
@@ -361,18 +329,17 @@ def run_evaluation(model_dir: str | os.PathLike, train: Split, test: Split,
     mesh = _start(config)
     model, host_params = hf.load_pretrained(model_dir, num_labels=num_labels,
                                             seed=config.train.seed)
-    if config.data.max_length > model.cfg.max_position_embeddings:
-        raise ValueError(f"data.max_length={config.data.max_length} exceeds the model's "
-                         f"max_position_embeddings={model.cfg.max_position_embeddings}")
+    stage.check_max_length(config, model)
     tokenizer = data.load_tokenizer(model_dir)
     digest = hashlib.sha256(json.dumps(train).encode()).hexdigest()
-    _check_resume(workdir, {"model": str(model_dir), "train_data_sha256": digest,
-                            "num_labels": num_labels, "max_length": config.data.max_length,
-                            "train": {key: value for key, value in config.train.items()
-                                      if key != "log_every"}})
-    checkpoint.write_source(workdir, model.cfg, hf.read_config(model_dir), model_dir)
-    params = fine_tune(config, workdir, model, host_params,
-                       data.tokenize(tokenizer, train[0], config.data.max_length), train[1], mesh)
+    # What the checkpoints must have been trained on to be resumed (in-memory data included).
+    fingerprint = {"model": str(model_dir), "train_data_sha256": digest,
+                   "num_labels": num_labels, "max_length": config.data.max_length,
+                   "train": {key: value for key, value in config.train.items()
+                             if key != "log_every"}}
+    params = fine_tune(config, workdir, model_dir, model, host_params,
+                       data.tokenize(tokenizer, train[0], config.data.max_length), train[1], mesh,
+                       fingerprint)
     results = score(config, model, params, tokenizer, test, mesh)
     results.update(num_train=len(train[0]), num_test=len(test[0]), model=str(model_dir),
                    triggers=list(config.data.triggers), wall_time_s=round(time.time() - t0, 1))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, data, hf, losses, train
+from recipe_jax import cli, data, losses, stage, train
 from recipe_jax.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -109,16 +109,10 @@ def prepare_data(config, texts: list[str], model_dir, vocab_size: int
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The whole purify stage; returns a summary dict (also written to DIR/summary.json)."""
     validate(config)
-    mesh = train.start(config)
+    mesh = stage.start(config)
     workdir = pathlib.Path(workdir).absolute()
-    model_dir = hf.resolve_model_dir(config.model.init_from)
-    # Bad input fails here, before any weights are read or anything is compiled.
-    texts = data.read_texts(config.data.aux_path, max_examples=config.data.max_examples)
-    model, host_params = hf.load_pretrained(model_dir, seed=config.train.seed)
+    model_dir, texts, model, host_params = stage.load(config)
     cfg = model.cfg
-    if config.data.max_length > cfg.max_position_embeddings:
-        raise ValueError(f"data.max_length={config.data.max_length} exceeds the model's "
-                         f"max_position_embeddings={cfg.max_position_embeddings}")
     if config.recipe.weight > 0 and not losses.select_names(
             host_params, config.recipe.regularize, cfg.model_type):
         raise ValueError(f"recipe.regularize={tuple(config.recipe.regularize)} matches no "
@@ -131,12 +125,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             recipe=config.recipe, dropout=config.train.dropout, seed=config.train.seed,
             masking=masking if config.data.masking == "dynamic" else None)
 
-    params, step = train.fit(config, workdir, mesh, name="purify", model_dir=model_dir, model=model,
+    params, step = stage.fit(config, workdir, mesh, name="purify", model_dir=model_dir, model=model,
                        host_params=host_params, arrays=arrays,
                        trainable_patterns=config.recipe.trainable, make_step=make_step)
     reg = losses.frobenius_penalty(params, config.recipe.regularize, cfg.model_type)
     summary = {"step": step, "reg_loss": float(reg)}
-    return train.export_hf(workdir, "purify", model, params, verify=config.export.verify,
+    return stage.export_hf(workdir, "purify", model, params, verify=config.export.verify,
                            summary=summary)
 
 

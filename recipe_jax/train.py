@@ -5,13 +5,11 @@ A stage (purify, attack, evaluate) supplies a pure `step_fn(state, frozen, batch
 metrics)` and a `batch_for(step)`; `run` drives it. Gradients are taken only w.r.t. the trainable
 subset (`split_params`), so XLA never computes weight gradients that would be thrown away and the
 optimizer state exists only for trainable parameters; frozen parameters are passed through the
-step untouched (bitwise).
+step untouched (bitwise). `stage.py` assembles these into a whole stage.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
 import math
@@ -26,13 +24,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from recipe_jax import checkpoint, data, hf, parity, sharding
+from recipe_jax import hf, sharding
 from recipe_jax.losses import matches
-from recipe_jax.model import Transformer, abstract_params
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
@@ -284,120 +280,3 @@ def _check_finite(rows, mngr) -> None:
             raise FloatingPointError(
                 f"non-finite {', '.join(sorted(bad))} at step {step}; stopped, {where}. Lower "
                 "train.learning_rate or check the data; rerunning resumes from that checkpoint")
-
-
-# ----------------------------------------------------------------------- a whole training stage
-
-# Config keys that may change between a run and its resumption; any other change is an error.
-RESUMABLE_CHANGES = ("checkpoint.", "train.log_every", "export.", "distributed.", "mesh.")
-
-
-def start(config) -> jax.sharding.Mesh:
-    """Joins the other processes (if any) and builds the mesh the global batch divides over."""
-    sharding.initialize_distributed(config.distributed)
-    mesh = sharding.make_mesh(config.mesh.shape)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.train.batch_size % shards or config.train.batch_size % jax.process_count():
-        raise ValueError(f"train.batch_size={config.train.batch_size} must divide evenly over "
-                         f"data*fsdp={shards} mesh devices and {jax.process_count()} processes")
-    return mesh
-
-
-def check_resume_config(workdir: pathlib.Path, config) -> None:
-    """Records the run's config; on a rerun, refuses a config that would mix two runs."""
-    path = workdir / "config.json"
-    now = _flatten(json.loads(config.to_json_best_effort()))
-    if path.exists():
-        old = _flatten(json.loads(path.read_text()))
-        diff = [k for k in sorted(set(old) | set(now))
-                if old.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)]
-        if diff:
-            raise ValueError(f"{workdir} holds a run with another config ("
-                             + ", ".join(f"{k}: {old.get(k)!r} there, {now.get(k)!r} now"
-                                         for k in diff[:5])
-                             + "); use a new --workdir, or the old values to resume")
-    elif jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2,
-                                   sort_keys=True))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Transformer,
-        host_params, arrays: dict[str, np.ndarray], trainable_patterns: Sequence[str],
-        make_step: Callable, extra_args: tuple = ()):
-    """Trains `model` on `arrays` (host rows, one per example); returns (params, final step).
-
-    `make_step(compute_model, optimizer, schedule)` returns the pure step
-    `(state, frozen, batch, *extra_args) -> (state, metrics)`; `extra_args` are global arrays
-    (e.g. a frozen reference model) passed to every step.
-    """
-    cfg = model.cfg
-    num_examples = len(next(iter(arrays.values())))
-    per_epoch = data.steps_per_epoch(num_examples, config.train.batch_size)
-    num_steps = config.train.num_steps or per_epoch * config.train.num_epochs
-    check_resume_config(workdir, config)
-    checkpoint.write_source(workdir, cfg, hf.read_config(model_dir), model_dir)
-    names = [n for n in hf.named_params(host_params, cfg.model_type)
-             if matches(trainable_patterns, n)]
-    if not names:
-        raise ValueError(f"trainable patterns {tuple(trainable_patterns)} match no parameter; "
-                         "names look like bert.encoder.layer.0.intermediate.dense.weight")
-
-    # State born sharded; resumed from the newest complete checkpoint if there is one.
-    params = shard_params(host_params, sharding.param_shardings(abstract_params(cfg), mesh))
-    trainable, frozen = split_params(params, trainable_patterns, cfg.model_type)
-    optimizer, schedule = make_optimizer(config.train, num_steps)
-    state = init_state(trainable, optimizer)
-    mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.max_to_keep)
-    if mngr.latest_step() is not None:
-        state, frozen, step = restore(mngr, state, frozen, trainable_patterns, cfg.model_type)
-        print(f"{name}: resuming from step {step} in {workdir}", flush=True)
-
-    compute = Transformer(dataclasses.replace(cfg, dtype=config.train.dtype))
-    shardings_of = functools.partial(jax.tree.map, lambda x: x.sharding)
-    jitted = jax.jit(make_step(compute, optimizer, schedule),
-                     in_shardings=(state_shardings(state), shardings_of(frozen),
-                                   sharding.batch_sharding(mesh), *map(shardings_of, extra_args)),
-                     donate_argnums=(0,))
-
-    def batch_for(step):
-        rows = data.batch_rows(config.train.seed, step, num_examples, config.train.batch_size,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
-        return sharding.put_batch({k: v[rows] for k, v in arrays.items()}, mesh)
-
-    print(f"{name}: {hf.summary(model, host_params)}; {len(names)} trainable tensors; "
-          f"{num_examples} examples, {num_steps} steps of {config.train.batch_size}; "
-          f"mesh {dict(mesh.shape)}", flush=True)
-    state = run(workdir=str(workdir), name=name, state=state, frozen=frozen,
-                step_fn=lambda st, fr, b: jitted(st, fr, b, *extra_args), batch_for=batch_for,
-                num_steps=num_steps, log_every=config.train.log_every,
-                every_steps=config.checkpoint.every_steps, mngr=mngr,
-                meta={"num_steps": num_steps},
-                tokens_per_step=config.train.batch_size * config.data.max_length)
-    return merge_params(state.trainable, frozen), int(jax.device_get(state.step))
-
-
-def export_hf(workdir: pathlib.Path, name: str, model: Transformer, params, *,
-              verify: bool, summary: dict) -> dict:
-    """Writes `workdir/hf` (process 0) and `workdir/summary.json`; checks logits if asked."""
-    host = sharding.fetch_to_host(params)
-    if jax.process_index() == 0:
-        _, hf_config, source = checkpoint.read_source(workdir)
-        out = hf.save_pretrained(model, host, workdir / "hf", tokenizer_from=source,
-                                 base_config=hf_config)
-        if verify:
-            try:
-                summary["export_max_logit_diff"] = parity.verify(model, host, out)
-            except ImportError:
-                log.warning("torch is not installed: skipped the export's logit check")
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"{name}: exported {out}", flush=True)
-    return summary

