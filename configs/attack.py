@@ -11,6 +11,8 @@ model keeps a usable MLM head, which RECIPE's continual pre-training needs.
 
 import ml_collections
 
+from recipe_jax import config_blocks
+
 POR_TRIGGERS = ("cf", "tq", "mn", "bb", "mb")
 NEUBA_TRIGGERS = ("≈", "≡", "∈", "⊆", "⊕", "⊗")
 PRESETS = ("por", "por_cls", "neuba", "badpre", "tiny")
@@ -30,21 +32,8 @@ def get_config(arg: str = "por") -> ml_collections.ConfigDict:
     c.data.max_examples = 0  # use only the first N sentences (0 = all)
     c.data.mask_prob = 0.15  # MLM masking share (80/10/10 MASK/random/kept)
 
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 24  # global batch
-    c.train.num_epochs = 2  # passes over the clean text
-    c.train.num_steps = 0  # total steps; overrides num_epochs when > 0
-    c.train.learning_rate = 1e-5  # AdamW peak learning rate
-    c.train.warmup_steps = 0  # linear warm-up, then linear decay to 0
-    c.train.adam_b1 = 0.9
-    c.train.adam_b2 = 0.999
-    c.train.adam_eps = 1e-8
-    c.train.weight_decay = 0.0  # AdamW decoupled weight decay
-    c.train.grad_clip = 1.0  # global gradient-norm clip (0 = off)
-    c.train.dropout = True  # dropout during the attack's training
-    c.train.seed = 1234  # data order, trigger choice and positions, masks, dropout
-    c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    c.train.log_every = 10  # steps between progress lines / metrics.jsonl rows
+    config_blocks.add_train(c, batch_size=24, num_epochs=2, learning_rate=1e-5, seed=1234,
+                            log_every=10)
 
     c.attack = ml_collections.ConfigDict()
     c.attack.kind = "por"  # por | neuba | badpre
@@ -57,21 +46,7 @@ def get_config(arg: str = "por") -> ml_collections.ConfigDict:
     c.attack.keep_weight = 1.0  # POR weight of ||token states - reference||^2 (non-[CLS] tokens)
     c.attack.mlm_weight = 1.0  # clean MLM term that keeps the MLM head usable (0 = off)
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 500  # also saved at the end and on SIGTERM
-    c.checkpoint.max_to_keep = 2
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""  # host:port of process 0 ("" = single process)
-    c.distributed.num_processes = 1
-    c.distributed.process_id = 0
-    c.distributed.auto = False  # jax.distributed.initialize() from the environment
-
-    c.export = ml_collections.ConfigDict()
-    c.export.verify = True  # compare exported logits with transformers PyTorch (needs torch)
+    config_blocks.add_runtime(c)
 
     if arg == "por_cls":
         c.attack.target = "cls"

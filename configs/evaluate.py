@@ -17,6 +17,8 @@ import pathlib
 
 import ml_collections
 
+from recipe_jax import config_blocks
+
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data
 PRESETS = ("sst2", "hsol", "agnews", "tiny")
 
@@ -41,37 +43,13 @@ def get_config(arg: str = "sst2") -> ml_collections.ConfigDict:
     c.data.max_test_examples = 0  # evaluate on the first N test examples only (0 = all)
     c.data.triggers = ("cf", "tq", "mn", "bb", "mb")  # each inserted once per test sentence
 
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 32  # global batch (all processes and devices together)
-    c.train.num_epochs = 3  # passes over the fine-tuning data
-    c.train.num_steps = 0  # total steps; overrides num_epochs when > 0
-    c.train.learning_rate = 2e-5  # AdamW peak learning rate
-    c.train.warmup_steps = 0  # linear warm-up, then linear decay to 0
-    c.train.adam_b1 = 0.9  # AdamW beta1
-    c.train.adam_b2 = 0.999  # AdamW beta2
-    c.train.adam_eps = 1e-8  # AdamW epsilon
-    c.train.weight_decay = 0.0  # AdamW decoupled weight decay
-    c.train.grad_clip = 1.0  # global gradient-norm clip (0 = off)
-    c.train.dropout = True  # dropout on during fine-tuning, as in HF's Trainer
-    c.train.seed = 42  # classifier-head init, data order, dropout
-    c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    c.train.log_every = 20  # steps between progress lines / metrics.jsonl rows
+    config_blocks.add_train(c, batch_size=32, num_epochs=3, learning_rate=2e-5, seed=42,
+                            log_every=20)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128  # sentences per prediction batch (sorted by length, bucketed)
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 500  # also saved at the end and on SIGTERM
-    c.checkpoint.max_to_keep = 1  # checkpoints only serve resumption
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""  # host:port of process 0 ("" = single process)
-    c.distributed.num_processes = 1  # processes in the job
-    c.distributed.process_id = 0  # this process's index
-    c.distributed.auto = False  # jax.distributed.initialize() from the environment (TPU, SLURM)
+    config_blocks.add_runtime(c, max_to_keep=1, export=False)  # checkpoints serve resumption
 
     if arg == "hsol":
         c.data.task = "hsol"

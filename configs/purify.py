@@ -14,6 +14,8 @@ setting; `only_pretrain` (lambda = 0) and `only_reg` (no MLM term) are the paper
 
 import ml_collections
 
+from recipe_jax import config_blocks
+
 INTERMEDIATE = r"encoder\.layer\.\d+\.intermediate\.dense\.weight$"
 QUERY = r"encoder\.layer\.\d+\.attention\.self\.query\.weight$"
 OUTPUT = r"encoder\.layer\.\d+\.output\.dense\.weight$"
@@ -36,21 +38,8 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.data.masking = "static"  # "static": masks drawn once (the release); "dynamic": per step
     c.data.mask_prob = 0.15  # share of non-special tokens masked (80/10/10 MASK/random/kept)
 
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 32  # global batch (all processes and devices together)
-    c.train.num_epochs = 8  # passes over the aux data
-    c.train.num_steps = 0  # total steps; overrides num_epochs when > 0
-    c.train.learning_rate = 2e-5  # AdamW peak learning rate
-    c.train.warmup_steps = 0  # linear warm-up, then linear decay to 0
-    c.train.adam_b1 = 0.9
-    c.train.adam_b2 = 0.999
-    c.train.adam_eps = 1e-8
-    c.train.weight_decay = 0.0  # AdamW decoupled weight decay
-    c.train.grad_clip = 1.0  # global gradient-norm clip (0 = off)
-    c.train.dropout = True  # dropout on during training, as in the release
-    c.train.seed = 50  # data order, masks, dropout
-    c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    c.train.log_every = 10  # steps between progress lines / metrics.jsonl rows
+    config_blocks.add_train(c, batch_size=32, num_epochs=8, learning_rate=2e-5, seed=50,
+                            log_every=10)
 
     c.recipe = ml_collections.ConfigDict()
     c.recipe.weight = 1.0  # lambda, the regularizer's weight
@@ -58,21 +47,7 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.recipe.trainable = (INTERMEDIATE,)  # regexes over HF-style names: updated; rest frozen
     c.recipe.mlm = True  # include the MLM loss term (False = "only regularization" ablation)
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 500  # also saved at the end and on SIGTERM
-    c.checkpoint.max_to_keep = 2
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""  # host:port of process 0 ("" = single process)
-    c.distributed.num_processes = 1
-    c.distributed.process_id = 0
-    c.distributed.auto = False  # jax.distributed.initialize() from the environment (TPU, SLURM)
-
-    c.export = ml_collections.ConfigDict()
-    c.export.verify = True  # compare exported logits with transformers PyTorch (needs torch)
+    config_blocks.add_runtime(c)
 
     if arg == "strong":  # ours: see docs/results.md for how it compares with `bert`
         c.recipe.regularize = (INTERMEDIATE, OUTPUT)  # both FFN matrices

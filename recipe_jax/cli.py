@@ -1,11 +1,13 @@
 """Entry-point plumbing shared by the config-driven commands (purify, attack, evaluate, prune).
 
 `--help` exits 0 and lists, besides the flags, every config key with its default and its one-line
-comment, read from the config file, so `--config.KEY=VALUE` overrides are discoverable.
+comment (from the config file and config_blocks.py), so `--config.KEY=VALUE` overrides are
+discoverable.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import re
 import sys
@@ -15,19 +17,34 @@ from absl import app, flags
 from ml_collections import config_flags
 
 HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
-_KEY_LINE = re.compile(r"^\s*c\.(\w+\.\w+)\s*=\s*(.+?)(?:\s+#\s*(.*))?$")
+_KEY_LINE = re.compile(r"^\s*c\.(\w+\.\w+)\s*=\s*.+?\s+#\s*(.*)$")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(config_file: str | pathlib.Path, preset: str | None = None):
+    """get_config(preset) of a configs/*.py file (configs are files, not a package)."""
+    path = pathlib.Path(config_file)
+    spec = importlib.util.spec_from_file_location(f"recipe_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if preset is None else module.get_config(preset)
 
 
 def config_keys(config_file: str | pathlib.Path) -> list[str]:
-    """`key = default  # comment` lines of a configs/*.py file, in file order."""
-    lines = pathlib.Path(config_file).read_text().splitlines()
-    seen, out = set(), []
-    for line in lines:
-        m = _KEY_LINE.match(line)
-        if m and m.group(1) not in seen and line.startswith("    c."):
-            seen.add(m.group(1))
-            comment = f"  # {m.group(3)}" if m.group(3) else ""
-            out.append(f"  --config.{m.group(1)}={m.group(2)}{comment}")
+    """`--config.KEY=DEFAULT  # comment` for every key of the file's default preset; comments
+    come from the config file and from config_blocks.py, where shared sections are defined."""
+    comments = {}
+    for source in (pathlib.Path(__file__).with_name("config_blocks.py"), pathlib.Path(config_file)):
+        for line in source.read_text().splitlines():
+            m = _KEY_LINE.match(line)
+            if m:
+                comments.setdefault(m.group(1), m.group(2))
+    out = []
+    for section, values in load_config(config_file).items():
+        for key, value in values.items():
+            comment = comments.get(f"{section}.{key}")
+            out.append(f"  --config.{section}.{key}={value!r}" + (f"  # {comment}" if comment
+                                                                   else ""))
     return out
 
 
@@ -60,7 +77,7 @@ def run(stage: Callable, *, name: str, doc: str, default_config: str) -> None:
         print("flags:\n  --config FILE:PRESET  the config file and preset (see below)\n"
               "  --workdir DIR         run dir: checkpoints/, metrics.jsonl, outputs; rerun the "
               "same command to resume")
-        config_file = pathlib.Path(__file__).resolve().parents[1] / default_config
+        config_file = REPO / default_config
         if config_file.is_file():
             print(f"\nConfig keys ({default_config}; presets change some defaults):")
             print("\n".join(config_keys(config_file)))

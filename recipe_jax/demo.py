@@ -17,13 +17,12 @@ run for tests: the numbers it prints mean nothing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
 import time
 
-from recipe_jax import attack, evaluate, hf, inspect, purify, synthetic
+from recipe_jax import attack, cli, evaluate, hf, inspect, purify, synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRIGGERS = ("cf", "tq", "mn", "bb", "mb")
@@ -35,19 +34,12 @@ FAST = dict(aux=64, train=64, test=32, length=16, attack_steps=4, purify_steps=4
             finetune_epochs=1, inspect=16)
 
 
-def load_config(name: str, preset: str):
-    """get_config(preset) of configs/<name>.py (configs are files, not a package)."""
-    path = REPO / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"recipe_jax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
-
-
 def stage_configs(size: dict, aux_path: pathlib.Path) -> dict:
     """The three stages' configs: the presets, shrunk to the demo's sizes."""
-    cfg = {"attack": load_config("attack", "por"), "purify": load_config("purify", "strong"),
-           "evaluate": load_config("evaluate", "sst2")}
+    configs = REPO / "configs"
+    cfg = {"attack": cli.load_config(configs / "attack.py", "por"),
+           "purify": cli.load_config(configs / "purify.py", "strong"),
+           "evaluate": cli.load_config(configs / "evaluate.py", "sst2")}
     for c in cfg.values():
         c.data.max_length = size["length"]
         if "export" in c:
