@@ -102,6 +102,24 @@ def bytes_per_device(tree) -> dict[str, int]:
     return out
 
 
+def abstract_bytes_per_device(tree, mesh: Mesh) -> dict[str, int]:
+    """Bytes of `tree` each mesh device would hold, from shapes and shardings alone: works on
+    ShapeDtypeStructs (jax.eval_shape) as well as arrays, so nothing need be allocated."""
+    out = {str(d): 0 for d in mesh.devices.flat}
+    for leaf in jax.tree.leaves(tree):
+        itemsize = np.dtype(leaf.dtype).itemsize
+        for device, index in leaf.sharding.devices_indices_map(tuple(leaf.shape)).items():
+            count = int(np.prod([len(range(*s.indices(n)))
+                                 for s, n in zip(index, leaf.shape, strict=True)]))
+            out[str(device)] = out.get(str(device), 0) + count * itemsize
+    return out
+
+
+def total_bytes(tree) -> int:
+    """Unsharded size of `tree` (arrays or ShapeDtypeStructs)."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def fetch_to_host(tree):
     """Global arrays -> numpy on every process (gathers shards across hosts when needed)."""
     if jax.process_count() > 1:
@@ -112,11 +130,32 @@ def fetch_to_host(tree):
 
 
 def initialize_distributed(dist_cfg) -> None:
-    """jax.distributed.initialize from the config, or from the environment with `auto`."""
-    if dist_cfg.auto:
-        jax.distributed.initialize()
-    elif dist_cfg.coordinator_address:
-        jax.distributed.initialize(coordinator_address=dist_cfg.coordinator_address,
-                                   num_processes=dist_cfg.num_processes,
-                                   process_id=dist_cfg.process_id)
+    """jax.distributed.initialize from the config, or from the environment with `auto` (Cloud
+    TPU, SLURM, Open MPI, ...). Must run before anything touches a JAX backend (stage.start is
+    the first thing every stage does); a second call in the same process is a no-op."""
+    if not (dist_cfg.auto or dist_cfg.coordinator_address) or jax.distributed.is_initialized():
+        return
+    if not dist_cfg.auto and not 0 <= dist_cfg.process_id < dist_cfg.num_processes:
+        raise ValueError(f"distributed.process_id={dist_cfg.process_id} with num_processes="
+                         f"{dist_cfg.num_processes}: use an id in [0, num_processes)")
+    kwargs = {} if dist_cfg.auto else dict(coordinator_address=dist_cfg.coordinator_address,
+                                           num_processes=dist_cfg.num_processes,
+                                           process_id=dist_cfg.process_id)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        how = ("distributed.auto=True found no cluster in the environment (TPU VM, SLURM, MPI); "
+               "set distributed.coordinator_address/num_processes/process_id instead"
+               if dist_cfg.auto else "check that every process got the same coordinator "
+               "host:port and num_processes, and a distinct process_id")
+        raise ValueError(f"jax.distributed.initialize failed ({e}); {how}. It must run before "
+                         "any JAX computation in the process") from None
 
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (no-op with one process): e.g.
+    process 0 writes a file the others then read."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

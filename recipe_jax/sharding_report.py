@@ -1,0 +1,135 @@
+r"""Ahead-of-time check of the sharded RECIPE train step, without allocating any weight.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python -m recipe_jax.sharding_report --mesh 2,4,1          # bert-large, 8 fake CPUs
+    python -m recipe_jax.sharding_report --preset roberta --mesh 1,8,1 --layers 12 --hidden 768 \
+        --heads 12 --intermediate 3072
+
+Builds the parameters and the optimizer state as abstract arrays (`jax.eval_shape`) carrying the
+NamedShardings training gives them (the same rules table), lowers and compiles the jitted purify
+step exactly as `stage.fit` does (`stage.jit_step`), and prints the bytes each device would hold
+for parameters and optimizer state next to the unsharded totals, and the compile time. State
+that is not sharded (e.g. a rules-table regression) shows up as per-device ≈ total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from recipe_jax import cli, data, purify, sharding, stage, train
+from recipe_jax.model import ModelConfig, Transformer, abstract_params
+
+BERT_LARGE = dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
+                  intermediate_size=4096, vocab_size=30522)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        tree, shardings)
+
+
+def abstract_state(cfg: ModelConfig, mesh, trainable_patterns, optimizer
+                   ) -> tuple[train.TrainState, dict]:
+    """(state, frozen) as ShapeDtypeStructs with the shardings training gives them: params by
+    the rules table, optimizer moments like their params (train.init_state's rule)."""
+    boxed = abstract_params(cfg)
+    params = _abstract(nn.unbox(boxed), sharding.param_shardings(boxed, mesh))
+    trainable, frozen = train.split_params(params, trainable_patterns, cfg.model_type)
+    opt_shapes = jax.eval_shape(optimizer.init, trainable)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, sh: sh, opt_shapes, jax.tree.map(lambda x: x.sharding, trainable),
+        transform_non_params=lambda _: sharding.replicated(mesh))
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+    state = train.TrainState(step=step, trainable=trainable,
+                             opt_state=_abstract(opt_shapes, opt_shardings))
+    return state, frozen
+
+
+def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The purify batch (static masks: masked ids and [B, M] slots), sharded over data x fsdp."""
+    b, length = config.train.batch_size, config.data.max_length
+    m = data.num_masked_positions(length, config.data.mask_prob)
+    shapes = {"input_ids": ((b, length), jnp.int32), "attention_mask": ((b, length), jnp.int32),
+              "positions": ((b, m), jnp.int32), "labels": ((b, m), jnp.int32),
+              "weights": ((b, m), jnp.float32)}
+    if config.data.masking == "dynamic":
+        shapes = {"input_ids": shapes["input_ids"], "attention_mask": shapes["attention_mask"],
+                  "candidates": ((b, length), jnp.bool_)}
+    batch_sh = sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in shapes.items()}
+
+
+def compile_purify_step(config, cfg: ModelConfig, mesh, num_steps: int = 1000):
+    """(compiled step, state, frozen, seconds to lower + compile) for the purify step of
+    `config` on `cfg`; nothing is allocated."""
+    optimizer, schedule = train.make_optimizer(config.train, num_steps)
+    state, frozen = abstract_state(cfg, mesh, config.recipe.trainable, optimizer)
+    masking = None
+    if config.data.masking == "dynamic":
+        masking = dict(mask_token_id=103, vocab_size=cfg.vocab_size,  # bert-base's [MASK]
+                       mask_prob=config.data.mask_prob,
+                       num_positions=data.num_masked_positions(config.data.max_length,
+                                                               config.data.mask_prob))
+    compute = Transformer(dataclasses.replace(cfg, dtype=config.train.dtype))
+    # What purify.train_and_evaluate's make_step binds.
+    step_fn = functools.partial(purify.train_step, model=compute, optimizer=optimizer,
+                                schedule=schedule, recipe=config.recipe,
+                                dropout=config.train.dropout, seed=config.train.seed,
+                                masking=masking)
+    start = time.perf_counter()
+    jitted = stage.jit_step(step_fn, state, frozen, mesh)
+    compiled = jitted.lower(state, frozen, abstract_batch(config, mesh)).compile()
+    return compiled, state, frozen, time.perf_counter() - start
+
+
+def report(state: train.TrainState, frozen, mesh) -> dict[str, float]:
+    """MiB per device (the most loaded one) and in total, for params and optimizer state."""
+    mib = 2.0 ** 20
+    params = train.merge_params(state.trainable, frozen)
+    out = {}
+    for name, tree in (("params", params), ("opt_state", state.opt_state)):
+        per_device = sharding.abstract_bytes_per_device(tree, mesh)
+        out[f"{name}_total_mib"] = sharding.total_bytes(tree) / mib
+        out[f"{name}_per_device_mib"] = max(per_device.values()) / mib
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="bert", help="configs/purify.py preset (default bert)")
+    p.add_argument("--mesh", default="2,4,1", help="data,fsdp,tensor (default 2,4,1)")
+    p.add_argument("--batch-size", type=int, default=0, help="global batch (0 = the preset's)")
+    for key, default in (("layers", 24), ("hidden", 1024), ("heads", 16),
+                         ("intermediate", 4096), ("vocab", 30522)):
+        p.add_argument(f"--{key}", type=int, default=default, help=f"(default {default})")
+    args = p.parse_args(argv)
+    config = cli.load_config(cli.REPO / "configs" / "purify.py", args.preset).unlock()
+    if args.batch_size:
+        config.train.batch_size = args.batch_size
+    cfg = ModelConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
+                      num_attention_heads=args.heads, intermediate_size=args.intermediate,
+                      vocab_size=args.vocab)
+    mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
+    compiled, state, frozen, seconds = compile_purify_step(config, cfg, mesh)
+    numbers = {**report(state, frozen, mesh), "compile_s": seconds}
+    print(f"purify step ({args.preset}), {args.layers} layers x {args.hidden}, mesh "
+          f"{dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} devices")
+    for name in ("params", "opt_state"):
+        total, per = numbers[f"{name}_total_mib"], numbers[f"{name}_per_device_mib"]
+        print(f"  {name:9s} {total:10.1f} MiB total  {per:9.1f} MiB per device  "
+              f"(1/{total / max(per, 1e-9):.2f})")
+    print(f"  lower + compile {seconds:.1f} s")
+    return numbers
+
+
+if __name__ == "__main__":
+    main()
