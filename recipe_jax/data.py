@@ -18,6 +18,7 @@ The batch order is a pure function of (seed, step), so a restarted run sees the 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import pathlib
@@ -88,16 +89,21 @@ def _lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 file; split on '\\n' only, so csv sees real line ends."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            if b"\0" in raw:
-                raise ValueError(f"{path}: line {number} contains a NUL byte, so this is a binary "
-                                 f"file, not text; {_FIX_ENCODING}")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: line {number} is not valid UTF-8 ({e.reason} at byte "
-                                 f"{e.start}); {_FIX_ENCODING}") from None
-            # Editors on Windows start UTF-8 files with a byte-order mark; it is not text.
-            yield number, line.removeprefix("\ufeff") if number == 1 else line
+            yield number, decode_line(path, number, raw)
+
+
+def decode_line(path: pathlib.Path, number: int, raw: bytes) -> str:
+    """One line of a UTF-8 text file (1-based `number`), strict, naming path and line."""
+    if b"\0" in raw:
+        raise ValueError(f"{path}: line {number} contains a NUL byte, so this is a binary "
+                         f"file, not text; {_FIX_ENCODING}")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: line {number} is not valid UTF-8 ({e.reason} at byte "
+                         f"{e.start}); {_FIX_ENCODING}") from None
+    # Editors on Windows start UTF-8 files with a byte-order mark; it is not text.
+    return line.removeprefix("\ufeff") if number == 1 else line
 
 
 def _txt_texts(path: pathlib.Path) -> Iterator[str]:
@@ -105,30 +111,37 @@ def _txt_texts(path: pathlib.Path) -> Iterator[str]:
 
 
 def _jsonl_texts(path: pathlib.Path) -> Iterator[str]:
-    fix = 'each line must be one JSON object like {"text": "..."}'
     for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested arrays
-            raise ValueError(f"{path}: line {number} is not valid JSON "
-                             f"({getattr(e, 'msg', type(e).__name__)}); {fix}") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}: line {number} is a JSON {type(obj).__name__}, not an "
-                             f"object; {fix}")
-        key = next((k for k in ("text", "sentence") if k in obj), None)
-        if key is None:
-            raise ValueError(f"{path}: line {number} has no 'text' or 'sentence' field (keys "
-                             f"found: {_preview(list(obj))}); {fix}")
-        value = obj[key]
-        if not isinstance(value, str):
-            raise ValueError(f"{path}: line {number}: field {key!r} is a "
-                             f"{type(value).__name__}, not a string; {fix}")
-        if _SURROGATE.search(value):
-            raise ValueError(f"{path}: line {number}: field {key!r} holds an unpaired surrogate "
-                             "(\\ud800-\\udfff), which no tokenizer can encode; fix the text")
-        yield value
+        text = jsonl_text(path, number, line)
+        if text is not None:
+            yield text
+
+
+def jsonl_text(path: pathlib.Path, number: int, line: str) -> str | None:
+    """The text of one .jsonl line (None for a blank line); strict, naming path and line."""
+    fix = 'each line must be one JSON object like {"text": "..."}'
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested arrays
+        raise ValueError(f"{path}: line {number} is not valid JSON "
+                         f"({getattr(e, 'msg', type(e).__name__)}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: line {number} is a JSON {type(obj).__name__}, not an "
+                         f"object; {fix}")
+    key = next((k for k in ("text", "sentence") if k in obj), None)
+    if key is None:
+        raise ValueError(f"{path}: line {number} has no 'text' or 'sentence' field (keys "
+                         f"found: {_preview(list(obj))}); {fix}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{path}: line {number}: field {key!r} is a "
+                         f"{type(value).__name__}, not a string; {fix}")
+    if _SURROGATE.search(value):
+        raise ValueError(f"{path}: line {number}: field {key!r} holds an unpaired surrogate "
+                         "(\\ud800-\\udfff), which no tokenizer can encode; fix the text")
+    return value
 
 
 def _table_texts(path: pathlib.Path) -> Iterator[str]:
@@ -318,11 +331,15 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return num_examples // global_batch
 
 
+@functools.lru_cache(maxsize=2)  # every step of an epoch slices the same permutation
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-    """The permutation of row indices for one epoch; a pure function of (seed, epoch)."""
+    """The permutation of row indices for one epoch (read-only); a pure function of
+    (seed, epoch). Costs 8 bytes per example, the only per-example memory of streamed data."""
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    order.flags.writeable = False
+    return order
 
 
 def batch_rows(seed: int, step: int, num_examples: int, global_batch: int, *,

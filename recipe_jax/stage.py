@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from recipe_jax import checkpoint, data, hf, parity, sharding, train
+from recipe_jax import checkpoint, data, hf, parity, sharding, streaming, train
 from recipe_jax.losses import matches
 from recipe_jax.model import Transformer, abstract_params
 
@@ -30,9 +30,13 @@ log = logging.getLogger(__name__)
 
 def load(config) -> tuple:
     """(model_dir, aux texts, model, host params) of a stage that trains on plain text; the text
-    is read first so that bad input fails before any weights are read or anything compiles."""
+    is read first so that bad input fails before any weights are read or anything compiles.
+    With data.streaming the texts are a streaming.TextIndex: validated, but not held in memory."""
     model_dir = hf.resolve_model_dir(config.model.init_from)
-    texts = data.read_texts(config.data.aux_path, max_examples=config.data.max_examples)
+    if "streaming" in config.data and config.data.streaming:  # a lazy sequence, never all read
+        texts = streaming.TextIndex(config.data.aux_path, max_examples=config.data.max_examples)
+    else:
+        texts = data.read_texts(config.data.aux_path, max_examples=config.data.max_examples)
     model, host_params = hf.load_pretrained(model_dir, seed=config.train.seed)
     check_max_length(config, model)
     return model_dir, texts, model, host_params
@@ -76,7 +80,13 @@ def check_resume_config(workdir: pathlib.Path, config, fingerprint: dict | None 
                              + "); use a new --workdir, or the old values to resume")
     elif jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2, sort_keys=True))
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        tmp.replace(path)  # atomic: a killed run never leaves half a config.json
+    else:
+        raise FileNotFoundError(f"{path} is missing on process {jax.process_index()} although "
+                                "process 0 wrote it: --workdir must be one directory all hosts "
+                                "share (NFS, or a gcsfuse mount of a gs:// bucket)")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -87,10 +97,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Transformer,
-        host_params, arrays: dict[str, np.ndarray], trainable_patterns: Sequence[str],
+        host_params, arrays: dict[str, np.ndarray] | streaming.RowSource,
+        trainable_patterns: Sequence[str],
         make_step: Callable, extra_args: tuple = (), collate: Callable | None = None,
         tokens_per_step: int | None = None, fingerprint: dict | None = None):
-    """Trains `model` on `arrays` (host rows, one per example); returns (params, final step).
+    """Trains `model` on `arrays` (host rows, one per example, or a streaming.RowSource that
+    reads them from disk); returns (params, final step).
 
     `make_step(compute_model, optimizer, schedule)` returns the pure step
     `(state, frozen, batch, *extra_args) -> (state, metrics)`; `extra_args` are global arrays
@@ -99,11 +111,17 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     as what a resumed run must match (see `check_resume_config`).
     """
     cfg = model.cfg
-    num_examples = len(next(iter(arrays.values())))
+    num_examples = _num_rows(arrays)
     per_epoch = data.steps_per_epoch(num_examples, config.train.batch_size)
     num_steps = config.train.num_steps or per_epoch * config.train.num_epochs
-    check_resume_config(workdir, config, fingerprint)
-    checkpoint.write_source(workdir, cfg, hf.read_config(model_dir), model_dir)
+    # Process 0 writes the run's description; the others check it once it is complete (the
+    # workdir is one directory all processes share, e.g. NFS or a gcsfuse mount).
+    if jax.process_index() == 0:
+        check_resume_config(workdir, config, fingerprint)
+        checkpoint.write_source(workdir, cfg, hf.read_config(model_dir), model_dir)
+    sharding.barrier("recipe_jax:workdir")
+    if jax.process_index() != 0:
+        check_resume_config(workdir, config, fingerprint)
     names = [n for n in hf.named_params(host_params, cfg.model_type)
              if matches(trainable_patterns, n)]
     if not names:
@@ -118,34 +136,68 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.max_to_keep)
     if mngr.latest_step() is not None:
         state, frozen, step = train.restore(mngr, state, frozen, trainable_patterns, cfg.model_type)
-        print(f"{name}: resuming from step {step} in {workdir}", flush=True)
+        say(f"{name}: resuming from step {step} in {workdir}")
 
     compute = Transformer(dataclasses.replace(cfg, dtype=config.train.dtype))
-    shardings_of = functools.partial(jax.tree.map, lambda x: x.sharding)
-    jitted = jax.jit(make_step(compute, optimizer, schedule),
-                     in_shardings=(train.state_shardings(state), shardings_of(frozen),
-                                   sharding.batch_sharding(mesh), *map(shardings_of, extra_args)),
-                     donate_argnums=(0,))
+    jitted = jit_step(make_step(compute, optimizer, schedule), state, frozen, mesh, extra_args)
 
-    def batch_for(step):
-        if collate is not None:
-            return collate(data.batch_rows(config.train.seed, step, num_examples,
-                                           config.train.batch_size))
-        rows = data.batch_rows(config.train.seed, step, num_examples, config.train.batch_size,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
-        return sharding.put_batch({k: v[rows] for k, v in arrays.items()}, mesh)
-
-    print(f"{name}: {hf.summary(model, host_params)}; {len(names)} trainable tensors; "
-          f"{num_examples} examples, {num_steps} steps of {config.train.batch_size}; "
-          f"mesh {dict(mesh.shape)}", flush=True)
-    state = train.run(workdir=str(workdir), name=name, state=state, frozen=frozen,
-                step_fn=lambda st, fr, b: jitted(st, fr, b, *extra_args), batch_for=batch_for,
-                num_steps=num_steps, log_every=config.train.log_every,
-                every_steps=config.checkpoint.every_steps, mngr=mngr,
-                meta={"num_steps": num_steps},
-                tokens_per_step=tokens_per_step or config.train.batch_size * config.data.max_length)
+    say(f"{name}: {hf.summary(model, host_params)}; {len(names)} trainable tensors; "
+        f"{num_examples} examples, {num_steps} steps of {config.train.batch_size}; "
+        f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es)")
+    batch_for, close = _batches(config, mesh, arrays, collate, num_steps)
+    try:
+        state = train.run(
+            workdir=str(workdir), name=name, state=state, frozen=frozen,
+            step_fn=lambda st, fr, b: jitted(st, fr, b, *extra_args), batch_for=batch_for,
+            num_steps=num_steps, log_every=config.train.log_every,
+            every_steps=config.checkpoint.every_steps, mngr=mngr, meta={"num_steps": num_steps},
+            tokens_per_step=tokens_per_step or config.train.batch_size * config.data.max_length)
+    finally:
+        close()
     return train.merge_params(state.trainable, frozen), int(jax.device_get(state.step))
+
+
+def _num_rows(arrays) -> int:
+    if isinstance(arrays, streaming.RowSource):
+        return len(arrays)
+    return len(next(iter(arrays.values())))
+
+
+def _batches(config, mesh, arrays, collate: Callable | None, num_steps: int
+             ) -> tuple[Callable[[int], dict], Callable[[], None]]:
+    """(batch_for(step), close): the sharded batch of a step, each process holding only its
+    rows of it; a RowSource is read and tokenized a few steps ahead in a background thread."""
+    seed, size, num_rows = config.train.seed, config.train.batch_size, _num_rows(arrays)
+    if collate is not None:
+        return (lambda step: collate(data.batch_rows(seed, step, num_rows, size))), lambda: None
+
+    def local_rows(step: int) -> np.ndarray:
+        return data.batch_rows(seed, step, num_rows, size, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+
+    if isinstance(arrays, streaming.RowSource):
+        prefetch = streaming.Prefetcher(lambda step: arrays.read(local_rows(step)),
+                                        stop=num_steps)
+        return (lambda step: sharding.put_batch(prefetch.get(step), mesh)), prefetch.close
+    return (lambda step: sharding.put_batch({k: v[local_rows(step)] for k, v in arrays.items()},
+                                            mesh)), lambda: None
+
+
+def jit_step(step_fn: Callable, state, frozen, mesh, extra_args: tuple = ()):
+    """The jitted step: inputs keep the shardings of `state`, `frozen` and `extra_args` (arrays
+    or ShapeDtypeStructs with shardings, so `sharding_report` can compile it ahead of time),
+    the batch is split over (data, fsdp), and the state is donated."""
+    shardings_of = functools.partial(jax.tree.map, lambda x: x.sharding)
+    return jax.jit(step_fn, in_shardings=(shardings_of(state), shardings_of(frozen),
+                                          sharding.batch_sharding(mesh),
+                                          *map(shardings_of, extra_args)),
+                   donate_argnums=(0,))
+
+
+def say(message: str) -> None:
+    """Progress on stdout, from process 0 only (every process runs the same code)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def export_hf(workdir: pathlib.Path, name: str, model: Transformer, params, *,
