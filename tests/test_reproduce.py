@@ -1,0 +1,54 @@
+"""benchmarks/reproduce.py: the attack x defense x task table, at the seconds-scale `smoke` size."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from conftest import tiny_bert_with_tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scales_name_disjoint_attacker_and_defender_corpora(tmp_path):
+    reproduce = _module()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"sentence number {i} .\n" for i in range(100)))
+    attacker, defender = reproduce.write_corpora(tmp_path, str(corpus),
+                                                 reproduce.SCALES["smoke"])
+    a, d = attacker.read_text().splitlines(), defender.read_text().splitlines()
+    assert a[0] == "sentence number 0 ." and d[-1] == "sentence number 99 ."
+    assert len(a) == len(d) == 32 and not set(a) & set(d)
+    with pytest.raises(ValueError, match="the scale needs"):
+        reproduce.write_corpora(tmp_path / "x", str(corpus), reproduce.SCALES["cpu"])
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--defenses", "fp,magic"])
+
+
+def test_smoke_table_end_to_end_and_rerun_skips(tmp_path, shared_data, capsys):
+    reproduce = _module()
+    model = tiny_bert_with_tokenizer(tmp_path / "tiny", kind="BertForPreTraining",
+                                     max_position_embeddings=64)
+    args = ["--workdir", str(tmp_path / "rep"), "--scale", "smoke", "--model", str(model),
+            "--attacks", "por", "--defenses", "none,fp_ga,strong", "--tasks", "sst2"]
+    cells = reproduce.main(args)
+    assert sorted(cells) == ["por/fp_ga/sst2", "por/none/sst2", "por/strong/sst2"]
+    for r in cells.values():
+        assert 0.0 <= r["clean_acc"] <= 1.0 and 0.0 <= r["aasr"] <= r["masr"] <= 1.0
+        assert sorted(r["asr_max"]) == ["bb", "cf", "mb", "mn", "tq"]
+    pruned = json.loads((tmp_path / "rep" / "por" / "defense_fp_ga" / "pruned.json").read_text())
+    assert pruned["method"] == "fp_ga" and pruned["count"] > 0
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert "| por | strong | " in table and "| neuba | none | — |" in table
+    capsys.readouterr()
+    again = reproduce.main(args)  # every cell is cached: nothing is trained again
+    assert again == cells
+    assert "evaluate por" not in capsys.readouterr().out
