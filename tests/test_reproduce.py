@@ -5,7 +5,6 @@ import json
 import pathlib
 
 import pytest
-
 from conftest import tiny_bert_with_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
