@@ -121,12 +121,19 @@ def main(argv: list[str] | None = None) -> dict:
     mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
     compiled, state, frozen, seconds = compile_purify_step(config, cfg, mesh)
     numbers = {**report(state, frozen, mesh), "compile_s": seconds}
+    memory = compiled.memory_analysis()  # XLA's own per-device view; None on some backends
+    if memory is not None:
+        numbers["xla_arguments_mib"] = memory.argument_size_in_bytes / 2 ** 20
+        numbers["xla_temp_mib"] = memory.temp_size_in_bytes / 2 ** 20
     print(f"purify step ({args.preset}), {args.layers} layers x {args.hidden}, mesh "
           f"{dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} devices")
     for name in ("params", "opt_state"):
         total, per = numbers[f"{name}_total_mib"], numbers[f"{name}_per_device_mib"]
         print(f"  {name:9s} {total:10.1f} MiB total  {per:9.1f} MiB per device  "
               f"(1/{total / max(per, 1e-9):.2f})")
+    if "xla_arguments_mib" in numbers:
+        print(f"  XLA per device: arguments {numbers['xla_arguments_mib']:.1f} MiB (state + "
+              f"batch), temporaries {numbers['xla_temp_mib']:.1f} MiB")
     print(f"  lower + compile {seconds:.1f} s")
     return numbers
 
