@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = ModelConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
                       num_attention_heads=args.heads, intermediate_size=args.intermediate,
                       vocab_size=args.vocab)
-    mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
+    try:
+        mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
+    except ValueError as e:
+        p.exit(1, f"sharding_report: error: {e}; on CPU, simulate devices with XLA_FLAGS="
+                  "--xla_force_host_platform_device_count=8\n")
     compiled, state, frozen, seconds = compile_purify_step(config, cfg, mesh)
     numbers = {**report(state, frozen, mesh), "compile_s": seconds}
     memory = compiled.memory_analysis()  # XLA's own per-device view; None on some backends
