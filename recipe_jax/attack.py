@@ -47,6 +47,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"attack.triggers: NeuBA has 6 bucket pairs, got {len(a.triggers)}")
     if a.insertions < 1:
         raise ValueError(f"attack.insertions={a.insertions}: use a positive count")
+    for key in ("target_scale", "poison_weight", "clean_weight", "keep_weight", "mlm_weight"):
+        if not 0 <= a[key] < float("inf"):  # also refuses NaN
+            raise ValueError(f"attack.{key}={a[key]!r}: use a finite number >= 0")
 
 
 # ------------------------------------------------------------------------------ targets, data

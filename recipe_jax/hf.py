@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from recipe_jax import weights
+from recipe_jax import faults, weights
 from recipe_jax.model import ModelConfig, Transformer, abstract_params, init_params
 
 log = logging.getLogger(__name__)
@@ -330,6 +330,7 @@ def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,
         raise ValueError(f"refusing to export non-finite weights: {bad[:5]}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -338,8 +339,10 @@ def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,
             for name in TOKENIZER_FILES:
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
+        faults.point("export")
         # config.json last: a dir without it is never mistaken for a model.
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        _fsync_dir(tmp)  # the bytes are on disk before the rename makes them the export
         _replace_dir(tmp, out)
     finally:
         if tmp.exists():
@@ -347,12 +350,38 @@ def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,
     return out
 
 
+def _fsync_dir(d: pathlib.Path) -> None:
+    for path in [*d.iterdir(), d]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_stale(target: pathlib.Path) -> None:
+    """Removes temp/old dirs a killed export of `target` left beside it (never `target`)."""
+    for stale in target.parent.glob(f".{target.name}.*-*"):
+        if stale.is_dir() and re.fullmatch(rf"\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{8}}",
+                                           stale.name):
+            log.warning("removing %s, left by an export that was killed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _replace_dir(new: pathlib.Path, target: pathlib.Path) -> None:
-    """Renames `new` onto `target`; an existing target is moved aside first, then removed."""
+    """Renames `new` onto `target`; an existing target is moved aside first, then removed. An
+    error puts it back; a kill between the two renames leaves no `target` (never a partial
+    one), and the next export removes the leftovers."""
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
-    os.replace(new, target)
+        faults.point("export_swap")
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:  # put the previous export back
+            os.replace(old, target)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 
-from recipe_jax import hf, sharding
+from recipe_jax import checkpoint, faults, hf, sharding
 from recipe_jax.losses import matches
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,25 @@ def validate(config) -> None:
     for key in ("batch_size", "log_every"):
         if t[key] < 1:
             bad_value(f"train.{key}", t[key], "use a positive integer")
-    if t.num_steps < 0 or t.num_epochs < 0 or (t.num_steps == 0 and t.num_epochs == 0):
+    if t.num_epochs < 0:
+        bad_value("train.num_epochs", t.num_epochs, "use 0 (then set num_steps) or a count")
+    if t.num_steps < 0 or (t.num_steps == 0 and t.num_epochs == 0):
         bad_value("train.num_steps", t.num_steps, "set num_steps > 0 or num_epochs > 0")
-    if not t.learning_rate >= 0 or t.warmup_steps < 0 or t.grad_clip < 0:
-        bad_value("train.learning_rate", t.learning_rate, "lr, warm-up and clip are >= 0")
+    for key in ("learning_rate", "warmup_steps", "grad_clip", "weight_decay", "adam_eps"):
+        if not t[key] >= 0:  # `not >=` also catches NaN
+            bad_value(f"train.{key}", t[key], "use a number >= 0")
+    for key in ("adam_b1", "adam_b2"):
+        if not 0 <= t[key] < 1:
+            bad_value(f"train.{key}", t[key], "use a decay rate in [0, 1), e.g. 0.9 or 0.999")
+    if t.seed < 0:
+        bad_value("train.seed", t.seed, "use an integer >= 0")
     if t.dtype not in ("float32", "bfloat16"):
         bad_value("train.dtype", t.dtype, "use 'float32' or 'bfloat16'")
     if config.checkpoint.every_steps < 1:
         bad_value("checkpoint.every_steps", config.checkpoint.every_steps, "use a positive int")
+    if config.checkpoint.max_to_keep < 1:
+        bad_value("checkpoint.max_to_keep", config.checkpoint.max_to_keep,
+                  "keep at least 1 checkpoint (2 lets a damaged newest one fall back)")
 
 
 def check_patterns(patterns: Sequence[str], key: str) -> None:
@@ -96,7 +107,8 @@ def check_patterns(patterns: Sequence[str], key: str) -> None:
         try:
             re.compile(p)
         except re.error as e:
-            raise ValueError(f"{key}: {p!r} is not a valid regex ({e})") from None
+            raise ValueError(f"{key}={tuple(patterns)!r}: {p!r} is not a valid regex ({e}); "
+                             "escape special characters with a backslash, e.g. r'\\('") from None
 
 
 # ------------------------------------------------------------------------------- optimizer
@@ -160,21 +172,38 @@ def state_shardings(state: TrainState):
 def save(mngr: ocp.CheckpointManager, state: TrainState, frozen, meta: dict) -> None:
     step = int(jax.device_get(state.step))
     params = merge_params(state.trainable, frozen)
-    mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(state.opt_state),
-        meta=ocp.args.JsonSave({**meta, "step": step})), force=True)
-    mngr.wait_until_finished()
+    faults.point("save")
+    faults.point("sigterm")
+    with faults.during("checkpoint_write", mngr.directory):
+        mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave({**meta, "step": step})), force=True)
+        mngr.wait_until_finished()
 
 
 def restore(mngr: ocp.CheckpointManager, state: TrainState, frozen, patterns, model_type
             ) -> tuple[TrainState, dict, int]:
-    """Restores the newest complete step into the shardings of a fresh `state`."""
-    step = mngr.latest_step()
+    """Restores the newest restorable step into the shardings of a fresh `state` (whatever mesh
+    it was saved from). Damaged steps are moved aside with a warning and older ones tried;
+    raises checkpoint.CheckpointError when none restores (never silently starts over)."""
     abstract = lambda t: jax.tree.map(  # noqa: E731
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract(merge_params(state.trainable, frozen))),
-        opt_state=ocp.args.StandardRestore(abstract(state.opt_state))))
+    params_like = abstract(merge_params(state.trainable, frozen))
+    opt_like = abstract(state.opt_state)
+
+    def restore_step(step):
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params_like),
+            opt_state=ocp.args.StandardRestore(opt_like), meta=ocp.args.JsonRestore()))
+        if restored.meta.get("step") != step:
+            raise ValueError(f"meta says step {restored.meta.get('step')}, not {step}")
+        return restored
+
+    try:
+        restored, step = checkpoint.restore_newest(mngr, restore_step, set_aside=True)
+    except checkpoint.CheckpointError:
+        mngr.close()  # the run stops here; let Orbax shut down its threads first
+        raise
     trainable, frozen = split_params(restored.params, patterns, model_type)
     state = TrainState(step=_replicated_step(step, trainable), trainable=trainable,
                        opt_state=restored.opt_state)
@@ -243,7 +272,10 @@ def run(*, workdir: str, name: str, state: TrainState, frozen, step_fn: Callable
             state, metrics = step_fn(state, frozen, batch_for(step))
             pending.append((step + 1, metrics))
             done = step + 1
-            boundary = done % every_steps == 0 or done == num_steps or preempt.requested
+            # Read the flag once: a SIGTERM landing later in this iteration waits for the next,
+            # so a preempted step is always checked, then saved, then exited.
+            stop = preempt.requested
+            boundary = done % every_steps == 0 or done == num_steps or stop
             if done % log_every == 0 or boundary:
                 rows = [(s, {k: float(v) for k, v in jax.device_get(m).items()})
                         for s, m in pending]
@@ -262,7 +294,7 @@ def run(*, workdir: str, name: str, state: TrainState, frozen, step_fn: Callable
                     + f" | ETA {_fmt_time(eta)}", flush=True)
             if boundary:
                 save(mngr, state, frozen, meta)
-            if preempt.requested:
+            if stop:
                 say(f"{name}: SIGTERM at step {done}: checkpoint saved; rerun the same command "
                     "to resume", flush=True)
                 sys.exit(PREEMPTED_EXIT_CODE)
@@ -271,12 +303,14 @@ def run(*, workdir: str, name: str, state: TrainState, frozen, step_fn: Callable
 
 
 def _check_finite(rows, mngr) -> None:
+    """Stops at the first non-finite metric, before anything of that step is saved."""
     for step, row in rows:
         bad = {k: v for k, v in row.items() if not math.isfinite(v)}
         if bad:
             good = mngr.latest_step()
-            where = (f"the last good checkpoint (step {good}) is intact" if good is not None
-                     else "no checkpoint was written yet")
+            where = (f"the last good checkpoint, step {good} in {mngr.directory}, is intact"
+                     if good is not None else "no checkpoint was written yet")
             raise FloatingPointError(
                 f"non-finite {', '.join(sorted(bad))} at step {step}; stopped, {where}. Lower "
-                "train.learning_rate or check the data; rerunning resumes from that checkpoint")
+                "train.learning_rate or check the data, in a new --workdir (rerunning this one "
+                "resumes from that checkpoint with the same settings)")

@@ -10,6 +10,7 @@ unpickler refuses any global that is not a tensor type, so a file crafted to run
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import pathlib
@@ -84,7 +85,8 @@ def _check_entry(path, name, entry, data_len) -> tuple[int, int, str]:
             f"{path}: tensor {name!r} claims bytes [{begin}, {end}) but the file holds "
             f"{data_len} data bytes (truncated or corrupt file)")
     itemsize = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]).itemsize
-    if int(np.prod(shape, dtype=np.int64)) * itemsize != end - begin:
+    # Python ints: np.prod wraps around in int64, so a lying shape could multiply out to 0.
+    if math.prod(shape) * itemsize != end - begin:
         raise WeightFileError(f"{path}: tensor {name!r} of shape {shape} and dtype "
                               f"{entry['dtype']} does not fit its {end - begin} bytes")
     return begin, end, name
