@@ -1,0 +1,506 @@
+"""Reliability and security as one suite: preemption, damaged state, NaNs, hostile checkpoints,
+bad input, atomic outputs. docs/reliability.md tabulates what each test does and found."""
+
+import json
+import logging
+import os
+import pathlib
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import tiny_bert_with_tokenizer, tiny_hf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file
+
+from recipe_jax import checkpoint, data, evaluate, hf, purify, train, weights
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import attack as attack_configs  # noqa: E402  (configs/*.py)
+import evaluate as evaluate_configs  # noqa: E402
+import purify as purify_configs  # noqa: E402
+
+SENTENCES = [f"the {a} {b} sat on the {c}." for a in ("quick", "lazy", "old", "red")
+             for b in ("cat", "dog", "bird", "fox") for c in ("mat", "rug", "log")]
+ONE_DEVICE = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+FAST = settings(max_examples=40, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny BERT with the real tokenizer, and an aux text file."""
+    root = tmp_path_factory.mktemp("reliability")
+    hf_dir = tiny_bert_with_tokenizer(root / "model")
+    aux = root / "aux.txt"
+    aux.write_text("\n".join(SENTENCES) + "\n")
+    return hf_dir, aux
+
+
+def _config(setup, **overrides):
+    config = purify_configs.get_config("tiny")
+    config.model.init_from, config.data.aux_path = map(str, setup)
+    config.export.verify = False
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config
+
+
+def _weights(run_dir):
+    return load_file(str(pathlib.Path(run_dir) / "hf" / "model.safetensors"))
+
+
+def _bitwise_equal(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _steps(run_dir):
+    d = pathlib.Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+# ------------------------------------------------------------------- 1. preemption (the CLI)
+
+CLI_ARGS = ("--config.train.num_steps=60", "--config.checkpoint.every_steps=10",
+            "--config.train.log_every=1", "--config.export.verify=False")
+REFERENCE = dict(train__num_steps=60, checkpoint__every_steps=10, train__log_every=1,
+                 mesh__shape=(1, 1, 1))
+
+
+def _cli(setup, workdir, fault=None):
+    env = dict(ONE_DEVICE, **({"RECIPE_JAX_FAULT": fault} if fault else {}))
+    cmd = [sys.executable, "-m", "recipe_jax.purify", "--config",
+           f"{REPO}/configs/purify.py:tiny", "--workdir", str(workdir),
+           f"--config.model.init_from={setup[0]}", f"--config.data.aux_path={setup[1]}",
+           *CLI_ARGS]
+    return cmd, env
+
+
+def _run_cli(setup, workdir, fault=None):
+    cmd, env = _cli(setup, workdir, fault)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _sigterm_after(setup, workdir, step: int):
+    """Starts the run, sends SIGTERM once it has printed `step`; returns (rc, stdout)."""
+    cmd, env = _cli(setup, workdir)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if f"purify step {step}/" in line:
+            proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=300), "".join(out)
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """The uninterrupted run of CLI_ARGS, in process on one device (bitwise what the CLI gives
+    with one device); checkpoints at steps 50 and 60."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    purify.train_and_evaluate(_config(setup, **REFERENCE), str(workdir))
+    assert _steps(workdir) == [50, 60]
+    return workdir
+
+
+def test_sigkill_at_seeded_points_then_rerun_equals_uninterrupted(setup, reference, tmp_path):
+    """One workdir, killed again and again at different points, then finished: its export is
+    bitwise the export of a run nobody touched."""
+    rng = random.Random(6)
+    run = tmp_path / "run"
+
+    # Killed before the first checkpoint: nothing on disk to resume from.
+    r = _run_cli(setup, run, "save:1")
+    assert r.returncode == -signal.SIGKILL and _steps(run) == []
+
+    # SIGTERM mid-interval: a checkpoint at that very step, exit 143.
+    rc, out = _sigterm_after(setup, run, rng.randint(12, 18))
+    assert rc == train.PREEMPTED_EXIT_CODE, out
+    term_step = int(out.split("SIGTERM at step ")[1].split(":")[0])
+    assert _steps(run)[-1] == term_step and "resuming" not in out
+
+    # Killed while Orbax writes a step: the half-written step is never listed, and cleaned up.
+    r = _run_cli(setup, run, f"checkpoint_write:{rng.randint(1, 2)}")
+    assert r.returncode == -signal.SIGKILL and f"resuming from step {term_step}" in r.stdout
+    tmp = list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+    assert tmp, "the kill did not land inside the checkpoint write"
+    written = _steps(run)
+
+    # Killed after the export began: no hf/ at all, only a hidden temp dir.
+    r = _run_cli(setup, run, "export:1")
+    assert r.returncode == -signal.SIGKILL and f"resuming from step {written[-1]}" in r.stdout
+    assert not (run / "hf").exists() and list(run.glob(".hf.tmp-*"))
+
+    r = _run_cli(setup, run)
+    assert r.returncode == 0, r.stderr
+    assert _bitwise_equal(_weights(reference), _weights(run))
+    assert not list(run.glob(".hf.*")) and not list((run / "checkpoints").glob("*tmp*"))
+
+
+# ---------------------------------------------------------------- 2. damaged or foreign state
+
+def _copy(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "hf")
+    return run
+
+
+def _damage(step_dir: pathlib.Path, how: str) -> None:
+    if how == "truncate_params":  # the array data of the params item
+        for f in (step_dir / "params" / "d").iterdir():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "delete_meta":
+        (step_dir / "meta" / "metadata").unlink()
+    elif how == "delete_opt_state_metadata":
+        (step_dir / "opt_state" / "_METADATA").unlink()
+        for f in (step_dir / "opt_state" / "d").iterdir():
+            f.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncate_params", "delete_meta"])
+def test_damaged_newest_checkpoint_falls_back_to_previous(setup, reference, tmp_path, caplog, how):
+    run = _copy(reference, tmp_path)
+    _damage(run / "checkpoints" / "60", how)
+    with caplog.at_level(logging.WARNING, logger="recipe_jax.checkpoint"):
+        purify.train_and_evaluate(_config(setup, **REFERENCE), str(run))
+    assert "checkpoint step 60" in caplog.text and "cannot be restored" in caplog.text
+    assert "restored step 50, not the newest: skipped damaged step(s) 60" in caplog.text
+    assert [p.name.split("-")[0] for p in (run / "checkpoints_damaged").iterdir()] == ["60"]
+    assert _steps(run) == [50, 60]  # step 60 written again, from step 50
+    assert _bitwise_equal(_weights(reference), _weights(run))
+
+
+def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(setup, reference, tmp_path):
+    run = _copy(reference, tmp_path)
+    for step in (50, 60):
+        _damage(run / "checkpoints" / str(step), "truncate_params")
+    with pytest.raises(checkpoint.CheckpointError, match=r"none of the checkpoints can be restored"
+                       r" \(step 60: .*; step 50: .*\)\. Nothing was moved"):
+        purify.train_and_evaluate(_config(setup, **REFERENCE), str(run))
+    assert _steps(run) == [50, 60] and not (run / "checkpoints_damaged").exists()
+    assert not (run / "hf").exists()
+
+
+def test_workdir_of_another_model_is_refused(setup, reference, tmp_path):
+    run = _copy(reference, tmp_path)
+    other = tiny_bert_with_tokenizer(tmp_path / "other", hidden_size=48, num_attention_heads=4)
+    config = _config(setup, **REFERENCE)
+    config.model.init_from = str(other)
+    with pytest.raises(ValueError, match=r"holds a run with another model.init_from"):
+        purify.train_and_evaluate(config, str(run))
+    # The same path now holding another model (re-downloaded, overwritten): caught as well.
+    record = json.loads((run / "config.json").read_text())
+    record["model"]["init_from"] = str(other)
+    (run / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"holds a run of another model \(hidden_size: 32 there, "
+                                         r"48 now"):
+        purify.train_and_evaluate(config, str(run))
+    assert _steps(run) == [50, 60]
+
+
+def test_resume_on_another_mesh_and_export_on_one_device(setup, reference, tmp_path, capsys):
+    """Saved on 1 device, resumed on a (2, 2, 2) mesh of 8; exported by a 1-device process."""
+    run = _copy(reference, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "60")
+    purify.train_and_evaluate(_config(setup, **{**REFERENCE, "mesh__shape": (2, 2, 2)}), str(run))
+    assert "resuming from step 50" in capsys.readouterr().out
+    a, b = _weights(reference), _weights(run)
+    for name in a:  # another mesh reduces in another order: equal to float32 rounding
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-6, err_msg=name)
+    # Step 60 now lives on 8 devices; export restores it onto the one device it has.
+    out = subprocess.run([sys.executable, "-m", "recipe_jax.export", "--ckpt", str(run), "--out",
+                          str(tmp_path / "exported")], env=ONE_DEVICE, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert _bitwise_equal(b, load_file(str(tmp_path / "exported" / "model.safetensors")))
+
+
+# ------------------------------------------------------------------------------------ 3. NaN
+
+def test_divergence_stops_naming_step_and_intact_checkpoint(setup, tmp_path):
+    """lr 1e30 after a zero-lr first step (warm-up from 0): step 1 is saved, step 2 blows up."""
+    run = tmp_path / "run"
+    config = _config(setup, train__learning_rate=1e30, train__warmup_steps=5,
+                     checkpoint__every_steps=1, train__log_every=1)
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step 2; stopped, the last "
+                       r"good checkpoint, step 1 in .*checkpoints, is intact"):
+        purify.train_and_evaluate(config, str(run))
+    assert _steps(run) == [1] and not (run / "hf").exists()
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]  # nothing of the bad step was recorded
+    _, params, step = checkpoint.restore_params(run)
+    assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    # Without the warm-up the very first update overflows: no checkpoint, and it says so.
+    config.train.warmup_steps = 0
+    with pytest.raises(FloatingPointError, match=r"at step 1; stopped, no checkpoint was "
+                       r"written yet"):
+        purify.train_and_evaluate(config, str(tmp_path / "run0"))
+
+
+# ---------------------------------------------------------------- 4. hostile checkpoints
+# test_hf.py covers: a .bin pickle that runs code (refused, no side effect), truncated files,
+# header garbage, offsets past the end, unknown dtype, a shape too big for its bytes, an absurd
+# hidden_size, auto_map ignored with a warning. These are the holes next to them.
+
+def _safetensors(path, header: dict, data: bytes) -> pathlib.Path:
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+@pytest.mark.parametrize("header, data, match", [
+    # 2**32 * 2**32 wraps to 0 in int64 arithmetic: must not pass as an empty tensor.
+    ({"w": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}}, b"",
+     "does not fit its 0 bytes"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "overlap"),
+    ({"w": {"dtype": "F64", "shape": [2], "data_offsets": [0, 8]}}, bytes(8),
+     "does not fit its 8 bytes"),  # a dtype that lies about the bytes
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, bytes(8), "claims bytes"),
+    ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), "malformed"),
+    ({"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, bytes(8), "malformed"),
+    ({"w": [1, 2, 3]}, b"", "malformed header entry"),
+])
+def test_lying_safetensors_headers_are_refused(tmp_path, header, data, match):
+    path = _safetensors(tmp_path / "model.safetensors", header, data)
+    with pytest.raises(weights.WeightFileError, match=match) as e:
+        weights.read_safetensors(path)
+    assert str(path) in str(e.value)
+
+
+def test_header_length_larger_than_the_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    with pytest.raises(weights.WeightFileError, match="claims 4611686018427387904 bytes"):
+        weights.read_safetensors(path)
+
+
+class _RunsCode:
+    marker = None
+
+    def __reduce__(self):
+        return (os.system, (f"touch {_RunsCode.marker}",))
+
+
+def test_zip_format_torch_pickle_exploit_and_escaping_shards_refused(tmp_path):
+    """torch.save's own (zip) format carrying a code-running pickle; an index whose shard path
+    leaves the model dir."""
+    _RunsCode.marker = tmp_path / "pwned"
+    d = tmp_path / "m"
+    tiny_hf("BertForMaskedLM", d)
+    (d / "model.safetensors").unlink()
+    torch.save({"bert.embeddings.word_embeddings.weight": _RunsCode()}, d / "pytorch_model.bin")
+    with pytest.raises(weights.WeightFileError, match="refused to load"):
+        hf.load_pretrained(d)
+    assert not _RunsCode.marker.exists(), "the checkpoint's code ran"
+    (d / "pytorch_model.bin").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"bert.pooler.dense.weight": "../../etc/passwd"}}))
+    with pytest.raises(weights.WeightFileError, match="points outside the model dir"):
+        hf.load_pretrained(d)
+
+
+@pytest.mark.parametrize("sizes, match", [
+    (dict(vocab_size=10**12), "refusing"), (dict(num_hidden_layers=10**7), "refusing"),
+    (dict(max_position_embeddings=10**11), "refusing"), (dict(hidden_size=-32), "positive"),
+    (dict(intermediate_size="37"), "positive integers"), (dict(hidden_size=33), "divisible"),
+])
+def test_absurd_config_refused_before_reading_weights(tiny_bert_mlm, monkeypatch, sizes, match):
+    cfg = json.loads((tiny_bert_mlm / "config.json").read_text())
+    (tiny_bert_mlm / "config.json").write_text(json.dumps({**cfg, **sizes}))
+    monkeypatch.setattr(weights, "read_weights", lambda *a: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match=match):
+        hf.load_pretrained(tiny_bert_mlm)
+
+
+# ------------------------------------------------------------------- 5. bad data, bad config
+
+_ENCODINGS = ("utf-8", "utf-16", "latin-1", "cp1252")
+_WORDS = st.text(st.characters(exclude_categories=("Cs", "Zs", "Cc")), min_size=1, max_size=8)
+
+
+@st.composite
+def _text_files(draw):
+    suffix = draw(st.sampled_from(data.SUFFIXES))
+    lines = draw(st.lists(st.one_of(st.text(max_size=30), st.just("x" * 200_000)), max_size=6))
+    column = draw(st.sampled_from(["sentence", "text", "label", ""]))
+    if suffix == ".jsonl":
+        body = "\n".join(json.dumps({column: line}) if column else line for line in lines)
+    elif suffix in (".tsv", ".csv"):
+        sep = "\t" if suffix == ".tsv" else ","
+        body = "\n".join([f"label{sep}{column}", *(f"0{sep}{line}" for line in lines)])
+    else:
+        body = "\n".join(lines)
+    return suffix, body.encode(draw(st.sampled_from(_ENCODINGS)), errors="replace")
+
+
+@FAST
+@given(_text_files())
+def test_readers_return_texts_or_a_value_error(file):
+    """Empty, huge lines, wrong encodings, missing columns: sentences or a ValueError naming
+    the file, never another exception."""
+    suffix, raw = file
+    with tempfile.TemporaryDirectory() as d:
+        path = pathlib.Path(d) / f"input{suffix}"
+        path.write_bytes(raw)
+        try:
+            texts = data.read_texts(str(path))
+        except ValueError as e:
+            assert str(path) in str(e)
+        else:
+            assert texts and all(isinstance(t, str) and t and t == t.strip() for t in texts)
+
+
+@FAST
+@given(st.lists(_WORDS, max_size=30), _WORDS)
+def test_insert_trigger_adds_the_trigger_once_and_keeps_the_words(words, trigger):
+    sentence = " ".join(words)
+    out = evaluate.insert_trigger(sentence, trigger).split()
+    assert out.count(trigger) == sentence.split().count(trigger) + 1
+    at = next(i for i in range(len(out)) if out[i] == trigger
+              and out[:i] + out[i + 1:] == sentence.split())
+    assert 0 <= at <= len(sentence.split())
+
+
+_BAD_VALUES = {
+    "purify": [("data.aux_path", ""), ("data.max_length", 2), ("data.max_examples", -1),
+               ("data.mask_prob", 1.0), ("data.masking", "sometimes"), ("train.batch_size", 0),
+               ("train.log_every", 0), ("train.num_epochs", -1), ("train.num_steps", -1),
+               ("train.learning_rate", float("nan")), ("train.warmup_steps", -1),
+               ("train.grad_clip", -1.0), ("train.weight_decay", -0.1),
+               ("train.adam_eps", -1e-8), ("train.adam_b1", 1.0), ("train.adam_b2", -0.5),
+               ("train.seed", -1), ("train.dtype", "float64"), ("checkpoint.every_steps", 0),
+               ("checkpoint.max_to_keep", 0), ("recipe.weight", -1.0),
+               ("recipe.regularize", ("(",)), ("recipe.trainable", ())],
+    "evaluate": [("data.task", "imdb"), ("data.split_seed", -1), ("data.num_labels", 1),
+                 ("data.split_sizes", (0, 0)), ("data.triggers", (" ",)),
+                 ("eval.batch_size", 0), ("data.max_test_examples", -1)],
+    "attack": [("attack.kind", "rootkit"), ("attack.target", "mean"),
+               ("attack.triggers", ("two words",)), ("attack.insertions", 0),
+               ("attack.poison_weight", float("nan")), ("attack.target_scale", -1.0),
+               ("attack.mlm_weight", -1.0)],
+}
+
+
+@pytest.mark.parametrize("stage, key, value", [(s, k, v) for s, bad in _BAD_VALUES.items()
+                                               for k, v in bad])
+def test_every_bad_config_value_is_named(stage, key, value):
+    module, configs, preset = {"purify": (purify, purify_configs, "tiny"),
+                               "evaluate": (evaluate, evaluate_configs, "tiny"),
+                               "attack": (__import__("recipe_jax.attack").attack, attack_configs,
+                                          "tiny")}[stage]
+    config = configs.get_config(preset)
+    if "aux_path" in config.data:
+        config.data.aux_path = "aux.txt"
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError) as e:
+        module.validate(config)
+    message = str(e.value)
+    assert message.startswith(f"{key}=") and repr(value) in message, message
+    assert ": " in message.removeprefix(f"{key}={value!r}")  # then the fix
+
+
+# ------------------------------------------------------------------------ 6. atomic exports
+
+def _export_state(out: pathlib.Path, versions: dict) -> str:
+    """Which complete export `out` is ('A', 'B'), or 'none'; fails on anything partial."""
+    if not out.exists():
+        return "none"
+    assert (out / "config.json").is_file(), f"{out} has no config.json: {os.listdir(out)}"
+    found = load_file(str(out / "model.safetensors"))
+    match = [name for name, v in versions.items() if _bitwise_equal(found, v)]
+    assert match, f"{out} holds neither previous nor new weights"
+    return match[0]
+
+
+@pytest.mark.parametrize("fail", ["save_file", "copyfile", "config", "move_aside", "move_in"])
+def test_export_error_at_any_point_keeps_previous(tiny_bert_mlm, tmp_path, monkeypatch, fail):
+    model, params = hf.load_pretrained(tiny_bert_mlm)
+    out = hf.save_pretrained(model, params, tmp_path / "out", tokenizer_from=tiny_bert_mlm)
+    (tiny_bert_mlm / "vocab.txt").write_text("[PAD]\n")  # so that copyfile has work to do
+    previous = load_file(str(out / "model.safetensors"))
+    params["mlm"]["bias"] = params["mlm"]["bias"] + 1.0
+    replaces = []
+
+    def boom(*args, **kwargs):
+        raise OSError(f"injected failure in {fail}")
+
+    if fail == "save_file":
+        def half_written(tensors, path, metadata=None):
+            pathlib.Path(path).write_bytes(b"\0" * 100)
+            boom()
+        monkeypatch.setattr(hf, "save_file", half_written)
+    elif fail == "copyfile":
+        monkeypatch.setattr(hf.shutil, "copyfile", boom)
+    elif fail == "config":
+        monkeypatch.setattr(hf.json, "dumps", boom)
+    else:
+        real = os.replace
+
+        def replace(src, dst):
+            replaces.append(src)
+            if len(replaces) == (1 if fail == "move_aside" else 2):
+                boom()
+            return real(src, dst)
+        monkeypatch.setattr(hf.os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        hf.save_pretrained(model, params, out, tokenizer_from=tiny_bert_mlm)
+    monkeypatch.undo()
+    assert _export_state(out, {"previous": previous}) == "previous"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    transformers.BertForMaskedLM.from_pretrained(str(out))
+
+
+_EXPORT_LOOP = """
+import itertools, sys
+from recipe_jax import hf
+model, params = hf.load_pretrained(sys.argv[1])
+bumped = {**params, "mlm": {**params["mlm"], "bias": params["mlm"]["bias"] + 1.0}}
+for i in itertools.count():
+    hf.save_pretrained(model, bumped if i % 2 else params, sys.argv[2])
+    print("exported", i, flush=True)
+"""
+
+
+def test_export_killed_at_random_points_leaves_previous_or_none(tmp_path):
+    """SIGKILL at seeded random times while a ~10M-parameter model is exported again and again
+    (two alternating versions), and once between the two renames of the swap."""
+    src = tmp_path / "model"
+    tiny_hf("BertForMaskedLM", src, vocab_size=30522, hidden_size=256, intermediate_size=1024,
+            num_hidden_layers=2)
+    model, params = hf.load_pretrained(src)
+    bumped = {**params, "mlm": {**params["mlm"], "bias": params["mlm"]["bias"] + 1.0}}
+    versions = {"A": hf.hf_state_dict(model, params), "B": hf.hf_state_dict(model, bumped)}
+    out, rng, seen = tmp_path / "out", random.Random(6), set()
+    for attempt in range(4):
+        fault = {"RECIPE_JAX_FAULT": "export_swap:1"} if attempt == 3 else {}
+        proc = subprocess.Popen([sys.executable, "-c", _EXPORT_LOOP, str(src), str(out)],
+                                env={**ONE_DEVICE, **fault}, stdout=subprocess.PIPE, text=True)
+        if not fault:
+            assert proc.stdout.readline().startswith("exported")  # at least one export done
+            if rng.random() < 0.5:  # sometimes one more, so the kill may hit either version
+                proc.stdout.readline()
+            time.sleep(rng.uniform(0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=120) == -signal.SIGKILL
+        seen.add(_export_state(out, versions))
+    assert seen >= {"none"}  # the swap kill leaves none, never a partial dir
+    hf.save_pretrained(model, params, out)  # the next export cleans up what the kills left
+    assert _export_state(out, versions) == "A"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
