@@ -16,7 +16,6 @@ DIR/config.json records what the checkpoints were trained on, so two runs are ne
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import hashlib
 import json
@@ -298,7 +297,7 @@ def fine_tune(config, workdir: pathlib.Path, model_dir, model: Transformer, host
 def score(config, model: Transformer, params, tokenizer, test: Split, mesh) -> dict:
     """Clean ACC and attack success of the fine-tuned classifier on the test split."""
     texts, labels = test
-    compute = Transformer(dataclasses.replace(model.cfg, dtype=config.train.dtype))
+    compute = stage.compute_model(config, model.cfg)
     step_fn = jax.jit(functools.partial(predict_step, model=compute))
     run = lambda sentences: predict(step_fn, params, data.tokenize(
         tokenizer, sentences, config.data.max_length), config.eval.batch_size,

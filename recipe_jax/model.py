@@ -59,8 +59,10 @@ class ModelConfig:
     pooler: bool = False
     nsp_head: bool = False
     num_labels: int = 0  # 0 = no sequence-classification head
-    # Compute dtype (params stay float32).
+    # Compute options, not architecture: dtype (params stay float32) and per-layer remat
+    # (recompute each layer's activations in the backward pass: less memory, more compute).
     dtype: str = "float32"
+    remat: bool = False
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **heads: Any) -> ModelConfig:
@@ -79,7 +81,7 @@ class ModelConfig:
         if hf.get("is_decoder") or hf.get("add_cross_attention"):
             raise ValueError("decoder/cross-attention configs are not supported (encoders only)")
         fields = {f.name for f in dataclasses.fields(cls)} - {
-            "model_type", "mlm_head", "pooler", "nsp_head", "num_labels", "dtype"}
+            "model_type", "mlm_head", "pooler", "nsp_head", "num_labels", "dtype", "remat"}
         values = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
         if hf.get("classifier_dropout") is None:
             values.pop("classifier_dropout", None)
@@ -87,7 +89,7 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """The architecture fields of a Hugging Face `config.json` (hf.py adds the rest)."""
-        skip = {"mlm_head", "pooler", "nsp_head", "num_labels", "dtype"}
+        skip = {"mlm_head", "pooler", "nsp_head", "num_labels", "dtype", "remat"}
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         out["position_embedding_type"] = "absolute"
         if self.num_labels:
@@ -223,9 +225,12 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x_blh, bias_b11l, deterministic: bool):
+        # `deterministic` (argument 3, counting self) is a Python bool: static under remat.
+        layer_cls = nn.remat(Layer, static_argnums=(3,)) if self.cfg.remat else Layer
         hidden = [x_blh]
         for i in range(self.cfg.num_hidden_layers):
-            hidden.append(Layer(self.cfg, name=f"layer_{i}")(hidden[-1], bias_b11l, deterministic))
+            hidden.append(layer_cls(self.cfg, name=f"layer_{i}")(hidden[-1], bias_b11l,
+                                                                 deterministic))
         return hidden
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import functools
 import logging
 import pathlib
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, data, losses, stage, train
+from recipe_jax import cli, data, losses, stage, streaming, train
 from recipe_jax.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,18 @@ def train_step(state: train.TrainState, frozen, batch, *, model, optimizer, sche
     return state, {"loss": loss, **parts, **metrics, "tokens": tokens}
 
 
+def step_maker(config, masking: dict) -> Callable:
+    """`make_step(compute_model, optimizer, schedule)` for stage.fit (and the AOT report)."""
+
+    def make_step(compute, optimizer, schedule):
+        return functools.partial(
+            train_step, model=compute, optimizer=optimizer, schedule=schedule,
+            recipe=config.recipe, dropout=config.train.dropout, seed=config.train.seed,
+            masking=masking if config.data.masking == "dynamic" else None)
+
+    return make_step
+
+
 # ------------------------------------------------------------------------------------- data
 
 def prepare_data(config, texts: list[str], model_dir, vocab_size: int
@@ -117,17 +130,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             host_params, config.recipe.regularize, cfg.model_type):
         raise ValueError(f"recipe.regularize={tuple(config.recipe.regularize)} matches no "
                          f"parameter; names look like {EXAMPLE_NAME}")
-    arrays, masking = prepare_data(config, texts, model_dir, cfg.vocab_size)
-
-    def make_step(compute, optimizer, schedule):
-        return functools.partial(
-            train_step, model=compute, optimizer=optimizer, schedule=schedule,
-            recipe=config.recipe, dropout=config.train.dropout, seed=config.train.seed,
-            masking=masking if config.data.masking == "dynamic" else None)
-
-    params, step = stage.fit(config, workdir, mesh, name="purify", model_dir=model_dir, model=model,
-                       host_params=host_params, arrays=arrays,
-                       trainable_patterns=config.recipe.trainable, make_step=make_step)
+    if config.data.streaming:  # `texts` is a lazy streaming.TextIndex
+        arrays, masking = streaming.prepare(config, texts, model_dir, cfg.vocab_size)
+    else:
+        arrays, masking = prepare_data(config, texts, model_dir, cfg.vocab_size)
+    params, step = stage.fit(config, workdir, mesh, name="purify", model_dir=model_dir,
+                             model=model, host_params=host_params, arrays=arrays,
+                             trainable_patterns=config.recipe.trainable,
+                             make_step=step_maker(config, masking))
     reg = losses.frobenius_penalty(params, config.recipe.regularize, cfg.model_type)
     summary = {"step": step, "reg_loss": float(reg)}
     return stage.export_hf(workdir, "purify", model, params, verify=config.export.verify,

@@ -15,8 +15,6 @@ that is not sharded (e.g. a rules-table regression) shows up as per-device ≈ t
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import time
 
 import flax.linen as nn
@@ -25,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from recipe_jax import cli, data, purify, sharding, stage, train
-from recipe_jax.model import ModelConfig, Transformer, abstract_params
+from recipe_jax.model import ModelConfig, abstract_params
 
 BERT_LARGE = dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
                   intermediate_size=4096, vocab_size=30522)
@@ -78,12 +76,8 @@ def compile_purify_step(config, cfg: ModelConfig, mesh, num_steps: int = 1000):
                        mask_prob=config.data.mask_prob,
                        num_positions=data.num_masked_positions(config.data.max_length,
                                                                config.data.mask_prob))
-    compute = Transformer(dataclasses.replace(cfg, dtype=config.train.dtype))
-    # What purify.train_and_evaluate's make_step binds.
-    step_fn = functools.partial(purify.train_step, model=compute, optimizer=optimizer,
-                                schedule=schedule, recipe=config.recipe,
-                                dropout=config.train.dropout, seed=config.train.seed,
-                                masking=masking)
+    step_fn = purify.step_maker(config, masking)(stage.compute_model(config, cfg), optimizer,
+                                                 schedule)
     start = time.perf_counter()
     jitted = stage.jit_step(step_fn, state, frozen, mesh)
     compiled = jitted.lower(state, frozen, abstract_batch(config, mesh)).compile()

@@ -138,7 +138,7 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
         state, frozen, step = train.restore(mngr, state, frozen, trainable_patterns, cfg.model_type)
         say(f"{name}: resuming from step {step} in {workdir}")
 
-    compute = Transformer(dataclasses.replace(cfg, dtype=config.train.dtype))
+    compute = compute_model(config, cfg)
     jitted = jit_step(make_step(compute, optimizer, schedule), state, frozen, mesh, extra_args)
 
     say(f"{name}: {hf.summary(model, host_params)}; {len(names)} trainable tensors; "
@@ -181,6 +181,12 @@ def _batches(config, mesh, arrays, collate: Callable | None, num_steps: int
         return (lambda step: sharding.put_batch(prefetch.get(step), mesh)), prefetch.close
     return (lambda step: sharding.put_batch({k: v[local_rows(step)] for k, v in arrays.items()},
                                             mesh)), lambda: None
+
+
+def compute_model(config, cfg) -> Transformer:
+    """The model the step runs: `cfg` with the config's compute dtype and remat."""
+    return Transformer(dataclasses.replace(cfg, dtype=config.train.dtype,
+                                           remat=config.train.get("remat", False)))
 
 
 def jit_step(step_fn: Callable, state, frozen, mesh, extra_args: tuple = ()):

@@ -61,3 +61,48 @@ def test_config_round_trip_and_errors():
         ModelConfig.from_hf_config({**BERT_BASE_UNCASED, "model_type": "gpt2"})
     with pytest.raises(ValueError, match="relative_key"):
         ModelConfig.from_hf_config({**BERT_BASE_UNCASED, "position_embedding_type": "relative_key"})
+
+
+def _loss_and_grads(cfg, params, ids, **options):
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from recipe_jax.model import Transformer
+
+    model = Transformer(dataclasses.replace(cfg, **options))
+
+    def loss(p):
+        logits = model.apply({"params": p}, ids, deterministic=False,
+                             rngs={"dropout": jax.random.PRNGKey(3)})
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+            logits, ids[..., None], -1)[..., 0])
+
+    return jax.value_and_grad(loss)(params)
+
+
+def test_remat_is_exact_and_bf16_is_close_with_float32_params():
+    import numpy as np
+
+    from recipe_jax.model import init_params
+
+    cfg = ModelConfig(vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                      intermediate_size=48, max_position_embeddings=32)
+    params = nn.unbox(init_params(cfg, jax.random.PRNGKey(0)))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (4, 12), 0, 101)
+    ref_loss, ref_grads = _loss_and_grads(cfg, params, ids)
+    loss, grads = _loss_and_grads(cfg, params, ids, remat=True)
+    jaxpr = lambda **o: str(jax.make_jaxpr(lambda p: _loss_and_grads(cfg, p, ids, **o))(params))
+    assert "remat" in jaxpr(remat=True) and "remat" not in jaxpr()
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 grads, ref_grads)
+    loss, grads = _loss_and_grads(cfg, params, ids, dtype="bfloat16")
+    assert abs(float(loss) - float(ref_loss)) < 0.02 * abs(float(ref_loss))
+    assert {x.dtype for x in jax.tree.leaves(grads)} == {np.dtype("float32")}
+    k = ("encoder", "layer_1", "intermediate", "dense", "kernel")
+    g, ref = grads, ref_grads
+    for key in k:
+        g, ref = g[key], ref[key]
+    cos = float(np.sum(g * ref) / (np.linalg.norm(g) * np.linalg.norm(ref)))
+    assert cos > 0.95, cos

@@ -224,11 +224,15 @@ def test_prefetcher_returns_each_step_whatever_was_prefetched():
 
 
 def _streamed_purify(monkeypatch, config, workdir, crash_at=None):
-    """purify.train_and_evaluate on streamed data (as purify does once it dispatches on
-    data.streaming); `crash_at` raises when the batch of that step is read."""
+    """purify.train_and_evaluate with data.streaming (purify dispatches to streaming.prepare);
+    `crash_at` raises when the batch of that step is read."""
+    real_prepare = streaming.prepare
+    calls = []
+
     def prepare(config, texts, model_dir, vocab_size):
         assert isinstance(texts, streaming.TextIndex)
-        source, masking = streaming.prepare(config, texts, model_dir, vocab_size)
+        calls.append(1)
+        source, masking = real_prepare(config, texts, model_dir, vocab_size)
         if crash_at is not None:
             reads, read = [], source.read
 
@@ -240,8 +244,11 @@ def _streamed_purify(monkeypatch, config, workdir, crash_at=None):
             source.read = crashing
         return source, masking
 
-    monkeypatch.setattr(purify, "prepare_data", prepare)
-    return purify.train_and_evaluate(config, str(workdir))
+    monkeypatch.setattr(streaming, "prepare", prepare)
+    try:
+        return purify.train_and_evaluate(config, str(workdir))
+    finally:
+        assert calls, "purify did not stream"
 
 
 def test_streamed_purify_equals_in_memory_and_resumes_bitwise(tiny, tmp_path, monkeypatch):
