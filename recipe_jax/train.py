@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from recipe_jax import checkpoint, faults, hf, sharding
 from recipe_jax.losses import matches
@@ -220,6 +221,8 @@ class _Preemption:
         self._old = None
 
     def __enter__(self):
+        if jax.process_count() > 1:  # JAX's preemption service owns SIGTERM (see `stop_at`)
+            return self
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. inside a notebook worker)
@@ -228,6 +231,13 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def stop_at(self, step: int) -> bool:
+        """Whether to checkpoint and exit after `step`. With several processes every one must
+        stop at the same step: JAX's preemption sync point (called every step) agrees on it."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         if self._old is not None:
@@ -274,7 +284,7 @@ def run(*, workdir: str, name: str, state: TrainState, frozen, step_fn: Callable
             done = step + 1
             # Read the flag once: a SIGTERM landing later in this iteration waits for the next,
             # so a preempted step is always checked, then saved, then exited.
-            stop = preempt.requested
+            stop = preempt.stop_at(done)
             boundary = done % every_steps == 0 or done == num_steps or stop
             if done % log_every == 0 or boundary:
                 rows = [(s, {k: float(v) for k, v in jax.device_get(m).items()})

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,22 +68,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch_two(hf_dir, aux, workdir, *overrides):
+    """purify as 2 local processes of 4 CPU devices each, one coordinator on a free port."""
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    return [subprocess.Popen(
+        [sys.executable, "-m", "recipe_jax.purify", "--config", f"{REPO}/configs/purify.py:tiny",
+         "--workdir", str(workdir), f"--config.model.init_from={hf_dir}",
+         f"--config.data.aux_path={aux}", "--config.export.verify=False", *overrides,
+         f"--config.distributed.coordinator_address=localhost:{port}",
+         "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+
+
 def test_two_processes_of_four_devices_equal_one_process_of_eight(tiny, tmp_path):
     """purify as 2 processes x 4 CPU devices (jax.distributed, local coordinator) ends with the
     exported weights of 1 process x 8 devices; only process 0 logs and writes outputs."""
     hf_dir, aux = tiny
     mesh = "--config.mesh.shape=(2, 4, 1)"  # fsdp within a process, data across processes
-    workdir, port = tmp_path / "two", _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "recipe_jax.purify", "--config", f"{REPO}/configs/purify.py:tiny",
-         "--workdir", str(workdir), f"--config.model.init_from={hf_dir}",
-         f"--config.data.aux_path={aux}", "--config.export.verify=False", mesh,
-         f"--config.distributed.coordinator_address=localhost:{port}",
-         "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
+    workdir = tmp_path / "two"
+    procs = _launch_two(hf_dir, aux, workdir, mesh)
     try:
         outs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
@@ -98,6 +105,29 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tiny, tmp_path
     assert len(jax.devices()) == 8
     _assert_same_run(_results(one), _results(workdir), atol=1e-5)
     assert json.loads((workdir / "summary.json").read_text())["step"] == 6
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_checkpointed_step(tiny, tmp_path):
+    """Only process 1 gets SIGTERM; JAX's preemption sync point makes both processes save the
+    same step and exit 143 (no process left waiting in a collective)."""
+    hf_dir, aux = tiny
+    workdir = tmp_path / "two"
+    procs = _launch_two(hf_dir, aux, workdir, "--config.mesh.shape=(2, 4, 1)",
+                        "--config.train.num_steps=100000", "--config.train.log_every=1",
+                        "--config.checkpoint.every_steps=100000")
+    try:
+        for line in procs[0].stdout:  # wait until training runs
+            if "purify step 3/" in line:
+                break
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], outs[0][-2000:] + outs[1][-2000:]
+    steps = [int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit()]
+    assert len(steps) == 1 and 3 < steps[0] < 100000
+    assert f"SIGTERM at step {steps[0]}: checkpoint saved" in outs[0]
 
 
 def test_initialize_distributed_without_settings_is_a_no_op():
