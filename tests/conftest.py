@@ -66,3 +66,18 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (the shared data sets sit beside the repo in CI)")
     return SHARED_DATA
+
+
+def tiny_purify_config(hf_dir, aux, **overrides):
+    """configs/purify.py:tiny on `hf_dir` and `aux`, export check off; `overrides` as
+    section__key=value (e.g. mesh__shape=(2, 4, 1))."""
+    from recipe_jax import cli
+
+    config = cli.load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / "purify.py",
+                             "tiny")
+    config.model.init_from, config.data.aux_path = str(hf_dir), str(aux)
+    config.export.verify = False
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import tiny_bert_with_tokenizer, tiny_hf
+from conftest import tiny_bert_with_tokenizer, tiny_hf, tiny_purify_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
@@ -50,13 +50,7 @@ def setup(tmp_path_factory):
 
 
 def _config(setup, **overrides):
-    config = purify_configs.get_config("tiny")
-    config.model.init_from, config.data.aux_path = map(str, setup)
-    config.export.verify = False
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
+    return tiny_purify_config(*setup, **overrides)
 
 
 def _weights(run_dir):

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from conftest import tiny_bert_with_tokenizer
+from conftest import tiny_bert_with_tokenizer, tiny_purify_config
 from safetensors.numpy import load_file
 
 from recipe_jax import data, purify, sharding, sharding_report, streaming, train
@@ -37,14 +37,7 @@ def tiny(tmp_path_factory):
     return hf_dir, aux
 
 
-def _config(hf_dir, aux, **overrides):
-    config = purify_configs.get_config("tiny")
-    config.model.init_from, config.data.aux_path = str(hf_dir), str(aux)
-    config.export.verify = False
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
+_config = tiny_purify_config
 
 
 def _results(workdir):
