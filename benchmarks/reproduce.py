@@ -4,7 +4,8 @@
     python benchmarks/reproduce.py --workdir runs/reproduce --attacks por --tasks sst2
     python benchmarks/reproduce.py --workdir runs/repro_smoke --scale smoke --model DIR  # tests
 
-For each attack (POR, NeuBA, BadPre) the clean PTM is backdoored on the first BookCorpus
+The `clean` row fine-tunes the clean PTM itself: the ASR floor of each task. For each attack
+(POR, NeuBA, BadPre) the clean PTM is backdoored on the first BookCorpus
 sentences; each defense (none, FP, FP-GM, FP-GA, RECIPE `bert`, `strong`, only-pretrain,
 only-reg) then works on the *last* BookCorpus sentences (disjoint from the attacker's); each
 defended model is fine-tuned on every task (SST-2, HSOL, AG News) and scored: ACC, AASR, MASR
@@ -24,7 +25,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-ATTACKS = ("por", "neuba", "badpre")
+ATTACKS = ("clean", "por", "neuba", "badpre")  # "clean": the PTM itself, the floor of each task
 DEFENSES = ("none", "fp", "fp_gm", "fp_ga", "bert", "strong", "only_pretrain", "only_reg")
 TASKS = ("sst2", "hsol", "agnews")
 PURIFY = ("bert", "strong", "only_pretrain", "only_reg")
@@ -122,6 +123,12 @@ def run_cell(workdir, attack, defense, task, model, s, aux, log) -> dict:
     from recipe_jax import evaluate, prune, purify
 
     base = workdir / attack
+    if attack == "clean":  # no attack, no defense: the clean classifier's own ASR
+        out = base / f"eval_none_{task}"
+        if not (out / "results.json").exists():
+            log(f"evaluate the clean model / {task}")
+            evaluate.train_and_evaluate(evaluate_config(task, "por", model, s), out)
+        return json.loads((out / "results.json").read_text())
     attacked = base / "attack"
     if not _done(attacked):
         log(f"attack {attack}")
@@ -144,7 +151,7 @@ def format_table(cells: dict, attacks, defenses, tasks) -> str:
         f"{t} ACC | {t} AASR | {t} MASR" for t in tasks) + " |"
     lines = [head, "|---|---|" + "---|" * (3 * len(tasks))]
     for a in attacks:
-        for d in defenses:
+        for d in (("none",) if a == "clean" else defenses):
             row = []
             for t in tasks:
                 r = cells.get(f"{a}/{d}/{t}")
@@ -182,7 +189,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     table_path = workdir / "table.json"
     cells = json.loads(table_path.read_text())["cells"] if table_path.exists() else {}
-    order = [(a, d, t) for a in args.attacks for d in args.defenses for t in args.tasks]
+    order = [(a, d, t) for a in args.attacks for d in args.defenses for t in args.tasks
+             if a != "clean" or d == "none"]
 
     def log(msg):
         print(f"\n=== reproduce [{time.time() - t0:.0f}s]: {msg} ===", flush=True)

@@ -37,9 +37,10 @@ def test_smoke_table_end_to_end_and_rerun_skips(tmp_path, shared_data, capsys):
     model = tiny_bert_with_tokenizer(tmp_path / "tiny", kind="BertForPreTraining",
                                      max_position_embeddings=64)
     args = ["--workdir", str(tmp_path / "rep"), "--scale", "smoke", "--model", str(model),
-            "--attacks", "por", "--defenses", "none,fp_ga,strong", "--tasks", "sst2"]
+            "--attacks", "clean,por", "--defenses", "none,fp_ga,strong", "--tasks", "sst2"]
     cells = reproduce.main(args)
-    assert sorted(cells) == ["por/fp_ga/sst2", "por/none/sst2", "por/strong/sst2"]
+    assert sorted(cells) == ["clean/none/sst2", "por/fp_ga/sst2", "por/none/sst2",
+                             "por/strong/sst2"]
     for r in cells.values():
         assert 0.0 <= r["clean_acc"] <= 1.0 and 0.0 <= r["aasr"] <= r["masr"] <= 1.0
         assert sorted(r["asr_max"]) == ["bb", "cf", "mb", "mn", "tq"]
@@ -47,6 +48,7 @@ def test_smoke_table_end_to_end_and_rerun_skips(tmp_path, shared_data, capsys):
     assert pruned["method"] == "fp_ga" and pruned["count"] > 0
     table = (tmp_path / "rep" / "table.md").read_text()
     assert "| por | strong | " in table and "| neuba | none | — |" in table
+    assert "| clean | none | " in table and "| clean | strong |" not in table
     capsys.readouterr()
     again = reproduce.main(args)  # every cell is cached: nothing is trained again
     assert again == cells
