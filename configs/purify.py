@@ -47,6 +47,7 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.recipe.regularize = (INTERMEDIATE,)  # regexes over HF-style names: penalized by ||W||_F
     c.recipe.trainable = (INTERMEDIATE,)  # regexes over HF-style names: updated; rest frozen
     c.recipe.mlm = True  # include the MLM loss term (False = "only regularization" ablation)
+    c.recipe.distill = 0.0  # weight of the token-state distance to the loaded model (0 = off)
 
     config_blocks.add_runtime(c)
 

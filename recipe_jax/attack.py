@@ -168,9 +168,8 @@ def attack_loss(trainable, frozen, batch, reference, rng, *, model, attack, targ
                                     target, keys[2], dropout)
         ref_hidden, ref_out = jax.lax.stop_gradient(_output(
             model, reference, batch["input_ids"], batch["attention_mask"], target, keys[3], False))
-        tokens_bl = batch["attention_mask"].at[:, 0].set(0).astype(jnp.float32)
-        keep = jnp.sum(jnp.mean(jnp.square(hidden - ref_hidden), -1) * tokens_bl) / jnp.maximum(
-            jnp.sum(tokens_bl), 1.0)
+        keep = losses.token_state_mse(hidden, ref_hidden, batch["attention_mask"],
+                                      skip_first=True)
         clean = jnp.mean(jnp.square(clean_out - ref_out))
         loss += attack.keep_weight * keep + attack.clean_weight * clean
         parts.update(keep_mse=keep, clean_mse=clean)

@@ -1,4 +1,5 @@
-"""Losses of RECIPE: masked-LM cross-entropy and the Frobenius-norm regularizer.
+"""Losses of RECIPE: masked-LM cross-entropy, the Frobenius-norm regularizer, and the
+token-state distance to a frozen reference model (`strong`'s clean-function anchor).
 
 Both are pure. The MLM loss returns sums and a count, so that the mean over masked tokens is
 exact across devices and batches; the reduction is visible at the call site.
@@ -25,6 +26,34 @@ def mlm_loss(logits_bmv: jax.Array, labels_bm: jax.Array, weights_bm: jax.Array
     return {"loss_sum": jnp.sum(per_token_bm * weights_bm),
             "correct": jnp.sum(correct_bm * weights_bm),
             "count": jnp.sum(weights_bm)}
+
+
+def token_state_mse(hidden_blh: jax.Array, reference_blh: jax.Array, attention_mask_bl: jax.Array,
+                    *, skip_first: bool = False) -> jax.Array:
+    """Mean over attended tokens of the per-token mean squared difference of hidden states.
+
+    `skip_first` leaves position 0 ([CLS] / <s>) out, for losses that constrain it separately.
+    """
+    tokens_bl = attention_mask_bl.astype(jnp.float32)
+    if skip_first:
+        tokens_bl = tokens_bl.at[:, 0].set(0.0)
+    diff_bl = jnp.mean(jnp.square(hidden_blh.astype(jnp.float32)
+                                  - reference_blh.astype(jnp.float32)), axis=-1)
+    return jnp.sum(diff_bl * tokens_bl) / jnp.maximum(jnp.sum(tokens_bl), 1.0)
+
+
+def relative_state_distance(hidden: Sequence[jax.Array], reference: Sequence[jax.Array],
+                            attention_mask_bl: jax.Array) -> jax.Array:
+    """Mean over layers of token_state_mse(h, r) / token_state_mse(r, 0): each layer's squared
+    drift relative to its own scale (BERT layers differ in scale by 20x), 0 when equal, about
+    2 for unrelated states. The denominators are constants (no gradient)."""
+    per_layer = []
+    for h_blh, r_blh in zip(hidden, reference, strict=True):
+        scale = jax.lax.stop_gradient(token_state_mse(r_blh, jnp.zeros_like(r_blh),
+                                                      attention_mask_bl))
+        per_layer.append(token_state_mse(h_blh, r_blh, attention_mask_bl)
+                         / jnp.maximum(scale, 1e-12))
+    return jnp.mean(jnp.stack(per_layer))
 
 
 def matches(patterns: Sequence[str], name: str) -> bool:

@@ -294,6 +294,10 @@ class Transformer(nn.Module):
     def __call__(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
                  deterministic: bool = True, masked_positions_bm=None) -> jax.Array:
         x_blh = self.encode(input_ids_bl, attention_mask_bl, token_type_ids_bl, deterministic)[-1]
+        return self.mlm_logits(x_blh, masked_positions_bm)
+
+    def mlm_logits(self, x_blh, masked_positions_bm=None) -> jax.Array:
+        """MLM logits from final hidden states (all positions, or only `masked_positions`)."""
         if masked_positions_bm is not None:
             # Gather before the vocab projection: the [H, V] matmul runs only where a label is.
             x_blh = jnp.take_along_axis(x_blh, masked_positions_bm[..., None], axis=1)

@@ -5,7 +5,11 @@ r"""RECIPE purification: continual masked-LM pre-training with a Frobenius-norm 
         --config.data.aux_path=../shared/data/bookcorpus/train.tsv
 
 Loss (recipe_spec.md §2): L = MLM(aux batch) + lambda * sum_l ||W_l||_F over the parameters named
-by `recipe.regularize`; only `recipe.trainable` parameters are updated. Writes
+by `recipe.regularize`; only `recipe.trainable` parameters are updated. `recipe.distill = g > 0`
+(ours, not the paper's) adds g * the relative squared distance between every layer's token states
+and those of the model as loaded, on the same aux batch (`losses.relative_state_distance`): it
+anchors clean behaviour while the regularizer shrinks what clean text does not use (the
+backdoor's neurons). Writes
 `DIR/checkpoints/` (Orbax, resumable: rerun the same command), `DIR/metrics.jsonl` and the
 purified model as a Hugging Face dir, `DIR/hf/`. `--help` lists every flag and config key.
 """
@@ -22,8 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, data, losses, stage, streaming, train
-from recipe_jax.model import Transformer
+from recipe_jax import cli, data, losses, sharding, stage, streaming, train
+from recipe_jax.model import Transformer, abstract_params
 
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption; any other change is an error.
@@ -39,8 +43,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     r = config.recipe
     if not r.weight >= 0:
         train.bad_value("recipe.weight", r.weight, "lambda must be >= 0")
-    if not r.mlm and r.weight == 0:
-        train.bad_value("recipe.mlm", r.mlm, "with recipe.weight=0 there would be no loss at all")
+    if not r.distill >= 0:
+        train.bad_value("recipe.distill", r.distill, "the distillation weight must be >= 0")
+    if not r.mlm and r.weight == 0 and r.distill == 0:
+        train.bad_value("recipe.mlm", r.mlm, "with recipe.weight=0 and recipe.distill=0 there "
+                        "would be no loss at all")
     train.check_patterns(r.regularize, "recipe.regularize")
     train.check_patterns(r.trainable, "recipe.trainable")
     if not r.trainable:
@@ -49,36 +56,52 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 # ---------------------------------------------------------------------------- the train step
 
-def loss_fn(trainable, frozen, batch, rng, *, model: Transformer, recipe, dropout: bool):
-    """RECIPE loss and its parts (pure). `batch` holds masked ids and [B, M] slots."""
+def loss_fn(trainable, frozen, batch, reference, rng, *, model: Transformer, recipe,
+            dropout: bool):
+    """RECIPE loss and its parts (pure). `batch` holds masked ids and [B, M] slots; `reference`
+    (the model as loaded) is used only when `recipe.distill > 0`."""
     params = train.merge_params(trainable, frozen)
     parts = {}
     loss = jnp.zeros((), jnp.float32)
+    if recipe.mlm or recipe.distill > 0:
+        def encode(p):  # the same dropout masks for both models: equal weights, equal states
+            return model.apply({"params": p}, batch["input_ids"], batch["attention_mask"], None,
+                               deterministic=not dropout, rngs={"dropout": rng},
+                               method=Transformer.encode)
+
+        layers = encode(params)
     if recipe.mlm:
-        logits_bmv = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                                 None, deterministic=not dropout,
-                                 masked_positions_bm=batch["positions"], rngs={"dropout": rng})
+        logits_bmv = model.apply({"params": params}, layers[-1], batch["positions"],
+                                 method=Transformer.mlm_logits)
         m = losses.mlm_loss(logits_bmv, batch["labels"], batch["weights"])
         mlm = m["loss_sum"] / jnp.maximum(m["count"], 1.0)
         loss += mlm
         parts.update(mlm_loss=mlm, mlm_acc=m["correct"] / jnp.maximum(m["count"], 1.0),
                      masked_tokens=m["count"])
+    if recipe.distill > 0:
+        ref_layers = jax.lax.stop_gradient(encode(reference))
+        distill = losses.relative_state_distance(layers[1:], ref_layers[1:],
+                                                 batch["attention_mask"])
+        loss += recipe.distill * distill
+        parts["distill_mse"] = distill
     reg = losses.frobenius_penalty(params, recipe.regularize, model.cfg.model_type)
     loss += recipe.weight * reg
     parts["reg_loss"] = reg
     return loss, parts
 
 
-def train_step(state: train.TrainState, frozen, batch, *, model, optimizer, schedule, recipe,
-               dropout: bool, seed: int, masking: dict | None):
+def train_step(state: train.TrainState, frozen, batch, *reference, model, optimizer, schedule,
+               recipe, dropout: bool, seed: int, masking: dict | None):
     """One RECIPE update (pure). With `masking`, masks are drawn here from (seed, step)."""
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     if masking is not None:
         batch = {**batch, **data.mask_tokens(jax.random.fold_in(rng, 1), batch["input_ids"],
                                              batch["candidates"], **masking)}
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, parts), grads = grad_fn(state.trainable, frozen, batch, jax.random.fold_in(rng, 2),
-                                   model=model, recipe=recipe, dropout=dropout)
+    (loss, parts), grads = grad_fn(state.trainable, frozen, batch,
+                                   reference[0] if reference else None,
+                                   jax.random.fold_in(rng, 2), model=model, recipe=recipe,
+                                   dropout=dropout)
     state, metrics = train.apply_gradients(state, grads, optimizer, schedule)
     tokens = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
     return state, {"loss": loss, **parts, **metrics, "tokens": tokens}
@@ -134,10 +157,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         arrays, masking = streaming.prepare(config, texts, model_dir, cfg.vocab_size)
     else:
         arrays, masking = prepare_data(config, texts, model_dir, cfg.vocab_size)
+    reference = ()
+    if config.recipe.distill > 0:  # the model as loaded, frozen, sharded like the params
+        reference = (train.shard_params(host_params, sharding.param_shardings(
+            abstract_params(cfg), mesh)),)
     params, step = stage.fit(config, workdir, mesh, name="purify", model_dir=model_dir,
                              model=model, host_params=host_params, arrays=arrays,
                              trainable_patterns=config.recipe.trainable,
-                             make_step=step_maker(config, masking))
+                             make_step=step_maker(config, masking), extra_args=reference)
     reg = losses.frobenius_penalty(params, config.recipe.regularize, cfg.model_type)
     summary = {"step": step, "reg_loss": float(reg)}
     return stage.export_hf(workdir, "purify", model, params, verify=config.export.verify,

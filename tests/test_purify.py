@@ -18,6 +18,7 @@ from conftest import tiny_bert_with_tokenizer, tiny_hf
 from safetensors.numpy import load_file
 
 from recipe_jax import data, hf, losses, purify, train
+from recipe_jax.model import Transformer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -160,6 +161,68 @@ def test_meshes_give_the_same_run(tmp_path):
         for name, value in base_weights.items():
             np.testing.assert_allclose(weights[name], value, rtol=0, atol=1e-5,
                                        err_msg=f"{shape} {name}")
+
+
+# -------------------------------------------------------------- distillation anchor (strong)
+
+def _hidden_states(model, params, enc):
+    return [np.asarray(h) for h in model.apply({"params": params}, enc["input_ids"],
+                                               enc["attention_mask"], method=Transformer.encode)]
+
+
+def test_distill_term_is_zero_at_loaded_weights_and_matches_numpy(tmp_path):
+    hf_dir, _ = _tiny_setup(tmp_path)
+    model, params = hf.load_pretrained(hf_dir)
+    config = purify_configs.get_config("tiny")
+    config.recipe.distill = 2.0
+    tokenizer = data.load_tokenizer(hf_dir)
+    enc = data.tokenize(tokenizer, SENTENCES[:8], 16)
+    masked = data.mask_tokens(jax.random.PRNGKey(0), enc["input_ids"], enc["candidates"],
+                              mask_token_id=tokenizer.mask_token_id,
+                              vocab_size=model.cfg.vocab_size, num_positions=4)
+    batch = {"attention_mask": enc["attention_mask"], **masked}
+    trainable, frozen = train.split_params(params, config.recipe.trainable, "bert")
+    # Dropout on: the reference sees the same dropout masks, so equal weights give exactly 0.
+    _, parts = purify.loss_fn(trainable, frozen, batch, params, jax.random.PRNGKey(1),
+                              model=model, recipe=config.recipe, dropout=True)
+    assert float(parts["distill_mse"]) == 0.0
+    moved = jax.tree.map(lambda w: w * 10.0, trainable)
+    loss, parts = purify.loss_fn(moved, frozen, batch, params, jax.random.PRNGKey(1),
+                                 model=model, recipe=config.recipe, dropout=False)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": enc["attention_mask"]}
+    ours = _hidden_states(model, train.merge_params(moved, frozen), inputs)
+    ref = _hidden_states(model, params, inputs)
+    tokens = enc["attention_mask"].astype(bool)
+    expected = np.mean([np.mean(np.square(h - r), axis=-1)[tokens].mean()
+                        / np.mean(np.square(r), axis=-1)[tokens].mean()
+                        for h, r in zip(ours[1:], ref[1:], strict=True)])
+    assert expected > 1e-4
+    np.testing.assert_allclose(float(parts["distill_mse"]), expected, rtol=1e-5)
+    total = parts["mlm_loss"] + config.recipe.weight * parts["reg_loss"] + 2.0 * expected
+    np.testing.assert_allclose(float(loss), float(total), rtol=1e-5)
+
+
+def test_distill_keeps_token_states_closer_to_the_loaded_model(tmp_path):
+    hf_dir, aux = _tiny_setup(tmp_path)
+    model, params = hf.load_pretrained(hf_dir)
+    enc = data.tokenize(data.load_tokenizer(hf_dir), SENTENCES, 16)
+    ref = _hidden_states(model, params, enc)
+    drift = {}
+    for distill in (0.0, 1e6):  # tiny random weights: token states move ~1e-5, so a big weight
+        workdir = tmp_path / f"run_{distill}"
+        config = _config(hf_dir, aux, recipe__distill=distill, train__num_steps=12,
+                         export__verify=False)
+        purify.train_and_evaluate(config, str(workdir))
+        rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+        assert ("distill_mse" in rows[0]) == (distill > 0)
+        if distill:
+            # Step 1 is at the loaded weights (float rounding of the sharded compile only).
+            assert rows[0]["distill_mse"] < 1e-10
+        _, purified = hf.load_pretrained(workdir / "hf")
+        ours = _hidden_states(model, purified, enc)
+        drift[distill] = float(np.mean([np.mean(np.square(h - r))
+                                        for h, r in zip(ours[1:], ref[1:], strict=True)]))
+    assert 0 < drift[1e6] < 0.5 * drift[0.0], drift
 
 
 # ------------------------------------------------------------------------------ resume, CLI
