@@ -24,6 +24,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import purify as purify_configs  # noqa: E402  (configs/purify.py)
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import drift as drift_tool  # noqa: E402  (benchmarks/drift.py)
+
 SENTENCES = [f"the {a} {b} sat on the {c} near {d}." for a in ("quick", "lazy", "old", "red")
              for b in ("cat", "dog", "bird", "fox") for c in ("mat", "rug", "log") for d in
              ("home", "town")]
@@ -204,10 +207,7 @@ def test_distill_term_is_zero_at_loaded_weights_and_matches_numpy(tmp_path):
 
 def test_distill_keeps_token_states_closer_to_the_loaded_model(tmp_path):
     hf_dir, aux = _tiny_setup(tmp_path)
-    model, params = hf.load_pretrained(hf_dir)
-    enc = data.tokenize(data.load_tokenizer(hf_dir), SENTENCES, 16)
-    ref = _hidden_states(model, params, enc)
-    drift = {}
+    dirs = {}
     for distill in (0.0, 1e6):  # tiny random weights: token states move ~1e-5, so a big weight
         workdir = tmp_path / f"run_{distill}"
         config = _config(hf_dir, aux, recipe__distill=distill, train__num_steps=12,
@@ -218,11 +218,12 @@ def test_distill_keeps_token_states_closer_to_the_loaded_model(tmp_path):
         if distill:
             # Step 1 is at the loaded weights (float rounding of the sharded compile only).
             assert rows[0]["distill_mse"] < 1e-10
-        _, purified = hf.load_pretrained(workdir / "hf")
-        ours = _hidden_states(model, purified, enc)
-        drift[distill] = float(np.mean([np.mean(np.square(h - r))
-                                        for h, r in zip(ours[1:], ref[1:], strict=True)]))
-    assert 0 < drift[1e6] < 0.5 * drift[0.0], drift
+        dirs[distill] = str(workdir / "hf")
+    same, free, anchored = drift_tool.drift(str(hf_dir), [str(hf_dir), dirs[0.0], dirs[1e6]],
+                                            SENTENCES, max_length=16, batch_size=40)
+    assert same["mean_mse"] == 0.0 and same["relative"] == 0.0
+    assert 0 < anchored["mean_mse"] < 0.5 * free["mean_mse"], (free, anchored)
+    assert 0 < anchored["relative"] < 0.5 * free["relative"], (free, anchored)
 
 
 # ------------------------------------------------------------------------------ resume, CLI
