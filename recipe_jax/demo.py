@@ -47,7 +47,7 @@ def stage_configs(size: dict, aux_path: pathlib.Path) -> dict:
     a = cfg["attack"]
     a.model.init_from = "minilm"
     a.data.aux_path = str(aux_path)
-    a.train.num_steps, a.train.learning_rate, a.train.log_every = size["attack_steps"], 5e-5, 50
+    a.train.num_steps, a.train.learning_rate, a.train.log_every = size["attack_steps"], 1e-4, 50
     p = cfg["purify"]
     p.data.aux_path = str(aux_path)
     p.train.num_steps, p.train.log_every = size["purify_steps"], 50

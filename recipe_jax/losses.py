@@ -72,11 +72,30 @@ def frobenius_norm(w: jax.Array) -> jax.Array:
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
-def frobenius_penalty(params, patterns: Sequence[str], model_type: str) -> jax.Array:
-    """sum_l ||W_l||_F over the parameters whose HF-style name matches any of `patterns`.
+def neuron_norms(w: jax.Array, ffn_size: int) -> jax.Array:
+    """Unsquared L2 norm of each neuron's weights in a Flax kernel [in, out]: along the FFN axis
+    when the matrix has one (FFN-in [H, F]: each neuron's input weights; FFN-out [F, H]: its
+    output weights), else per output unit. Zero (not NaN) gradient at a zero neuron."""
+    reduce_axis = 1 if w.shape[0] == ffn_size and w.shape[-1] != ffn_size else 0
+    sq = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=reduce_axis)
+    safe = jnp.where(sq > 0, sq, 1.0)
+    return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
+
+
+def frobenius_penalty(params, patterns: Sequence[str], model_type: str, *,
+                      groups: str = "matrix", ffn_size: int = 0) -> jax.Array:
+    """sum_l ||W_l||_F over the parameters whose HF-style name matches any of `patterns`
+    (`groups="matrix"`, the paper's), or the sum of their neurons' norms (`groups="neuron"`,
+    a group lasso that drives whole neurons to zero; needs `ffn_size`, see `neuron_norms`).
 
     The norm does not depend on layout, so Flax kernels [H, F] give the PyTorch [F, H] value.
     """
     named = hf.named_params(params, model_type)
-    norms = [frobenius_norm(w) for n, w in sorted(named.items()) if matches(patterns, n)]
+    chosen = [w for n, w in sorted(named.items()) if matches(patterns, n)]
+    if groups == "neuron":
+        norms = [jnp.sum(neuron_norms(w, ffn_size)) for w in chosen]
+    elif groups == "matrix":
+        norms = [frobenius_norm(w) for w in chosen]
+    else:
+        raise ValueError(f"groups={groups!r}: use 'matrix' or 'neuron'")
     return jnp.sum(jnp.stack(norms)) if norms else jnp.zeros((), jnp.float32)

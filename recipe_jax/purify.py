@@ -43,6 +43,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     r = config.recipe
     if not r.weight >= 0:
         train.bad_value("recipe.weight", r.weight, "lambda must be >= 0")
+    if r.groups not in ("matrix", "neuron"):
+        train.bad_value("recipe.groups", r.groups, "use 'matrix' (the paper's) or 'neuron'")
     if not r.distill >= 0:
         train.bad_value("recipe.distill", r.distill, "the distillation weight must be >= 0")
     if not r.mlm and r.weight == 0 and r.distill == 0:
@@ -55,6 +57,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 # ---------------------------------------------------------------------------- the train step
+
+def penalty(params, recipe, cfg) -> jax.Array:
+    """The regularizer: sum of ||W||_F (`recipe.groups="matrix"`) or of neuron norms."""
+    return losses.frobenius_penalty(params, recipe.regularize, cfg.model_type,
+                                    groups=recipe.groups, ffn_size=cfg.intermediate_size)
+
 
 def loss_fn(trainable, frozen, batch, reference, rng, *, model: Transformer, recipe,
             dropout: bool):
@@ -84,7 +92,7 @@ def loss_fn(trainable, frozen, batch, reference, rng, *, model: Transformer, rec
                                                  batch["attention_mask"])
         loss += recipe.distill * distill
         parts["distill_mse"] = distill
-    reg = losses.frobenius_penalty(params, recipe.regularize, model.cfg.model_type)
+    reg = penalty(params, recipe, model.cfg)
     loss += recipe.weight * reg
     parts["reg_loss"] = reg
     return loss, parts
@@ -165,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              model=model, host_params=host_params, arrays=arrays,
                              trainable_patterns=config.recipe.trainable,
                              make_step=step_maker(config, masking), extra_args=reference)
-    reg = losses.frobenius_penalty(params, config.recipe.regularize, cfg.model_type)
+    reg = penalty(params, config.recipe, cfg)
     summary = {"step": step, "reg_loss": float(reg)}
     return stage.export_hf(workdir, "purify", model, params, verify=config.export.verify,
                            summary=summary)

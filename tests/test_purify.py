@@ -166,6 +166,29 @@ def test_meshes_give_the_same_run(tmp_path):
                                        err_msg=f"{shape} {name}")
 
 
+def test_penalty_groups_match_numpy_on_the_pytorch_layout(tmp_path):
+    hf_dir, _ = _tiny_setup(tmp_path, intermediate_size=48, hidden_size=32)
+    model, params = hf.load_pretrained(hf_dir)
+    torch_sd = load_file(str(hf_dir / "model.safetensors"))  # PyTorch layout: [out, in]
+    patterns = (purify_configs.INTERMEDIATE, purify_configs.OUTPUT)
+    w_in = [torch_sd[f"bert.encoder.layer.{i}.intermediate.dense.weight"] for i in range(2)]
+    w_out = [torch_sd[f"bert.encoder.layer.{i}.output.dense.weight"] for i in range(2)]
+    assert w_in[0].shape == (48, 32) and w_out[0].shape == (32, 48)
+    matrix = sum(np.linalg.norm(w) for w in w_in + w_out)
+    # A neuron's input weights are a row of FFN-in, its output weights a column of FFN-out.
+    neuron = (sum(np.linalg.norm(w, axis=1).sum() for w in w_in)
+              + sum(np.linalg.norm(w, axis=0).sum() for w in w_out))
+    got = {g: float(losses.frobenius_penalty(params, patterns, "bert", groups=g, ffn_size=48))
+           for g in ("matrix", "neuron")}
+    np.testing.assert_allclose(got["matrix"], matrix, rtol=1e-5)
+    np.testing.assert_allclose(got["neuron"], neuron, rtol=1e-5)
+    assert got["neuron"] > 3 * got["matrix"]  # sqrt(48)-ish more: the groups differ
+    zeroed = jax.tree.map(lambda w: w * 0.0, params)  # a dead neuron: 0, and a 0 gradient
+    grads = jax.grad(lambda p: losses.frobenius_penalty(p, patterns, "bert", groups="neuron",
+                                                        ffn_size=48))(zeroed)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
 # -------------------------------------------------------------- distillation anchor (strong)
 
 def _hidden_states(model, params, enc):
