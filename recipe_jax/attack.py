@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, data, losses, sharding, stage, train
-from recipe_jax.model import Transformer, abstract_params
+from recipe_jax import cli, data, losses, stage, train
+from recipe_jax.model import Transformer
 
 KINDS = ("por", "neuba", "badpre")
 
@@ -202,10 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     targets = (por_targets(len(config.attack.triggers), cfg.hidden_size,
                            config.attack.target_scale) if config.attack.kind == "por"
                else neuba_targets(len(config.attack.triggers), cfg.hidden_size))
-    reference = ()
-    if config.attack.kind == "por":  # a frozen copy of the clean model, sharded like the params
-        reference = (train.shard_params(host_params, sharding.param_shardings(
-            abstract_params(cfg), mesh)),)
+    # POR holds clean outputs and token states to a frozen copy of the clean model.
+    reference = stage.reference_copy(host_params, cfg, mesh) if config.attack.kind == "por" else ()
 
     def make_step(compute, optimizer, schedule):
         return functools.partial(train_step, model=compute, optimizer=optimizer,

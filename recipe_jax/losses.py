@@ -1,5 +1,5 @@
 """Losses of RECIPE: masked-LM cross-entropy, the Frobenius-norm regularizer, and the
-token-state distance to a frozen reference model (`strong`'s clean-function anchor).
+token-state distance to a frozen reference model (the optional `recipe.distill` anchor).
 
 Both are pure. The MLM loss returns sums and a count, so that the mean over masked tokens is
 exact across devices and batches; the reduction is visible at the call site.

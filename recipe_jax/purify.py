@@ -9,7 +9,8 @@ by `recipe.regularize`; only `recipe.trainable` parameters are updated. `recipe.
 (ours, not the paper's) adds g * the relative squared distance between every layer's token states
 and those of the model as loaded, on the same aux batch (`losses.relative_state_distance`): it
 anchors clean behaviour while the regularizer shrinks what clean text does not use (the
-backdoor's neurons). Writes
+backdoor's neurons). `recipe.groups="neuron"` (ours) sums each FFN neuron's weight norm instead
+of each matrix's Frobenius norm (a group lasso). Writes
 `DIR/checkpoints/` (Orbax, resumable: rerun the same command), `DIR/metrics.jsonl` and the
 purified model as a Hugging Face dir, `DIR/hf/`. `--help` lists every flag and config key.
 """
@@ -26,8 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, data, losses, sharding, stage, streaming, train
-from recipe_jax.model import Transformer, abstract_params
+from recipe_jax import cli, data, losses, stage, streaming, train
+from recipe_jax.model import Transformer
 
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption; any other change is an error.
@@ -165,10 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         arrays, masking = streaming.prepare(config, texts, model_dir, cfg.vocab_size)
     else:
         arrays, masking = prepare_data(config, texts, model_dir, cfg.vocab_size)
-    reference = ()
-    if config.recipe.distill > 0:  # the model as loaded, frozen, sharded like the params
-        reference = (train.shard_params(host_params, sharding.param_shardings(
-            abstract_params(cfg), mesh)),)
+    reference = stage.reference_copy(host_params, cfg, mesh) if config.recipe.distill > 0 else ()
     params, step = stage.fit(config, workdir, mesh, name="purify", model_dir=model_dir,
                              model=model, host_params=host_params, arrays=arrays,
                              trainable_patterns=config.recipe.trainable,

@@ -157,6 +157,13 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     return train.merge_params(state.trainable, frozen), int(jax.device_get(state.step))
 
 
+def reference_copy(host_params, cfg, mesh) -> tuple:
+    """`(params,)`: a frozen copy of the model as loaded, sharded like the trained params, for
+    `fit(..., extra_args=...)` (losses that compare with the starting model)."""
+    return (train.shard_params(host_params, sharding.param_shardings(abstract_params(cfg),
+                                                                     mesh)),)
+
+
 def _num_rows(arrays) -> int:
     if isinstance(arrays, streaming.RowSource):
         return len(arrays)
