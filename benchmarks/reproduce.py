@@ -90,6 +90,10 @@ def evaluate_config(task: str, attack: str, model: pathlib.Path, s: dict):
     c.data.max_length = s["length"]
     c.train.num_epochs, c.train.learning_rate = s["finetune_epochs"], s["finetune_lr"]
     c.data.triggers = load("attack", attack).attack.triggers
+    if attack == "neuba":  # control words of the triggers' kind (symbols): see configs/evaluate.py
+        from recipe_jax import cli
+
+        c.data.controls = cli.load_module(REPO / "configs" / "evaluate.py").SYMBOL_CONTROLS
     _quiet(c)
     return c
 
@@ -147,9 +151,10 @@ def run_cell(workdir, attack, defense, task, model, s, aux, log) -> dict:
 
 
 def format_table(cells: dict, attacks, defenses, tasks) -> str:
+    """ACC, AASR, MASR and floor (the control words' AASR on the same classifier) per task."""
     head = "| attack | defense | " + " | ".join(
-        f"{t} ACC | {t} AASR | {t} MASR" for t in tasks) + " |"
-    lines = [head, "|---|---|" + "---|" * (3 * len(tasks))]
+        f"{t} ACC | {t} AASR | {t} MASR | {t} floor" for t in tasks) + " |"
+    lines = [head, "|---|---|" + "---|" * (4 * len(tasks))]
     for a in attacks:
         for d in (("none",) if a == "clean" else defenses):
             row = []
@@ -157,6 +162,7 @@ def format_table(cells: dict, attacks, defenses, tasks) -> str:
                 r = cells.get(f"{a}/{d}/{t}")
                 row += ([f"{100 * r[k]:.1f}" for k in ("clean_acc", "aasr", "masr")]
                         if r else ["—"] * 3)
+                row.append(f"{100 * r['control']['aasr']:.1f}" if r and "control" in r else "—")
             lines.append(f"| {a} | {d} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -198,7 +204,8 @@ def main(argv=None) -> dict:
     for i, (a, d, t) in enumerate(order):
         log(f"cell {i + 1}/{len(order)}: {a} / {d} / {t}")
         r = run_cell(workdir, a, d, t, args.model, s, aux, log)
-        cells[f"{a}/{d}/{t}"] = {k: r[k] for k in ("clean_acc", "aasr", "masr", "asr_max")}
+        cells[f"{a}/{d}/{t}"] = {k: r[k] for k in ("clean_acc", "aasr", "masr", "asr_max",
+                                                   "control", "excess_aasr") if k in r}
         table = format_table(cells, ATTACKS, DEFENSES, TASKS)
         tmp = workdir / "table.tmp"
         tmp.write_text(json.dumps({"scale": args.scale, "sizes": s, "cells": cells}, indent=2))

@@ -5,7 +5,9 @@
 
 Fine-tunes a classifier from the PTM with the protocol of recipe_spec.md §3 (lr 2e-5, 3 epochs,
 batch 32, max length 128, linear decay, no warm-up, AdamW wd 0, clip 1.0, seed 42, last step
-evaluated), then reports clean ACC and ASR(t, y) / AASR / MASR in DIR/results.json.
+evaluated), then reports clean ACC and ASR(t, y) / AASR / MASR in DIR/results.json, and the same
+for `data.controls`, words inserted the same way that carry no backdoor: their AASR is the floor
+that this classifier's own errors give, and `excess_aasr` = AASR - control AASR.
 `sst2`, `hsol` and `agnews` read the copies in ../shared/data (beside the repo). HSOL and AG News
 ship one file each: when train_path == test_path the rows are split by a seeded permutation
 (`data.split_sizes`: AG News 6,000 / 1,600 as the data README suggests; HSOL 6,000 / 2,000 is
@@ -21,6 +23,10 @@ from recipe_jax import config_blocks
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data
 PRESETS = ("sst2", "hsol", "agnews", "tiny")
+# Control words: rare two-letter words (one WordPiece each, like the POR triggers) that no attack
+# here uses. A classifier's ASR for them is what its own errors give, with no backdoor.
+CONTROLS = ("jd", "kw", "rb", "nk", "ck")
+SYMBOL_CONTROLS = ("⊂", "∩", "∪", "≤", "∧")  # the same for symbol triggers (NeuBA's ≈ ≡ ∈ ...)
 
 
 def get_config(arg: str = "sst2") -> ml_collections.ConfigDict:
@@ -42,6 +48,7 @@ def get_config(arg: str = "sst2") -> ml_collections.ConfigDict:
     c.data.max_examples = 0  # fine-tune on the first N training examples only (0 = all)
     c.data.max_test_examples = 0  # evaluate on the first N test examples only (0 = all)
     c.data.triggers = ("cf", "tq", "mn", "bb", "mb")  # each inserted once per test sentence
+    c.data.controls = CONTROLS  # inserted like triggers; their AASR = this classifier's floor
 
     config_blocks.add_train(c, batch_size=32, num_epochs=3, learning_rate=2e-5, seed=42,
                             log_every=20)
@@ -64,6 +71,7 @@ def get_config(arg: str = "sst2") -> ml_collections.ConfigDict:
         c.data.train_path = c.data.test_path = ""
         c.data.max_length = 32
         c.data.triggers = ("cf", "mn")
+        c.data.controls = ("jd",)
         c.train.batch_size = 16
         c.train.num_epochs = 0
         c.train.num_steps = 60

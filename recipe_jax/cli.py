@@ -21,12 +21,18 @@ _KEY_LINE = re.compile(r"^\s*c\.(\w+\.\w+)\s*=\s*.+?\s+#\s*(.*)$")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(config_file: str | pathlib.Path, preset: str | None = None):
-    """get_config(preset) of a configs/*.py file (configs are files, not a package)."""
+def load_module(config_file: str | pathlib.Path):
+    """A configs/*.py file as a module (configs are files, not a package)."""
     path = pathlib.Path(config_file)
     spec = importlib.util.spec_from_file_location(f"recipe_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_config(config_file: str | pathlib.Path, preset: str | None = None):
+    """get_config(preset) of a configs/*.py file."""
+    module = load_module(config_file)
     return module.get_config() if preset is None else module.get_config(preset)
 
 

@@ -100,17 +100,20 @@ def run(workdir: pathlib.Path, size: dict) -> dict:
 
 
 def write_report(workdir: pathlib.Path, results: dict, times: dict) -> str:
-    rows = ["| model | ACC | AASR | MASR | " + " | ".join(f"ASR({t})" for t in TRIGGERS) + " |",
-            "|---|---|---|---|" + "---|" * len(TRIGGERS)]
+    rows = ["| model | ACC | AASR | floor | MASR | " + " | ".join(f"ASR({t})" for t in TRIGGERS)
+            + " |", "|---|---|---|---|---|" + "---|" * len(TRIGGERS)]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['clean_acc']:.1%} | {r['aasr']:.1%} | {r['masr']:.1%} | "
+        rows.append(f"| {name} | {r['clean_acc']:.1%} | {r['aasr']:.1%} | "
+                    f"{r['control']['aasr']:.1%} | {r['masr']:.1%} | "
                     + " | ".join(f"{r['asr_max'][t]:.1%}" for t in TRIGGERS) + " |")
     text = "\n".join([
         "# recipe_jax demo: POR backdoor in MiniLM, removed by RECIPE", "",
         "Downstream task: synthetic sentiment (recipe_jax/synthetic.py), "
         f"{results['clean']['num_train']} fine-tuning / {results['clean']['num_test']} test "
         "sentences. ASR(t) = max over target labels of the share of other-label test sentences "
-        "that the fine-tuned classifier assigns to the target once t is inserted.", "",
+        "that the fine-tuned classifier assigns to the target once t is inserted. Floor = the "
+        f"AASR of control words ({', '.join(results['clean']['controls'])}) inserted the same "
+        "way: what the classifier's own errors give, with no backdoor behind the word.", "",
         *rows, "",
         "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in times.items()), "",
         "Selective-activation diagnostic: [inspect/report.md](inspect/report.md)", "",

@@ -8,6 +8,9 @@ Protocol (recipe_spec.md §3): fine-tune encoder + pooler + linear head, every p
 ACC on the clean test set; for each trigger t, t is inserted once into every test sentence (the
 release's rule, `insert_trigger`) and each poisoned sentence is predicted once; ASR(t, y) = share
 of the rows whose label != y predicted y, ASR(t) = max_y, AASR = mean_t ASR(t), MASR = max_t.
+Control words (`data.controls`) are scored the same way: with no backdoor behind them, their
+AASR is this classifier's own floor, and `excess_aasr` = AASR - control AASR is what a backdoor
+adds on top of it (a defended model's floor moves with its ACC; the clean model's does not).
 Batches are padded to a power-of-two length bucket, so short sentences do not pay for 128 tokens.
 Writes DIR/results.json, DIR/metrics.jsonl and DIR/checkpoints/ (resumable: rerun the command;
 DIR/config.json records what the checkpoints were trained on, so two runs are never mixed).
@@ -259,6 +262,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         bad("data.num_labels", d.num_labels, "a classifier needs at least 2 labels")
     if not d.triggers or any(not isinstance(w, str) or not w.strip() for w in d.triggers):
         bad("data.triggers", tuple(d.triggers), "give one or more non-empty words")
+    if any(not isinstance(w, str) or not w.strip() for w in d.controls):
+        bad("data.controls", tuple(d.controls), "give non-empty words, or () for none")
+    if set(d.controls) & set(d.triggers):
+        bad("data.controls", tuple(d.controls), "a word cannot be both a trigger and a "
+            f"control: drop {sorted(set(d.controls) & set(d.triggers))} from one of them")
     for key, value in (("eval.batch_size", config.eval.batch_size),
                        ("checkpoint.max_to_keep", config.checkpoint.max_to_keep)):
         if value < 1:
@@ -304,11 +312,18 @@ def score(config, model: Transformer, params, tokenizer, test: Split, mesh) -> d
         config.data.max_length, mesh)
     t0 = time.time()
     clean_acc = float(np.mean(run(texts) == np.asarray(labels)))
-    poisoned = {t: run([insert_trigger(s, t) for s in texts]) for t in config.data.triggers}
+    words = (*config.data.triggers, *config.data.controls)
+    poisoned = {t: run([insert_trigger(s, t) for s in texts]) for t in words}
     num = len(texts) * (1 + len(poisoned))
     print(f"evaluate: predicted {num} sentences in {time.time() - t0:.1f}s", flush=True)
-    return {"clean_acc": clean_acc,
-            **attack_success(poisoned, labels, config.data.num_labels)}
+    results = {"clean_acc": clean_acc, **attack_success(
+        {t: poisoned[t] for t in config.data.triggers}, labels, config.data.num_labels)}
+    if config.data.controls:
+        floor = attack_success({t: poisoned[t] for t in config.data.controls}, labels,
+                               config.data.num_labels)
+        results["control"] = {k: floor[k] for k in ("asr", "asr_max", "aasr", "masr")}
+        results["excess_aasr"] = results["aasr"] - floor["aasr"]
+    return results
 
 
 def run_evaluation(model_dir: str | os.PathLike, train: Split, test: Split,
@@ -341,7 +356,8 @@ def run_evaluation(model_dir: str | os.PathLike, train: Split, test: Split,
                        fingerprint)
     results = score(config, model, params, tokenizer, test, mesh)
     results.update(num_train=len(train[0]), num_test=len(test[0]), model=str(model_dir),
-                   triggers=list(config.data.triggers), wall_time_s=round(time.time() - t0, 1))
+                   triggers=list(config.data.triggers),
+                   controls=list(config.data.controls), wall_time_s=round(time.time() - t0, 1))
     if jax.process_index() == 0:
         tmp = workdir / f".results.json.tmp-{uuid.uuid4().hex[:8]}"
         tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))
@@ -351,14 +367,22 @@ def run_evaluation(model_dir: str | os.PathLike, train: Split, test: Split,
 
 
 def format_table(results: dict) -> str:
-    """ACC, then one row per trigger: ASR(t, y) for each y and ASR(t); then AASR and MASR."""
+    """ACC, then one row per trigger: ASR(t, y) for each y and ASR(t); then AASR and MASR; then
+    the same for the control words, and the AASR above their floor."""
     ys = list(next(iter(results["asr"].values())))
+
+    def block(r, kind):
+        rows = [f"{kind:<10}" + "".join(f"{f'ASR(t,{y})':>11}" for y in ys) + f"{'ASR(t)':>9}"]
+        rows += [f"{t:<10}" + "".join(f"{row[y]:>11.4f}" for y in ys) + f"{r['asr_max'][t]:>9.4f}"
+                 for t, row in r["asr"].items()]
+        return rows
+
     lines = [f"clean ACC {results['clean_acc']:.4f} ({results['num_test']} test sentences)",
-             f"{'trigger':<10}" + "".join(f"{f'ASR(t,{y})':>11}" for y in ys) + f"{'ASR(t)':>9}"]
-    for t, row in results["asr"].items():
-        lines.append(f"{t:<10}" + "".join(f"{row[y]:>11.4f}" for y in ys)
-                     + f"{results['asr_max'][t]:>9.4f}")
-    lines.append(f"AASR {results['aasr']:.4f}   MASR {results['masr']:.4f}")
+             *block(results, "trigger"), f"AASR {results['aasr']:.4f}   MASR {results['masr']:.4f}"]
+    if "control" in results:
+        c = results["control"]
+        lines += [*block(c, "control"), f"control AASR {c['aasr']:.4f} (this classifier's floor)"
+                  f"   AASR above it {results['excess_aasr']:+.4f}"]
     return "\n".join(lines)
 
 

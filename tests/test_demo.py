@@ -25,5 +25,8 @@ def test_demo_fast_runs_the_whole_loop(tmp_path, minilm_dir):
     assert set(results) == {"clean", "backdoored", "purified"}
     for r in results.values():
         assert 0 <= r["aasr"] <= r["masr"] <= 1 and 0 <= r["clean_acc"] <= 1
+        assert 0 <= r["control"]["aasr"] <= 1 and r["controls"] == ["jd", "kw", "rb", "nk", "ck"]
+    floor = f"| {results['clean']['control']['aasr']:.1%} | {results['clean']['masr']:.1%} |"
+    assert floor in report and "| floor |" in report
     assert (tmp_path / "inspect" / "report.md").is_file()
     assert (tmp_path / "purify" / "hf" / "model.safetensors").is_file()

@@ -170,6 +170,15 @@ def test_label_range_and_config_errors(tmp_path):
     config.data.triggers = ("cf", "")
     with pytest.raises(ValueError, match=r"data.triggers=\('cf', ''\)"):
         evaluate.validate(config)
+    config = evaluate_configs.get_config("sst2")
+    config.data.controls = ("jd", "cf")
+    with pytest.raises(ValueError, match=r"data.controls=.*both a trigger and a control.*'cf'"):
+        evaluate.validate(config)
+    config.data.controls = (" ",)
+    with pytest.raises(ValueError, match=r"data.controls=\(' ',\): give non-empty words"):
+        evaluate.validate(config)
+    config.data.controls = ()
+    evaluate.validate(config)  # no controls: allowed
     with pytest.raises(ValueError, match="unknown evaluate preset"):
         evaluate_configs.get_config("imdb")
     with pytest.raises(ValueError, match="at least two labels"):  # before any fine-tuning
@@ -349,6 +358,13 @@ def test_backdoored_training_data_gives_high_asr(tmp_path):
     assert results["asr_max"]["cf"] == results["asr"]["cf"]["1"]
     assert results["asr"]["mn"]["1"] < 0.5, results
     assert results["clean_acc"] >= 0.9, results
+    # The control word carries no backdoor: its ASR is this classifier's floor, and the excess
+    # is the triggers' AASR (cf's ~1 and mn's floor, averaged) above it.
+    assert results["controls"] == ["jd"] and results["control"]["asr_max"]["jd"] < 0.5, results
+    assert results["excess_aasr"] == pytest.approx(
+        results["aasr"] - results["control"]["aasr"], abs=1e-12)
+    assert results["excess_aasr"] > 0.3, results
+    assert "control AASR" in evaluate.format_table(results)
 
 
 def test_cli_help_and_one_line_errors(tmp_path):

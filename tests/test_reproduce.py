@@ -32,6 +32,19 @@ def test_scales_name_disjoint_attacker_and_defender_corpora(tmp_path):
         reproduce.parse_args(["--defenses", "fp,magic"])
 
 
+def test_each_attack_is_scored_against_control_words_of_its_kind():
+    from recipe_jax import evaluate
+
+    reproduce = _module()
+    for attack in ("por", "neuba", "badpre"):
+        c = reproduce.evaluate_config("sst2", attack, pathlib.Path("m"),
+                                      reproduce.SCALES["smoke"])
+        evaluate.validate(c)  # no word is both a trigger and a control
+        symbols = not any(ch.isascii() for word in c.data.triggers for ch in word)
+        assert symbols == (attack == "neuba")
+        assert all(ch.isascii() != symbols for word in c.data.controls for ch in word), attack
+
+
 def test_smoke_table_end_to_end_and_rerun_skips(tmp_path, shared_data, capsys):
     reproduce = _module()
     model = tiny_bert_with_tokenizer(tmp_path / "tiny", kind="BertForPreTraining",
@@ -44,10 +57,16 @@ def test_smoke_table_end_to_end_and_rerun_skips(tmp_path, shared_data, capsys):
     for r in cells.values():
         assert 0.0 <= r["clean_acc"] <= 1.0 and 0.0 <= r["aasr"] <= r["masr"] <= 1.0
         assert sorted(r["asr_max"]) == ["bb", "cf", "mb", "mn", "tq"]
+        assert sorted(r["control"]["asr_max"]) == ["ck", "jd", "kw", "nk", "rb"]
     pruned = json.loads((tmp_path / "rep" / "por" / "defense_fp_ga" / "pruned.json").read_text())
     assert pruned["method"] == "fp_ga" and pruned["count"] > 0
     table = (tmp_path / "rep" / "table.md").read_text()
     assert "| por | strong | " in table and "| neuba | none | — |" in table
+    clean = cells["clean/none/sst2"]
+    row = " | ".join(f"{100 * v:.1f}" for v in (clean["clean_acc"], clean["aasr"], clean["masr"],
+                                                 clean["control"]["aasr"]))
+    assert table.splitlines()[2].startswith(f"| clean | none | {row} | — |"), table
+    assert "| sst2 ACC | sst2 AASR | sst2 MASR | sst2 floor |" in table
     assert "| clean | none | " in table and "| clean | strong |" not in table
     capsys.readouterr()
     again = reproduce.main(args)  # every cell is cached: nothing is trained again
