@@ -385,6 +385,7 @@ _BAD_VALUES = {
                ("recipe.trainable", ())],
     "evaluate": [("data.task", "imdb"), ("data.split_seed", -1), ("data.num_labels", 1),
                  ("data.split_sizes", (0, 0)), ("data.triggers", (" ",)),
+                 ("data.controls", ("",)), ("data.controls", ("cf",)),
                  ("eval.batch_size", 0), ("data.max_test_examples", -1)],
     "attack": [("attack.kind", "rootkit"), ("attack.target", "mean"),
                ("attack.triggers", ("two words",)), ("attack.insertions", 0),
