@@ -24,7 +24,8 @@ from recipe_jax import config_blocks
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data
 PRESETS = ("sst2", "hsol", "agnews", "tiny")
 # Control words: rare two-letter words (one WordPiece each, like the POR triggers) that no attack
-# here uses. A classifier's ASR for them is what its own errors give, with no backdoor.
+# here uses. A classifier's ASR for them is what its own errors give, unless a backdoor also
+# reacts to them (a backdoor can generalize to similar rare words: compare with a clean model).
 CONTROLS = ("jd", "kw", "rb", "nk", "ck")
 SYMBOL_CONTROLS = ("⊂", "∩", "∪", "≤", "∧")  # the same for symbol triggers (NeuBA's ≈ ≡ ∈ ...)
 
@@ -48,7 +49,7 @@ def get_config(arg: str = "sst2") -> ml_collections.ConfigDict:
     c.data.max_examples = 0  # fine-tune on the first N training examples only (0 = all)
     c.data.max_test_examples = 0  # evaluate on the first N test examples only (0 = all)
     c.data.triggers = ("cf", "tq", "mn", "bb", "mb")  # each inserted once per test sentence
-    c.data.controls = CONTROLS  # inserted like triggers; their AASR = this classifier's floor
+    c.data.controls = CONTROLS  # inserted like triggers: their AASR ~ this classifier's floor
 
     config_blocks.add_train(c, batch_size=32, num_epochs=3, learning_rate=2e-5, seed=42,
                             log_every=20)

@@ -8,9 +8,10 @@ Protocol (recipe_spec.md §3): fine-tune encoder + pooler + linear head, every p
 ACC on the clean test set; for each trigger t, t is inserted once into every test sentence (the
 release's rule, `insert_trigger`) and each poisoned sentence is predicted once; ASR(t, y) = share
 of the rows whose label != y predicted y, ASR(t) = max_y, AASR = mean_t ASR(t), MASR = max_t.
-Control words (`data.controls`) are scored the same way: with no backdoor behind them, their
-AASR is this classifier's own floor, and `excess_aasr` = AASR - control AASR is what a backdoor
-adds on top of it (a defended model's floor moves with its ACC; the clean model's does not).
+Control words (`data.controls`) are scored the same way. Where no backdoor reacts to them, their
+AASR is this classifier's own floor and `excess_aasr` = AASR - control AASR what a backdoor adds.
+A backdoor can also react to words like its triggers: a control AASR far above a clean model's
+is then itself a warning, and excess_aasr understates the backdoor (docs/results.md).
 Batches are padded to a power-of-two length bucket, so short sentences do not pay for 128 tokens.
 Writes DIR/results.json, DIR/metrics.jsonl and DIR/checkpoints/ (resumable: rerun the command;
 DIR/config.json records what the checkpoints were trained on, so two runs are never mixed).
