@@ -113,7 +113,8 @@ def write_report(workdir: pathlib.Path, results: dict, times: dict) -> str:
         "sentences. ASR(t) = max over target labels of the share of other-label test sentences "
         "that the fine-tuned classifier assigns to the target once t is inserted. Floor = the "
         f"AASR of control words ({', '.join(results['clean']['controls'])}) inserted the same "
-        "way: what the classifier's own errors give, with no backdoor behind the word.", "",
+        "way: what the classifier's own errors give, unless the backdoor reacts to them too "
+        "(compare with the clean row).", "",
         *rows, "",
         "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in times.items()), "",
         "Selective-activation diagnostic: [inspect/report.md](inspect/report.md)", "",
