@@ -265,9 +265,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         bad("data.triggers", tuple(d.triggers), "give one or more non-empty words")
     if any(not isinstance(w, str) or not w.strip() for w in d.controls):
         bad("data.controls", tuple(d.controls), "give non-empty words, or () for none")
-    if set(d.controls) & set(d.triggers):
+    if both := sorted(set(d.controls) & set(d.triggers)):
         bad("data.controls", tuple(d.controls), "a word cannot be both a trigger and a "
-            f"control: drop {sorted(set(d.controls) & set(d.triggers))} from one of them")
+            f"control: drop {both} from one of them")
     for key, value in (("eval.batch_size", config.eval.batch_size),
                        ("checkpoint.max_to_keep", config.checkpoint.max_to_keep)):
         if value < 1:
