@@ -68,7 +68,10 @@ def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 def compile_purify_step(config, cfg: ModelConfig, mesh, num_steps: int = 1000):
     """(compiled step, state, frozen, seconds to lower + compile) for the purify step of
     `config` on `cfg`; nothing is allocated."""
-    optimizer, schedule = train.make_optimizer(config.train, num_steps)
+    like, _ = train.split_params(nn.unbox(abstract_params(cfg)), config.recipe.trainable,
+                                 cfg.model_type)
+    optimizer, schedule = train.make_optimizer(config.train, num_steps, trainable=like,
+                                               model_type=cfg.model_type)
     state, frozen = abstract_state(cfg, mesh, config.recipe.trainable, optimizer)
     masking = None
     if config.data.masking == "dynamic":

@@ -71,8 +71,8 @@ def check_resume_config(workdir: pathlib.Path, config, fingerprint: dict | None 
     if path.exists():
         old, now = _flatten(json.loads(path.read_text())), _flatten(record)
         free = () if fingerprint is not None else RESUMABLE_CHANGES
-        diff = [k for k in sorted(set(old) | set(now))
-                if old.get(k) != now.get(k) and not k.startswith(free)]
+        diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)
+                and not k.startswith(free) and not _new_key_off(k, old, now)]
         if diff:
             raise ValueError(f"{workdir} holds a run with another {', '.join(diff[:5])} ("
                              + ", ".join(f"{k}: {old.get(k)!r} there, {now.get(k)!r} now"
@@ -87,6 +87,12 @@ def check_resume_config(workdir: pathlib.Path, config, fingerprint: dict | None 
         raise FileNotFoundError(f"{path} is missing on process {jax.process_index()} although "
                                 "process 0 wrote it: --workdir must be one directory all hosts "
                                 "share (NFS, or a gcsfuse mount of a gs:// bucket)")
+
+
+def _new_key_off(key: str, old: dict, now: dict) -> bool:
+    """A key that a newer recipe_jax added, at its off value (empty, 0, False), is no change:
+    runs recorded before it existed still resume."""
+    return key not in old and now[key] in ([], (), "", 0, False, None)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -131,7 +137,8 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     # State born sharded; resumed from the newest complete checkpoint if there is one.
     params = train.shard_params(host_params, sharding.param_shardings(abstract_params(cfg), mesh))
     trainable, frozen = train.split_params(params, trainable_patterns, cfg.model_type)
-    optimizer, schedule = train.make_optimizer(config.train, num_steps)
+    optimizer, schedule = train.make_optimizer(config.train, num_steps, trainable=trainable,
+                                               model_type=cfg.model_type)
     state = train.init_state(trainable, optimizer)
     mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.max_to_keep)
     if mngr.latest_step() is not None:

@@ -52,16 +52,18 @@ def _config(hf_dir, aux, **overrides):
 
 # ------------------------------------------------------------------ the authors' PyTorch step
 
-def _torch_reference(hf_dir, batches, *, lr, steps, weight=1.0):
-    """The release's loop: HF MLM loss + lambda * sum torch.norm(W), AdamW, clip, linear decay."""
+def _torch_reference(hf_dir, batches, *, lr, steps, weight=1.0, lr_factor=lambda name: 1.0):
+    """The release's loop: HF MLM loss + lambda * sum torch.norm(W), AdamW, clip, linear decay;
+    `lr_factor(name)` gives each parameter its own group's learning rate (lr x factor)."""
     model = transformers.BertForMaskedLM.from_pretrained(str(hf_dir))
     model.eval()  # dropout off for the comparison
-    regularized = []
+    regularized, groups = [], []
     for name, p in model.named_parameters():
         p.requires_grad = "intermediate.dense.weight" in name
         if p.requires_grad:
             regularized.append(p)
-    opt = torch.optim.AdamW(regularized, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+            groups.append({"params": [p], "lr": lr * lr_factor(name)})
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = transformers.get_linear_schedule_with_warmup(opt, 0, steps)
     out = []
     for batch in batches:
@@ -84,10 +86,15 @@ def _torch_reference(hf_dir, batches, *, lr, steps, weight=1.0):
     return out, {n: p.detach().numpy().copy() for n, p in model.state_dict().items()}
 
 
-def test_three_steps_match_pytorch_reference(tmp_path):
+# train.lr_scales: layer 0 at a quarter of the lr, every other layer at 3x (first match wins).
+LR_SCALES = (r"encoder\.layer\.0\.=0.25", r"encoder\.layer\.=3")
+
+
+@pytest.mark.parametrize("lr_scales", [(), LR_SCALES], ids=["one-lr", "lr_scales"])
+def test_three_steps_match_pytorch_reference(tmp_path, lr_scales):
     hf_dir, aux = _tiny_setup(tmp_path)
     config = _config(hf_dir, aux, train__dropout=False, train__num_steps=3,
-                     train__learning_rate=1e-3)
+                     train__learning_rate=1e-3, train__lr_scales=lr_scales)
     model, host_params = hf.load_pretrained(hf_dir)
     tokenizer = data.load_tokenizer(hf_dir)
     enc = data.tokenize(tokenizer, SENTENCES[:24], config.data.max_length)
@@ -102,7 +109,7 @@ def test_three_steps_match_pytorch_reference(tmp_path):
                         **{k: np.asarray(v) for k, v in masked.items()}})
 
     trainable, frozen = train.split_params(host_params, config.recipe.trainable, "bert")
-    optimizer, schedule = train.make_optimizer(config.train, 3)
+    optimizer, schedule = train.make_optimizer(config.train, 3, trainable=trainable)
     state = train.init_state(trainable, optimizer)
     step = jax.jit(functools.partial(purify.train_step, model=model, optimizer=optimizer,
                                      schedule=schedule, recipe=config.recipe, dropout=False,
@@ -112,7 +119,9 @@ def test_three_steps_match_pytorch_reference(tmp_path):
         state, metrics = step(state, frozen, batch)
         losses.append(float(metrics["loss"]))
 
-    ref_losses, ref_state = _torch_reference(hf_dir, batches, lr=1e-3, steps=3)
+    ref_losses, ref_state = _torch_reference(
+        hf_dir, batches, lr=1e-3, steps=3,
+        lr_factor=lambda name: (0.25 if ".layer.0." in name else 3.0) if lr_scales else 1.0)
     np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
     ours = hf.hf_state_dict(model, train.merge_params(state.trainable, frozen))
     source = load_file(str(hf_dir / "model.safetensors"))
@@ -298,6 +307,19 @@ def test_cli_overrides_help_and_typos(tmp_path):
                             capture_output=True, text=True)
     assert helped.returncode == 0 and "--workdir" in helped.stdout
     assert "--config.recipe.weight=1.0  # lambda" in helped.stdout
+
+
+def test_lr_scales_rule_matching_no_trainable_parameter_is_an_error(tmp_path):
+    hf_dir, _ = _tiny_setup(tmp_path)
+    _, host_params = hf.load_pretrained(hf_dir)
+    trainable, _ = train.split_params(host_params, (purify_configs.INTERMEDIATE,), "bert")
+    tree = train.lr_scale_tree(trainable, LR_SCALES, "bert")
+    factors = {hf.hf_name(path, "bert"): f for path, f in hf.flat_params(tree).items()}
+    assert factors == {"bert.encoder.layer.0.intermediate.dense.weight": 0.25,
+                       "bert.encoder.layer.1.intermediate.dense.weight": 3.0}
+    with pytest.raises(ValueError, match=r"train.lr_scales=\('pooler=2',\): \['pooler'\] match "
+                                         r"no trainable parameter"):
+        train.lr_scale_tree(trainable, ("pooler=2",), "bert")  # the pooler is frozen here
 
 
 def test_validate_names_key_value_and_fix():

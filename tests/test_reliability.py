@@ -207,6 +207,21 @@ def test_workdir_of_another_model_is_refused(setup, reference, tmp_path):
     assert _steps(run) == [50, 60]
 
 
+def test_run_recorded_before_a_new_config_key_still_resumes(setup, reference, tmp_path):
+    """A key added later (train.lr_scales), at its off value, is not a change of run; at any
+    other value it is."""
+    run = _copy(reference, tmp_path)
+    record = json.loads((run / "config.json").read_text())
+    del record["train"]["lr_scales"]
+    (run / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"another train.lr_scales \(train.lr_scales: None "
+                                         r"there, \['pooler=2'\] now"):
+        purify.train_and_evaluate(_config(setup, **REFERENCE, train__lr_scales=("pooler=2",)),
+                                  str(run))
+    purify.train_and_evaluate(_config(setup, **REFERENCE), str(run))
+    assert _bitwise_equal(_weights(run), _weights(reference))
+
+
 def test_resume_on_another_mesh_and_export_on_one_device(setup, reference, tmp_path, capsys):
     """Saved on 1 device, resumed on a (2, 2, 2) mesh of 8; exported by a 1-device process."""
     run = _copy(reference, tmp_path)
@@ -378,7 +393,10 @@ _BAD_VALUES = {
                ("train.learning_rate", float("nan")), ("train.warmup_steps", -1),
                ("train.grad_clip", -1.0), ("train.weight_decay", -0.1),
                ("train.adam_eps", -1e-8), ("train.adam_b1", 1.0), ("train.adam_b2", -0.5),
-               ("train.seed", -1), ("train.dtype", "float64"), ("checkpoint.every_steps", 0),
+               ("train.seed", -1), ("train.dtype", "float64"),
+               ("train.lr_scales", ("encoder",)), ("train.lr_scales", ("layer=-1",)),
+               ("train.lr_scales", ("(=0.5",)), ("train.lr_scales", ("layer=fast",)),
+               ("checkpoint.every_steps", 0),
                ("checkpoint.max_to_keep", 0), ("recipe.weight", -1.0),
                ("recipe.distill", float("nan")), ("recipe.groups", "layer"),
                ("recipe.regularize", ("(",)),
