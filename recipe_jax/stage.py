@@ -67,7 +67,9 @@ def check_resume_config(workdir: pathlib.Path, config, fingerprint: dict | None 
     """Records what the run trains on (the config, or a stage's own `fingerprint`); on a rerun,
     refuses anything that would mix two runs, naming what differs."""
     path = workdir / "config.json"
-    record = fingerprint if fingerprint is not None else json.loads(config.to_json_best_effort())
+    # As JSON holds it (tuples become lists), so that a rerun compares like with like.
+    record = json.loads(json.dumps(fingerprint) if fingerprint is not None
+                        else config.to_json_best_effort())
     if path.exists():
         old, now = _flatten(json.loads(path.read_text())), _flatten(record)
         free = () if fingerprint is not None else RESUMABLE_CHANGES
