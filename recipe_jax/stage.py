@@ -92,9 +92,9 @@ def check_resume_config(workdir: pathlib.Path, config, fingerprint: dict | None 
 
 
 def _new_key_off(key: str, old: dict, now: dict) -> bool:
-    """A key that a newer recipe_jax added, at its off value (empty, 0, False), is no change:
-    runs recorded before it existed still resume."""
-    return key not in old and now[key] in ([], (), "", 0, False, None)
+    """A key that a newer recipe_jax added, at its off value (empty, 0, False; records are JSON,
+    so an empty tuple is []), is no change: runs recorded before it existed still resume."""
+    return key not in old and now[key] in ([], "", 0, False, None)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
