@@ -89,7 +89,7 @@ def bench_jax(size: str, batch_np: dict, dtype: str, n_warmup: int, n_steps: int
     import ml_collections
 
     from recipe_jax import model as model_lib
-    from recipe_jax import purify, train
+    from recipe_jax import optim, purify, train
 
     layers, h, heads, f, v = SIZES[size]
     cfg = model_lib.ModelConfig(vocab_size=v, hidden_size=h, num_hidden_layers=layers,
@@ -99,7 +99,7 @@ def bench_jax(size: str, batch_np: dict, dtype: str, n_warmup: int, n_steps: int
     train_cfg = ml_collections.ConfigDict(dict(
         learning_rate=2e-5, warmup_steps=0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
         weight_decay=0.0, grad_clip=1.0))
-    optimizer, schedule = train.make_optimizer(train_cfg, 10_000)
+    optimizer, schedule = optim.make_optimizer(train_cfg, 10_000)
     state = train.init_state(jax.device_put(trainable), optimizer)
     frozen = jax.device_put(frozen)
     recipe = ml_collections.ConfigDict(dict(mlm=True, weight=1.0, regularize=(INTERMEDIATE,),

@@ -24,6 +24,7 @@ def add_train(c: ml_collections.ConfigDict, *, batch_size: int, num_epochs: int,
     c.train.weight_decay = 0.0  # AdamW decoupled weight decay
     c.train.grad_clip = 1.0  # global gradient-norm clip (0 = off)
     c.train.lr_scales = ()  # ("REGEX=FACTOR", ...): lr x FACTOR for matching params; 1st match
+    c.train.depth_lr_scales = ()  # (F_1, .., F_k): k equal bands of layers, bottom up, lr x F_j
     c.train.dropout = dropout  # dropout on during training
     c.train.seed = seed  # data order, masks, fresh heads, dropout
     c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)

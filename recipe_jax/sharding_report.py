@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from recipe_jax import cli, data, purify, sharding, stage, train
+from recipe_jax import cli, data, optim, purify, sharding, stage, train
 from recipe_jax.model import ModelConfig, abstract_params
 
 BERT_LARGE = dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
@@ -70,8 +70,9 @@ def compile_purify_step(config, cfg: ModelConfig, mesh, num_steps: int = 1000):
     `config` on `cfg`; nothing is allocated."""
     like, _ = train.split_params(nn.unbox(abstract_params(cfg)), config.recipe.trainable,
                                  cfg.model_type)
-    optimizer, schedule = train.make_optimizer(config.train, num_steps, trainable=like,
-                                               model_type=cfg.model_type)
+    optimizer, schedule = optim.make_optimizer(config.train, num_steps, trainable=like,
+                                               model_type=cfg.model_type,
+                                               num_layers=cfg.num_hidden_layers)
     state, frozen = abstract_state(cfg, mesh, config.recipe.trainable, optimizer)
     masking = None
     if config.data.masking == "dynamic":

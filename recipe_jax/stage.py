@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from recipe_jax import checkpoint, data, hf, parity, sharding, streaming, train
+from recipe_jax import checkpoint, data, hf, optim, parity, sharding, streaming, train
 from recipe_jax.losses import matches
 from recipe_jax.model import Transformer, abstract_params
 
@@ -139,8 +139,9 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     # State born sharded; resumed from the newest complete checkpoint if there is one.
     params = train.shard_params(host_params, sharding.param_shardings(abstract_params(cfg), mesh))
     trainable, frozen = train.split_params(params, trainable_patterns, cfg.model_type)
-    optimizer, schedule = train.make_optimizer(config.train, num_steps, trainable=trainable,
-                                               model_type=cfg.model_type)
+    optimizer, schedule = optim.make_optimizer(config.train, num_steps, trainable=trainable,
+                                               model_type=cfg.model_type,
+                                               num_layers=cfg.num_hidden_layers)
     state = train.init_state(trainable, optimizer)
     mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.max_to_keep)
     if mngr.latest_step() is not None:

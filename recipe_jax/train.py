@@ -1,4 +1,4 @@
-"""The training machinery every stage shares: trainable/frozen split, optimizer, sharded state,
+"""The training machinery every stage shares: trainable/frozen split, sharded state,
 resumable loop with progress, metrics.jsonl, Orbax checkpoints and preemption handling.
 
 A stage (purify, attack, evaluate) supplies a pure `step_fn(state, frozen, batch) -> (state,
@@ -28,7 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from recipe_jax import checkpoint, faults, hf, sharding
+from recipe_jax import checkpoint, faults, hf, optim, sharding
 from recipe_jax.losses import matches
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ def validate(config) -> None:
     for key in ("adam_b1", "adam_b2"):
         if not 0 <= t[key] < 1:
             bad_value(f"train.{key}", t[key], "use a decay rate in [0, 1), e.g. 0.9 or 0.999")
-    parse_lr_scales(t.get("lr_scales", ()))
+    optim.parse_lr_scales(t.get("lr_scales", ()))
+    optim.parse_depth_lr_scales(t.get("depth_lr_scales", ()))
     if t.seed < 0:
         bad_value("train.seed", t.seed, "use an integer >= 0")
     if t.dtype not in ("float32", "bfloat16"):
@@ -111,81 +112,6 @@ def check_patterns(patterns: Sequence[str], key: str) -> None:
         except re.error as e:
             raise ValueError(f"{key}={tuple(patterns)!r}: {p!r} is not a valid regex ({e}); "
                              "escape special characters with a backslash, e.g. r'\\('") from None
-
-
-# ------------------------------------------------------------------------------- optimizer
-
-def parse_lr_scales(entries: Sequence[str]) -> list[tuple[str, float]]:
-    """`train.lr_scales` ("REGEX=FACTOR", ...) -> [(regex, factor)]; names the bad entry."""
-    rules = []
-    for entry in entries:
-        pattern, _, factor = str(entry).rpartition("=")
-        try:
-            value = float(factor)
-        except ValueError:
-            value = float("nan")
-        if not pattern or not value >= 0:
-            bad_value("train.lr_scales", tuple(entries),
-                      f"{entry!r} is not REGEX=FACTOR with FACTOR >= 0; e.g. "
-                      "'encoder\\.layer\\.[012]\\.=0.3' trains layers 0-2 at 0.3 x the lr")
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            bad_value("train.lr_scales", tuple(entries), f"{pattern!r} is not a valid regex "
-                      f"({e}); escape special characters with a backslash")
-        rules.append((pattern, value))
-    return rules
-
-
-def lr_scale_tree(trainable, entries: Sequence[str], model_type: str):
-    """Per-leaf learning-rate factors (a tree like `trainable`): the first `train.lr_scales`
-    rule whose regex matches the leaf's HF name, else 1. Every rule must match something."""
-    rules, used = parse_lr_scales(entries), set()
-
-    def factor(path, _):
-        name = hf.hf_name(tuple(k.key for k in path), model_type)
-        for pattern, value in rules:
-            if re.search(pattern, name):
-                used.add(pattern)
-                return value
-        return 1.0
-
-    tree = jax.tree_util.tree_map_with_path(factor, trainable)
-    unused = [p for p, _ in rules if p not in used]
-    if unused:
-        bad_value("train.lr_scales", tuple(entries),
-                  f"{unused} match no trainable parameter; names look like "
-                  "bert.encoder.layer.0.intermediate.dense.weight")
-    return tree
-
-
-def scale_updates(factors) -> optax.GradientTransformation:
-    """Multiplies each update leaf by its factor (after AdamW: a per-parameter lr)."""
-    def update(updates, state, params=None):
-        del params
-        return jax.tree.map(lambda u, f: u * f, updates, factors), state
-
-    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
-
-
-def make_optimizer(train_cfg, total_steps: int, *, trainable=None, model_type: str = "bert"
-                   ) -> tuple[optax.GradientTransformation, Callable]:
-    """Global-norm clip -> AdamW, linear warm-up then linear decay to 0 (as HF's scheduler),
-    then the per-parameter factors of `train.lr_scales` (which need `trainable`)."""
-    lr = train_cfg.learning_rate
-    warmup = min(train_cfg.warmup_steps, total_steps)
-    schedule = optax.join_schedules([
-        optax.linear_schedule(0.0, lr, max(warmup, 1)),
-        optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1)),
-    ], [warmup]) if warmup else optax.linear_schedule(lr, 0.0, max(total_steps, 1))
-    parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
-                             eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay))
-    if train_cfg.get("lr_scales"):
-        if trainable is None:
-            raise ValueError("train.lr_scales needs the trainable parameters: pass trainable=")
-        parts.append(scale_updates(lr_scale_tree(trainable, train_cfg.lr_scales, model_type)))
-    return optax.chain(*parts), schedule
 
 
 def apply_gradients(state: TrainState, grads, optimizer, schedule) -> tuple[TrainState, dict]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import tiny_bert_with_tokenizer
 
-from recipe_jax import data, evaluate, hf, sharding, train
+from recipe_jax import data, evaluate, hf, optim, sharding, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -299,7 +299,7 @@ def test_fine_tune_steps_match_pytorch_reference(tmp_path):
     batches = [evaluate.make_batch(arrays, np.arange(16 * i, 16 * i + 16), 32, mesh)
                for i in range(3)]
     trainable, frozen = train.split_params(params, evaluate.CLASSIFIER_PARAMS, "bert")
-    optimizer, schedule = train.make_optimizer(config.train, 3)
+    optimizer, schedule = optim.make_optimizer(config.train, 3)
     state = train.init_state(trainable, optimizer)
     step = jax.jit(functools.partial(evaluate.train_step, model=model, optimizer=optimizer,
                                      schedule=schedule, dropout=False, seed=0))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -17,8 +18,8 @@ import transformers
 from conftest import tiny_bert_with_tokenizer, tiny_hf
 from safetensors.numpy import load_file
 
-from recipe_jax import data, hf, losses, purify, train
-from recipe_jax.model import Transformer
+from recipe_jax import data, hf, losses, optim, purify, train
+from recipe_jax.model import ModelConfig, Transformer, abstract_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -90,11 +91,14 @@ def _torch_reference(hf_dir, batches, *, lr, steps, weight=1.0, lr_factor=lambda
 LR_SCALES = (r"encoder\.layer\.0\.=0.25", r"encoder\.layer\.=3")
 
 
-@pytest.mark.parametrize("lr_scales", [(), LR_SCALES], ids=["one-lr", "lr_scales"])
-def test_three_steps_match_pytorch_reference(tmp_path, lr_scales):
+# train.depth_lr_scales: the same factors by depth (2 layers, 2 bands: layer 0 | layer 1).
+@pytest.mark.parametrize("lr_scales,depth", [((), ()), (LR_SCALES, ()), ((), (0.25, 3.0))],
+                         ids=["one-lr", "lr_scales", "depth_lr_scales"])
+def test_three_steps_match_pytorch_reference(tmp_path, lr_scales, depth):
     hf_dir, aux = _tiny_setup(tmp_path)
     config = _config(hf_dir, aux, train__dropout=False, train__num_steps=3,
-                     train__learning_rate=1e-3, train__lr_scales=lr_scales)
+                     train__learning_rate=1e-3, train__lr_scales=lr_scales,
+                     train__depth_lr_scales=depth)
     model, host_params = hf.load_pretrained(hf_dir)
     tokenizer = data.load_tokenizer(hf_dir)
     enc = data.tokenize(tokenizer, SENTENCES[:24], config.data.max_length)
@@ -109,7 +113,8 @@ def test_three_steps_match_pytorch_reference(tmp_path, lr_scales):
                         **{k: np.asarray(v) for k, v in masked.items()}})
 
     trainable, frozen = train.split_params(host_params, config.recipe.trainable, "bert")
-    optimizer, schedule = train.make_optimizer(config.train, 3, trainable=trainable)
+    optimizer, schedule = optim.make_optimizer(config.train, 3, trainable=trainable,
+                                               num_layers=model.cfg.num_hidden_layers)
     state = train.init_state(trainable, optimizer)
     step = jax.jit(functools.partial(purify.train_step, model=model, optimizer=optimizer,
                                      schedule=schedule, recipe=config.recipe, dropout=False,
@@ -121,7 +126,8 @@ def test_three_steps_match_pytorch_reference(tmp_path, lr_scales):
 
     ref_losses, ref_state = _torch_reference(
         hf_dir, batches, lr=1e-3, steps=3,
-        lr_factor=lambda name: (0.25 if ".layer.0." in name else 3.0) if lr_scales else 1.0)
+        lr_factor=lambda name: ((0.25 if ".layer.0." in name else 3.0)
+                                if lr_scales or depth else 1.0))
     np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
     ours = hf.hf_state_dict(model, train.merge_params(state.trainable, frozen))
     source = load_file(str(hf_dir / "model.safetensors"))
@@ -313,13 +319,35 @@ def test_lr_scales_rule_matching_no_trainable_parameter_is_an_error(tmp_path):
     hf_dir, _ = _tiny_setup(tmp_path)
     _, host_params = hf.load_pretrained(hf_dir)
     trainable, _ = train.split_params(host_params, (purify_configs.INTERMEDIATE,), "bert")
-    tree = train.lr_scale_tree(trainable, LR_SCALES, "bert")
+    tree = optim.lr_scale_tree(trainable, LR_SCALES, "bert")
     factors = {hf.hf_name(path, "bert"): f for path, f in hf.flat_params(tree).items()}
     assert factors == {"bert.encoder.layer.0.intermediate.dense.weight": 0.25,
                        "bert.encoder.layer.1.intermediate.dense.weight": 3.0}
     with pytest.raises(ValueError, match=r"train.lr_scales=\('pooler=2',\): \['pooler'\] match "
                                          r"no trainable parameter"):
-        train.lr_scale_tree(trainable, ("pooler=2",), "bert")  # the pooler is frozen here
+        optim.lr_scale_tree(trainable, ("pooler=2",), "bert")  # the pooler is frozen here
+
+
+def test_depth_lr_scales_cut_any_depth_into_equal_bands_and_multiply_lr_scales():
+    """(0.5, 1.0): the lower half of the layers at half the lr, whatever the depth; the depth
+    factor multiplies an lr_scales rule's; embeddings and heads get no depth factor."""
+    for layers in (6, 12):
+        cfg = ModelConfig(vocab_size=99, hidden_size=8, num_hidden_layers=layers,
+                          num_attention_heads=2, intermediate_size=16)
+        trainable, _ = train.split_params(nn.unbox(abstract_params(cfg)),
+                                          (purify_configs.INTERMEDIATE, "word_embeddings"),
+                                          "bert")
+        tree = optim.lr_scale_tree(trainable, (r"layer\.0\.=0.2",), "bert", (0.5, 1.0), layers)
+        factors = {hf.hf_name(path, "bert"): f for path, f in hf.flat_params(tree).items()}
+        layer = "bert.encoder.layer.{}.intermediate.dense.weight".format
+        assert factors == {"bert.embeddings.word_embeddings.weight": 1.0, layer(0): 0.1,
+                           **{layer(i): 0.5 for i in range(1, layers // 2)},
+                           **{layer(i): 1.0 for i in range(layers // 2, layers)}}
+    assert [optim.depth_band(i, 6, 3) for i in range(6)] == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match=r"7 bands for a model of 6 layers"):
+        optim.parse_depth_lr_scales((1.0,) * 7, 6)
+    with pytest.raises(ValueError, match=r"needs the model's depth"):
+        optim.lr_scale_tree(trainable, (), "bert", (0.5, 1.0))
 
 
 def test_validate_names_key_value_and_fix():

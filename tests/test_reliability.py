@@ -396,6 +396,8 @@ _BAD_VALUES = {
                ("train.seed", -1), ("train.dtype", "float64"),
                ("train.lr_scales", ("encoder",)), ("train.lr_scales", ("layer=-1",)),
                ("train.lr_scales", ("(=0.5",)), ("train.lr_scales", ("layer=fast",)),
+               ("train.depth_lr_scales", (0.5, -1.0)),
+               ("train.depth_lr_scales", (float("nan"),)),
                ("checkpoint.every_steps", 0),
                ("checkpoint.max_to_keep", 0), ("recipe.weight", -1.0),
                ("recipe.distill", float("nan")), ("recipe.groups", "layer"),

@@ -1,0 +1,137 @@
+"""The optimizer every stage shares: global-norm clip -> AdamW with linear warm-up and decay,
+then optional per-parameter learning-rate factors.
+
+Two config keys give parameters their own learning rate (lr x factor), and they multiply:
+- `train.lr_scales` ("REGEX=FACTOR", ...): by Hugging Face name, the first matching rule wins;
+- `train.depth_lr_scales` (F_1, ..., F_k): by depth. The encoder's layers are cut into k bands
+  of equal depth, bottom to top, and band j trains at lr x F_j, whatever the model's depth:
+  (0.5, 1.0) is layers 0-2 of a 6-layer MiniLM at half the lr, and layers 0-5 of BERT-base.
+Parameters outside the encoder layers (embeddings, heads) get no depth factor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+import jax
+import optax
+
+from recipe_jax import hf
+
+_LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
+
+
+def _bad(key: str, value, fix: str):
+    raise ValueError(f"{key}={value!r}: {fix}")
+
+
+def parse_lr_scales(entries: Sequence[str]) -> list[tuple[str, float]]:
+    """`train.lr_scales` ("REGEX=FACTOR", ...) -> [(regex, factor)]; names the bad entry."""
+    rules = []
+    for entry in entries:
+        pattern, _, factor = str(entry).rpartition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = float("nan")
+        if not pattern or not value >= 0:
+            _bad("train.lr_scales", tuple(entries),
+                 f"{entry!r} is not REGEX=FACTOR with FACTOR >= 0; e.g. "
+                 "'encoder\\.layer\\.[012]\\.=0.3' trains layers 0-2 at 0.3 x the lr")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            _bad("train.lr_scales", tuple(entries), f"{pattern!r} is not a valid regex "
+                 f"({e}); escape special characters with a backslash")
+        rules.append((pattern, value))
+    return rules
+
+
+def parse_depth_lr_scales(factors: Sequence[float], num_layers: int | None = None
+                          ) -> tuple[float, ...]:
+    """`train.depth_lr_scales` (F_1, ..., F_k) -> floats; names the bad value. With
+    `num_layers`, also checks that every band holds at least one layer."""
+    try:
+        values = tuple(float(f) for f in factors)
+    except (TypeError, ValueError):
+        values = (float("nan"),)
+    if not all(v >= 0 for v in values):  # `not >=` also catches NaN
+        _bad("train.depth_lr_scales", factors, "use factors >= 0, one per band of "
+             "layers, bottom to top; e.g. (0.5, 1.0) trains the lower half at half the lr")
+    if num_layers is not None and len(values) > num_layers:
+        _bad("train.depth_lr_scales", factors, f"{len(values)} bands for a model of "
+             f"{num_layers} layers; use at most {num_layers} factors")
+    return values
+
+
+def depth_band(layer: int, num_layers: int, num_bands: int) -> int:
+    """The band (0 = bottom) of encoder layer `layer` when `num_layers` are cut into
+    `num_bands` bands of equal depth."""
+    return layer * num_bands // num_layers
+
+
+def lr_scale_tree(trainable, entries: Sequence[str], model_type: str,
+                  depth: Sequence[float] = (), num_layers: int | None = None):
+    """Per-leaf learning-rate factors (a tree like `trainable`): the first `train.lr_scales`
+    rule whose regex matches the leaf's HF name (else 1), times the leaf's depth-band factor
+    from `train.depth_lr_scales` (needs `num_layers`). Every rule must match something."""
+    rules, used = parse_lr_scales(entries), set()
+    depth = parse_depth_lr_scales(depth, num_layers) if depth else ()
+    if depth and num_layers is None:
+        raise ValueError("train.depth_lr_scales needs the model's depth: pass num_layers=")
+
+    def factor(path, _):
+        name = hf.hf_name(tuple(k.key for k in path), model_type)
+        value = 1.0
+        for pattern, rule_value in rules:
+            if re.search(pattern, name):
+                used.add(pattern)
+                value = rule_value
+                break
+        layer = _LAYER.search(name)
+        if depth and layer:
+            value *= depth[depth_band(int(layer.group(1)), num_layers, len(depth))]
+        return value
+
+    tree = jax.tree_util.tree_map_with_path(factor, trainable)
+    unused = [p for p, _ in rules if p not in used]
+    if unused:
+        _bad("train.lr_scales", tuple(entries),
+             f"{unused} match no trainable parameter; names look like "
+             "bert.encoder.layer.0.intermediate.dense.weight")
+    return tree
+
+
+def scale_updates(factors) -> optax.GradientTransformation:
+    """Multiplies each update leaf by its factor (after AdamW: a per-parameter lr)."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, f: u * f, updates, factors), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(train_cfg, total_steps: int, *, trainable=None, model_type: str = "bert",
+                   num_layers: int | None = None
+                   ) -> tuple[optax.GradientTransformation, Callable]:
+    """Global-norm clip -> AdamW, linear warm-up then linear decay to 0 (as HF's scheduler),
+    then the per-parameter factors of `train.lr_scales` and `train.depth_lr_scales` (which
+    need `trainable`, and the latter `num_layers`)."""
+    lr = train_cfg.learning_rate
+    warmup = min(train_cfg.warmup_steps, total_steps)
+    schedule = optax.join_schedules([
+        optax.linear_schedule(0.0, lr, max(warmup, 1)),
+        optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1)),
+    ], [warmup]) if warmup else optax.linear_schedule(lr, 0.0, max(total_steps, 1))
+    parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
+                             eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay))
+    entries, depth = train_cfg.get("lr_scales", ()), train_cfg.get("depth_lr_scales", ())
+    if entries or depth:
+        if trainable is None:
+            raise ValueError("train.lr_scales and train.depth_lr_scales need the trainable "
+                             "parameters: pass trainable=")
+        parts.append(scale_updates(lr_scale_tree(trainable, entries, model_type, depth,
+                                                 num_layers)))
+    return optax.chain(*parts), schedule
