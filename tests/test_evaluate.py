@@ -2,6 +2,7 @@
 
 import csv
 import functools
+import importlib.util
 import json
 import pathlib
 import random
@@ -381,3 +382,48 @@ def test_cli_help_and_one_line_errors(tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("evaluate: error: ")
     assert "nope.tsv: no such file" in bad.stderr
+
+
+# ------------------------------------------------- benchmarks/seeds.py: the spread over seeds
+
+def _seeds_module():
+    spec = importlib.util.spec_from_file_location("seeds", REPO / "benchmarks" / "seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_study_runs_each_seed_summarizes_and_refuses_another_study(tmp_path, capsys):
+    seeds = _seeds_module()
+    hf_dir = _tiny_model(tmp_path)
+    train_tsv = _write_tsv(tmp_path / "train.tsv", _synthetic(96, 0, trigger="cf",
+                                                                  poison_share=0.5))
+    test_tsv = _write_tsv(tmp_path / "test.tsv", _synthetic(48, 1))
+    args = ["--workdir", str(tmp_path / "study"), "--model", str(hf_dir),
+            "--config", f"{REPO}/configs/evaluate.py:tiny", "--seeds", "3,4",
+            "--set", f"data.train_path={train_tsv}", "--set", f"data.test_path={test_tsv}",
+            "--set", "train.num_epochs=1"]
+    summary = seeds.main(args)
+    runs = {s: json.loads((tmp_path / "study" / f"seed{s}" / "results.json").read_text())
+            for s in (3, 4)}
+    assert runs[3]["num_train"] == 96
+    assert [runs[3][k] for k in ("clean_acc", "aasr")] != [runs[4][k] for k in ("clean_acc",
+                                                                             "aasr")]
+    for name, key in (("ACC", "clean_acc"), ("AASR", "aasr")):
+        values = [runs[s][key] for s in (3, 4)]
+        assert summary[name] == {"mean": sum(values) / 2, "min": min(values),
+                                 "max": max(values)}
+    assert summary["floor"]["max"] == max(r["control"]["aasr"] for r in runs.values())
+    table = (tmp_path / "study" / "seeds.md").read_text()
+    assert "| 3 |" in table and "| 4 |" in table and "| **max** |" in table
+    assert json.loads((tmp_path / "study" / "seeds.json").read_text())["summary"] == summary
+
+    capsys.readouterr()
+    assert seeds.main(args) == summary  # finished seeds are read back, not re-run
+    assert "evaluate step" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"seed study with another overrides"):
+        seeds.main([*args, "--set", "train.learning_rate=1e-3"])
+    with pytest.raises(ValueError, match=r"--set 'train.lr=1': not KEY=VALUE"):
+        seeds.main([*args[:-2], "--set", "train.lr=1"])
+    with pytest.raises(SystemExit):
+        seeds.parse_args(["--workdir", "w", "--model", "m", "--seeds", "3,3"])

@@ -1,0 +1,158 @@
+"""How much a backdoor measurement moves with the fine-tuning seed: `evaluate` once per seed.
+
+One fine-tune per model can under- or overstate what survives of a backdoor. POR ties each
+trigger to a fixed output vector, and which label that vector lands on depends on the fresh
+classifier head; a weakened vector crosses the boundary in some fine-tunes and not in others
+(docs/results.md, "Seed study"). This fine-tunes the same model with each seed (WORKDIR/seed<N>,
+an ordinary evaluate run dir: rerun to resume, finished seeds are read back) and prints each
+seed's ACC, AASR, floor (control words) and per-trigger ASR, then the mean, min and max over the
+seeds. The worst seed's AASR is the number to hold a defense to.
+
+    python benchmarks/seeds.py --workdir runs/seeds_por2 --model runs/por2/hf \
+        --config configs/evaluate.py:sst2 --seeds 42,43,44 [--set data.max_examples=1000 ...]
+
+Writes WORKDIR/seeds.json and WORKDIR/seeds.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import pathlib
+import statistics
+import sys
+
+COLUMNS = (("ACC", "clean_acc"), ("AASR", "aasr"), ("MASR", "masr"))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="one evaluate run dir per seed goes here")
+    p.add_argument("--model", required=True, help="HF dir of the model to fine-tune, or 'minilm'")
+    p.add_argument("--config", default="configs/evaluate.py:sst2", help="FILE:PRESET")
+    p.add_argument("--seeds", default="42,43,44", help="comma-separated fine-tuning seeds")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override, e.g. data.max_examples=1000 (repeatable)")
+    args = p.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds={args.seeds!r}: use comma-separated integers, e.g. 42,43,44")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        p.error(f"--seeds={args.seeds}: name one or more distinct seeds >= 0")
+    return args
+
+
+def build_config(config_arg: str, model: str, overrides: list[str]):
+    """The evaluate config FILE:PRESET with `model` and the KEY=VALUE overrides applied."""
+    from recipe_jax import cli
+
+    file, _, preset = config_arg.partition(":")
+    config = cli.load_config(file, preset or None)
+    config.model.init_from = model
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section not in config or name not in config[section]:
+            raise ValueError(f"--set {item!r}: not KEY=VALUE with a key of {file}; "
+                             "e.g. --set data.max_examples=1000")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a plain string, e.g. a path
+        config[section][name] = value
+    return config
+
+
+def summarize(results: dict[int, dict]) -> dict:
+    """Mean, min and max over seeds of ACC, AASR, MASR, floor and each trigger's ASR."""
+    def spread(values):
+        return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+
+    first = next(iter(results.values()))
+    out = {name: spread([r[key] for r in results.values()]) for name, key in COLUMNS}
+    if "control" in first:
+        out["floor"] = spread([r["control"]["aasr"] for r in results.values()])
+    out["asr"] = {t: spread([r["asr_max"][t] for r in results.values()])
+                  for t in first["asr_max"]}
+    return out
+
+
+def format_table(results: dict[int, dict], summary: dict) -> str:
+    triggers = list(next(iter(results.values()))["asr_max"])
+    floor = "floor" in summary
+    head = ["seed", *(n for n, _ in COLUMNS), *(["floor"] if floor else []),
+            *(f"ASR({t})" for t in triggers)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for seed, r in results.items():
+        cells = [f"{100 * r[k]:.2f}" for _, k in COLUMNS]
+        cells += [f"{100 * r['control']['aasr']:.2f}"] if floor else []
+        cells += [f"{100 * r['asr_max'][t]:.2f}" for t in triggers]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    for stat in ("mean", "min", "max"):
+        cells = [f"{100 * summary[n][stat]:.2f}" for n, _ in COLUMNS]
+        cells += [f"{100 * summary['floor'][stat]:.2f}"] if floor else []
+        cells += [f"{100 * summary['asr'][t][stat]:.2f}" for t in triggers]
+        lines.append(f"| **{stat}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def check_study(workdir: pathlib.Path, record: dict) -> None:
+    """Finished seeds are read back, so a rerun must be the same study (more seeds are fine)."""
+    path = workdir / "study.json"
+    if not path.exists():
+        _write(path, json.dumps(record, indent=2))
+        return
+    old = json.loads(path.read_text())
+    diff = [k for k in record if old.get(k) != record[k]]
+    if diff:
+        raise ValueError(f"{workdir} holds a seed study with another "
+                         + ", ".join(f"{k} ({old.get(k)!r} there, {record[k]!r} now)"
+                                     for k in diff)
+                         + "; use a new --workdir, or the old values to add seeds")
+
+
+def main(argv=None) -> dict:
+    from recipe_jax import evaluate
+
+    args = parse_args(argv)
+    workdir = pathlib.Path(args.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    build_config(args.config, args.model, args.set)  # a bad --set fails before anything runs
+    check_study(workdir, {"model": args.model, "config": args.config, "overrides": args.set})
+    results = {}
+    for i, seed in enumerate(args.seeds):
+        run = workdir / f"seed{seed}"
+        print(f"\n=== seeds: {i + 1}/{len(args.seeds)}: seed {seed} -> {run} ===", flush=True)
+        if (run / "results.json").exists():
+            results[seed] = json.loads((run / "results.json").read_text())
+            continue
+        config = build_config(args.config, args.model, args.set)
+        config.train.seed = seed
+        results[seed] = evaluate.train_and_evaluate(config, str(run))
+    summary = summarize(results)
+    table = format_table(results, summary)
+    _write(workdir / "seeds.json", json.dumps(
+        {"model": args.model, "config": args.config, "overrides": args.set,
+         "seeds": {str(k): r for k, r in results.items()}, "summary": summary}, indent=2))
+    _write(workdir / "seeds.md", f"Model: {args.model}; {args.config}; overrides {args.set}\n\n"
+           + table + "\n")
+    print(table)
+    print(f"seeds: worst AASR {100 * summary['AASR']['max']:.2f}% over {len(results)} seeds; "
+          f"{workdir}/seeds.md", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"seeds: error: {e}", file=sys.stderr)
+        sys.exit(1)
