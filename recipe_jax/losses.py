@@ -72,12 +72,16 @@ def frobenius_norm(w: jax.Array) -> jax.Array:
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
+def neuron_reduce_axis(w: jax.Array, ffn_size: int) -> int:
+    """The axis summed over to get one norm per neuron (see `neuron_norms`)."""
+    return 1 if w.shape[0] == ffn_size and w.shape[-1] != ffn_size else 0
+
+
 def neuron_norms(w: jax.Array, ffn_size: int) -> jax.Array:
     """Unsquared L2 norm of each neuron's weights in a Flax kernel [in, out]: along the FFN axis
     when the matrix has one (FFN-in [H, F]: each neuron's input weights; FFN-out [F, H]: its
     output weights), else per output unit. Zero (not NaN) gradient at a zero neuron."""
-    reduce_axis = 1 if w.shape[0] == ffn_size and w.shape[-1] != ffn_size else 0
-    sq = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=reduce_axis)
+    sq = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=neuron_reduce_axis(w, ffn_size))
     safe = jnp.where(sq > 0, sq, 1.0)
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 

@@ -10,7 +10,11 @@ by `recipe.regularize`; only `recipe.trainable` parameters are updated. `recipe.
 and those of the model as loaded, on the same aux batch (`losses.relative_state_distance`): it
 anchors clean behaviour while the regularizer shrinks what clean text does not use (the
 backdoor's neurons). `recipe.groups="neuron"` (ours) sums each FFN neuron's weight norm instead
-of each matrix's Frobenius norm (a group lasso). Writes
+of each matrix's Frobenius norm (a group lasso). `recipe.proximal = True` (ours) takes the
+regularizer out of the loss and applies it as a proximal step after each optimizer update: each
+group (matrix or neuron) is scaled by max(0, 1 - lr_t * factor * lambda / ||group||), so under
+Adam the penalty keeps its own step size (lr * lambda per step, not Adam-normalized) and a group
+that the MLM loss does not hold up reaches exactly zero. Writes
 `DIR/checkpoints/` (Orbax, resumable: rerun the same command), `DIR/metrics.jsonl` and the
 purified model as a Hugging Face dir, `DIR/hf/`. `--help` lists every flag and config key.
 """
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, data, losses, stage, streaming, train
+from recipe_jax import cli, data, hf, losses, optim, stage, streaming, train
 from recipe_jax.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -94,14 +98,37 @@ def loss_fn(trainable, frozen, batch, reference, rng, *, model: Transformer, rec
         loss += recipe.distill * distill
         parts["distill_mse"] = distill
     reg = penalty(params, recipe, model.cfg)
-    loss += recipe.weight * reg
+    if not recipe.get("proximal", False):  # else applied after the update (proximal_shrink)
+        loss += recipe.weight * reg
     parts["reg_loss"] = reg
     return loss, parts
 
 
+def proximal_shrink(trainable, thresholds, recipe, cfg):
+    """The group-lasso proximal step on every trainable leaf `recipe.regularize` names: each
+    group (the whole matrix, or each FFN neuron with `recipe.groups="neuron"`) is scaled by
+    max(0, 1 - t / ||group||), t = the leaf's threshold (a tree like `trainable`)."""
+    def shrink(path, w, t):
+        name = hf.hf_name(tuple(k.key for k in path), cfg.model_type)
+        if not losses.matches(recipe.regularize, name):
+            return w
+        if recipe.groups == "neuron":
+            norms = jnp.expand_dims(losses.neuron_norms(w, cfg.intermediate_size),
+                                    losses.neuron_reduce_axis(w, cfg.intermediate_size))
+        else:
+            norms = losses.frobenius_norm(w)
+        scale = jnp.maximum(0.0, 1.0 - t / jnp.where(norms > 0, norms, 1.0))
+        return (w * jnp.where(norms > 0, scale, 0.0)).astype(w.dtype)
+
+    return jax.tree_util.tree_map_with_path(shrink, trainable, thresholds)
+
+
 def train_step(state: train.TrainState, frozen, batch, *reference, model, optimizer, schedule,
-               recipe, dropout: bool, seed: int, masking: dict | None):
-    """One RECIPE update (pure). With `masking`, masks are drawn here from (seed, step)."""
+               recipe, dropout: bool, seed: int, masking: dict | None, lr_scales=(),
+               depth_lr_scales=()):
+    """One RECIPE update (pure). With `masking`, masks are drawn here from (seed, step). With
+    `recipe.proximal`, the regularizer's proximal step follows the update, its step size lr_t
+    times each parameter's `train.lr_scales` / `train.depth_lr_scales` factor."""
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     if masking is not None:
         batch = {**batch, **data.mask_tokens(jax.random.fold_in(rng, 1), batch["input_ids"],
@@ -111,7 +138,14 @@ def train_step(state: train.TrainState, frozen, batch, *reference, model, optimi
                                    reference[0] if reference else None,
                                    jax.random.fold_in(rng, 2), model=model, recipe=recipe,
                                    dropout=dropout)
+    lr = schedule(state.step)  # the learning rate of this update
     state, metrics = train.apply_gradients(state, grads, optimizer, schedule)
+    if recipe.get("proximal", False):
+        factors = optim.lr_scale_tree(state.trainable, lr_scales, model.cfg.model_type,
+                                      depth_lr_scales, model.cfg.num_hidden_layers)
+        thresholds = jax.tree.map(lambda f: lr * f * recipe.weight, factors)
+        state = state.replace(trainable=proximal_shrink(state.trainable, thresholds, recipe,
+                                                        model.cfg))
     tokens = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
     return state, {"loss": loss, **parts, **metrics, "tokens": tokens}
 
@@ -123,7 +157,9 @@ def step_maker(config, masking: dict) -> Callable:
         return functools.partial(
             train_step, model=compute, optimizer=optimizer, schedule=schedule,
             recipe=config.recipe, dropout=config.train.dropout, seed=config.train.seed,
-            masking=masking if config.data.masking == "dynamic" else None)
+            masking=masking if config.data.masking == "dynamic" else None,
+            lr_scales=tuple(config.train.get("lr_scales", ())),
+            depth_lr_scales=tuple(config.train.get("depth_lr_scales", ())))
 
     return make_step
 

@@ -87,6 +87,23 @@ def _torch_reference(hf_dir, batches, *, lr, steps, weight=1.0, lr_factor=lambda
     return out, {n: p.detach().numpy().copy() for n, p in model.state_dict().items()}
 
 
+def _static_batches(hf_dir, config, vocab_size: int, count: int) -> list[dict]:
+    """`count` MLM batches of 8 SENTENCES with masks drawn from PRNGKey(i)."""
+    tokenizer = data.load_tokenizer(hf_dir)
+    enc = data.tokenize(tokenizer, SENTENCES[:8 * count], config.data.max_length)
+    mask = jax.jit(functools.partial(data.mask_tokens, mask_token_id=tokenizer.mask_token_id,
+                                     vocab_size=vocab_size,
+                                     num_positions=data.num_masked_positions(
+                                         config.data.max_length)))
+    batches = []
+    for i in range(count):
+        rows = slice(8 * i, 8 * i + 8)
+        masked = mask(jax.random.PRNGKey(i), enc["input_ids"][rows], enc["candidates"][rows])
+        batches.append({"attention_mask": enc["attention_mask"][rows],
+                        **{k: np.asarray(v) for k, v in masked.items()}})
+    return batches
+
+
 # train.lr_scales: layer 0 at a quarter of the lr, every other layer at 3x (first match wins).
 LR_SCALES = (r"encoder\.layer\.0\.=0.25", r"encoder\.layer\.=3")
 
@@ -100,18 +117,7 @@ def test_three_steps_match_pytorch_reference(tmp_path, lr_scales, depth):
                      train__learning_rate=1e-3, train__lr_scales=lr_scales,
                      train__depth_lr_scales=depth)
     model, host_params = hf.load_pretrained(hf_dir)
-    tokenizer = data.load_tokenizer(hf_dir)
-    enc = data.tokenize(tokenizer, SENTENCES[:24], config.data.max_length)
-    mask = jax.jit(functools.partial(data.mask_tokens, mask_token_id=tokenizer.mask_token_id,
-                             vocab_size=model.cfg.vocab_size,
-                             num_positions=data.num_masked_positions(config.data.max_length)))
-    batches = []
-    for i in range(3):
-        rows = slice(8 * i, 8 * i + 8)
-        masked = mask(jax.random.PRNGKey(i), enc["input_ids"][rows], enc["candidates"][rows])
-        batches.append({"attention_mask": enc["attention_mask"][rows],
-                        **{k: np.asarray(v) for k, v in masked.items()}})
-
+    batches = _static_batches(hf_dir, config, model.cfg.vocab_size, 3)
     trainable, frozen = train.split_params(host_params, config.recipe.trainable, "bert")
     optimizer, schedule = optim.make_optimizer(config.train, 3, trainable=trainable,
                                                num_layers=model.cfg.num_hidden_layers)
@@ -326,6 +332,63 @@ def test_lr_scales_rule_matching_no_trainable_parameter_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"train.lr_scales=\('pooler=2',\): \['pooler'\] match "
                                          r"no trainable parameter"):
         optim.lr_scale_tree(trainable, ("pooler=2",), "bert")  # the pooler is frozen here
+
+
+def _numpy_prox(w: np.ndarray, threshold: float, groups: str, ffn_size: int) -> np.ndarray:
+    if groups == "matrix":
+        norms = np.sqrt(np.sum(w.astype(np.float64) ** 2))
+    else:  # one norm per FFN neuron: FFN-in kernels [H, F] by column, FFN-out [F, H] by row
+        axis = 1 if w.shape[0] == ffn_size and w.shape[1] != ffn_size else 0
+        norms = np.sqrt(np.sum(w.astype(np.float64) ** 2, axis=axis, keepdims=True))
+    return w * np.maximum(0.0, 1.0 - threshold / norms)
+
+
+@pytest.mark.parametrize("groups", ["matrix", "neuron"])
+def test_proximal_step_is_the_mlm_update_then_the_group_shrink(tmp_path, groups):
+    """recipe.proximal: each step = the optimizer's step on the MLM loss alone, then every
+    regularized group scaled by max(0, 1 - lr_t * factor * lambda / ||group||) (NumPy here),
+    with the depth factor of train.depth_lr_scales; lambda large enough to kill some neurons."""
+    hf_dir, aux = _tiny_setup(tmp_path)
+    both = (purify_configs.INTERMEDIATE, purify_configs.OUTPUT)
+    prox = _config(hf_dir, aux, train__dropout=False, train__num_steps=2,
+                   train__learning_rate=1e-2, train__depth_lr_scales=(0.5, 1.0),
+                   recipe__weight=10.0, recipe__groups=groups, recipe__proximal=True,
+                   recipe__regularize=both, recipe__trainable=both)
+    plain = _config(hf_dir, aux, train__dropout=False, train__num_steps=2,
+                    train__learning_rate=1e-2, train__depth_lr_scales=(0.5, 1.0),
+                    recipe__weight=0.0, recipe__regularize=both, recipe__trainable=both)
+    model, host_params = hf.load_pretrained(hf_dir)
+    ffn = model.cfg.intermediate_size
+
+    def stepper(config):
+        trainable, frozen = train.split_params(host_params, config.recipe.trainable, "bert")
+        optimizer, schedule = optim.make_optimizer(config.train, 2, trainable=trainable,
+                                                   num_layers=model.cfg.num_hidden_layers)
+        step = jax.jit(functools.partial(
+            purify.train_step, model=model, optimizer=optimizer, schedule=schedule,
+            recipe=config.recipe, dropout=False, seed=0, masking=None,
+            depth_lr_scales=config.train.depth_lr_scales))
+        return train.init_state(trainable, optimizer), frozen, step, schedule
+
+    state, frozen, prox_step, schedule = stepper(prox)
+    _, _, plain_step, _ = stepper(plain)
+    dead = total = 0
+    for i, batch in enumerate(_static_batches(hf_dir, prox, model.cfg.vocab_size, 2)):
+        expected, _ = plain_step(state, frozen, batch)  # the same update without the shrink
+        state, metrics = prox_step(state, frozen, batch)
+        assert float(metrics["loss"]) == pytest.approx(float(metrics["mlm_loss"]), abs=1e-6)
+        lr = float(schedule(i))
+        got = hf.named_params(state.trainable, "bert")
+        for name, w in hf.named_params(expected.trainable, "bert").items():
+            threshold = lr * (0.5 if ".layer.0." in name else 1.0) * 10.0
+            np.testing.assert_allclose(np.asarray(got[name]),
+                                       _numpy_prox(np.asarray(w), threshold, groups, ffn),
+                                       rtol=0, atol=1e-6, err_msg=name)
+            if i == 1 and groups == "neuron":
+                norms = np.asarray(losses.neuron_norms(got[name], ffn))
+                dead, total = dead + int(np.sum(norms == 0)), total + norms.size
+    if groups == "neuron":
+        assert 0 < dead < total, (dead, total)  # some neurons die, not all
 
 
 def test_depth_lr_scales_cut_any_depth_into_equal_bands_and_multiply_lr_scales():
