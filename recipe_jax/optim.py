@@ -79,7 +79,8 @@ def lr_scale_tree(trainable, entries: Sequence[str], model_type: str,
     rules, used = parse_lr_scales(entries), set()
     depth = parse_depth_lr_scales(depth, num_layers) if depth else ()
     if depth and num_layers is None:
-        raise ValueError("train.depth_lr_scales needs the model's depth: pass num_layers=")
+        raise ValueError("train.depth_lr_scales needs the model's depth: pass "
+                         "make_optimizer(model_cfg=) or lr_scale_tree(num_layers=)")
 
     def factor(path, _):
         name = hf.hf_name(tuple(k.key for k in path), model_type)
@@ -112,12 +113,11 @@ def scale_updates(factors) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(train_cfg, total_steps: int, *, trainable=None, model_type: str = "bert",
-                   num_layers: int | None = None
+def make_optimizer(train_cfg, total_steps: int, *, trainable=None, model_cfg=None
                    ) -> tuple[optax.GradientTransformation, Callable]:
     """Global-norm clip -> AdamW, linear warm-up then linear decay to 0 (as HF's scheduler),
     then the per-parameter factors of `train.lr_scales` and `train.depth_lr_scales` (which
-    need `trainable`, and the latter `num_layers`)."""
+    need `trainable`, and the latter the model's depth from `model_cfg`, a ModelConfig)."""
     lr = train_cfg.learning_rate
     warmup = min(train_cfg.warmup_steps, total_steps)
     schedule = optax.join_schedules([
@@ -132,6 +132,7 @@ def make_optimizer(train_cfg, total_steps: int, *, trainable=None, model_type: s
         if trainable is None:
             raise ValueError("train.lr_scales and train.depth_lr_scales need the trainable "
                              "parameters: pass trainable=")
-        parts.append(scale_updates(lr_scale_tree(trainable, entries, model_type, depth,
-                                                 num_layers)))
+        parts.append(scale_updates(lr_scale_tree(
+            trainable, entries, model_cfg.model_type if model_cfg else "bert", depth,
+            model_cfg.num_hidden_layers if model_cfg else None)))
     return optax.chain(*parts), schedule

@@ -71,8 +71,7 @@ def compile_purify_step(config, cfg: ModelConfig, mesh, num_steps: int = 1000):
     like, _ = train.split_params(nn.unbox(abstract_params(cfg)), config.recipe.trainable,
                                  cfg.model_type)
     optimizer, schedule = optim.make_optimizer(config.train, num_steps, trainable=like,
-                                               model_type=cfg.model_type,
-                                               num_layers=cfg.num_hidden_layers)
+                                               model_cfg=cfg)
     state, frozen = abstract_state(cfg, mesh, config.recipe.trainable, optimizer)
     masking = None
     if config.data.masking == "dynamic":

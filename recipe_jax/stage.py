@@ -140,8 +140,7 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     params = train.shard_params(host_params, sharding.param_shardings(abstract_params(cfg), mesh))
     trainable, frozen = train.split_params(params, trainable_patterns, cfg.model_type)
     optimizer, schedule = optim.make_optimizer(config.train, num_steps, trainable=trainable,
-                                               model_type=cfg.model_type,
-                                               num_layers=cfg.num_hidden_layers)
+                                               model_cfg=cfg)
     state = train.init_state(trainable, optimizer)
     mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.max_to_keep)
     if mngr.latest_step() is not None:

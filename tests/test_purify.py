@@ -120,7 +120,7 @@ def test_three_steps_match_pytorch_reference(tmp_path, lr_scales, depth):
     batches = _static_batches(hf_dir, config, model.cfg.vocab_size, 3)
     trainable, frozen = train.split_params(host_params, config.recipe.trainable, "bert")
     optimizer, schedule = optim.make_optimizer(config.train, 3, trainable=trainable,
-                                               num_layers=model.cfg.num_hidden_layers)
+                                               model_cfg=model.cfg)
     state = train.init_state(trainable, optimizer)
     step = jax.jit(functools.partial(purify.train_step, model=model, optimizer=optimizer,
                                      schedule=schedule, recipe=config.recipe, dropout=False,
@@ -363,7 +363,7 @@ def test_proximal_step_is_the_mlm_update_then_the_group_shrink(tmp_path, groups)
     def stepper(config):
         trainable, frozen = train.split_params(host_params, config.recipe.trainable, "bert")
         optimizer, schedule = optim.make_optimizer(config.train, 2, trainable=trainable,
-                                                   num_layers=model.cfg.num_hidden_layers)
+                                                   model_cfg=model.cfg)
         step = jax.jit(functools.partial(
             purify.train_step, model=model, optimizer=optimizer, schedule=schedule,
             recipe=config.recipe, dropout=False, seed=0, masking=None,
