@@ -9,6 +9,11 @@ from __future__ import annotations
 import ml_collections
 
 
+def bad_value(key: str, value, fix: str):
+    """Raises the error every stage gives for a bad config value: `KEY=VALUE: the fix`."""
+    raise ValueError(f"{key}={value!r}: {fix}")
+
+
 def add_train(c: ml_collections.ConfigDict, *, batch_size: int, num_epochs: int,
               learning_rate: float, seed: int, log_every: int, dropout: bool = True) -> None:
     """train.*: the optimizer (clip -> AdamW, linear warm-up/decay) and the loop."""

@@ -18,12 +18,9 @@ import jax
 import optax
 
 from recipe_jax import hf
+from recipe_jax.config_blocks import bad_value
 
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
-
-
-def _bad(key: str, value, fix: str):
-    raise ValueError(f"{key}={value!r}: {fix}")
 
 
 def parse_lr_scales(entries: Sequence[str]) -> list[tuple[str, float]]:
@@ -36,14 +33,14 @@ def parse_lr_scales(entries: Sequence[str]) -> list[tuple[str, float]]:
         except ValueError:
             value = float("nan")
         if not pattern or not value >= 0:
-            _bad("train.lr_scales", tuple(entries),
-                 f"{entry!r} is not REGEX=FACTOR with FACTOR >= 0; e.g. "
-                 "'encoder\\.layer\\.[012]\\.=0.3' trains layers 0-2 at 0.3 x the lr")
+            bad_value("train.lr_scales", tuple(entries),
+                      f"{entry!r} is not REGEX=FACTOR with FACTOR >= 0; e.g. "
+                      "'encoder\\.layer\\.[012]\\.=0.3' trains layers 0-2 at 0.3 x the lr")
         try:
             re.compile(pattern)
         except re.error as e:
-            _bad("train.lr_scales", tuple(entries), f"{pattern!r} is not a valid regex "
-                 f"({e}); escape special characters with a backslash")
+            bad_value("train.lr_scales", tuple(entries), f"{pattern!r} is not a valid regex "
+                      f"({e}); escape special characters with a backslash")
         rules.append((pattern, value))
     return rules
 
@@ -57,11 +54,11 @@ def parse_depth_lr_scales(factors: Sequence[float], num_layers: int | None = Non
     except (TypeError, ValueError):
         values = (float("nan"),)
     if not all(v >= 0 for v in values):  # `not >=` also catches NaN
-        _bad("train.depth_lr_scales", factors, "use factors >= 0, one per band of "
-             "layers, bottom to top; e.g. (0.5, 1.0) trains the lower half at half the lr")
+        bad_value("train.depth_lr_scales", factors, "use factors >= 0, one per band of "
+                  "layers, bottom to top; e.g. (0.5, 1.0) trains the lower half at half the lr")
     if num_layers is not None and len(values) > num_layers:
-        _bad("train.depth_lr_scales", factors, f"{len(values)} bands for a model of "
-             f"{num_layers} layers; use at most {num_layers} factors")
+        bad_value("train.depth_lr_scales", factors, f"{len(values)} bands for a model of "
+                  f"{num_layers} layers; use at most {num_layers} factors")
     return values
 
 
@@ -98,9 +95,9 @@ def lr_scale_tree(trainable, entries: Sequence[str], model_type: str,
     tree = jax.tree_util.tree_map_with_path(factor, trainable)
     unused = [p for p, _ in rules if p not in used]
     if unused:
-        _bad("train.lr_scales", tuple(entries),
-             f"{unused} match no trainable parameter; names look like "
-             "bert.encoder.layer.0.intermediate.dense.weight")
+        bad_value("train.lr_scales", tuple(entries),
+                  f"{unused} match no trainable parameter; names look like "
+                  "bert.encoder.layer.0.intermediate.dense.weight")
     return tree
 
 

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from recipe_jax import checkpoint, faults, hf, optim, sharding
+from recipe_jax.config_blocks import bad_value
 from recipe_jax.losses import matches
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ def merge_params(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = merge_params(out[k], v) if k in out and isinstance(v, dict) else v
     return out
-
-
-def bad_value(key: str, value, fix: str):
-    raise ValueError(f"{key}={value!r}: {fix}")
 
 
 def validate(config) -> None:
