@@ -103,7 +103,7 @@ def bench_jax(size: str, batch_np: dict, dtype: str, n_warmup: int, n_steps: int
     state = train.init_state(jax.device_put(trainable), optimizer)
     frozen = jax.device_put(frozen)
     recipe = ml_collections.ConfigDict(dict(mlm=True, weight=1.0, regularize=(INTERMEDIATE,),
-                                            groups="matrix", distill=0.0))
+                                            groups="matrix", distill=0.0, proximal=False))
     compute = model_lib.Transformer(dataclasses.replace(cfg, dtype=dtype))
     step_fn = jax.jit(functools.partial(
         purify.train_step, model=compute, optimizer=optimizer, schedule=schedule, recipe=recipe,

@@ -98,7 +98,7 @@ def loss_fn(trainable, frozen, batch, reference, rng, *, model: Transformer, rec
         loss += recipe.distill * distill
         parts["distill_mse"] = distill
     reg = penalty(params, recipe, model.cfg)
-    if not recipe.get("proximal", False):  # else applied after the update (proximal_shrink)
+    if not recipe.proximal:  # else applied after the update (proximal_shrink)
         loss += recipe.weight * reg
     parts["reg_loss"] = reg
     return loss, parts
@@ -140,7 +140,7 @@ def train_step(state: train.TrainState, frozen, batch, *reference, model, optimi
                                    dropout=dropout)
     lr = schedule(state.step)  # the learning rate of this update
     state, metrics = train.apply_gradients(state, grads, optimizer, schedule)
-    if recipe.get("proximal", False):
+    if recipe.proximal:
         factors = optim.lr_scale_tree(state.trainable, lr_scales, model.cfg.model_type,
                                       depth_lr_scales, model.cfg.num_hidden_layers)
         thresholds = jax.tree.map(lambda f: lr * f * recipe.weight, factors)
