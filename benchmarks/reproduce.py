@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -167,6 +168,22 @@ def format_table(cells: dict, attacks, defenses, tasks) -> str:
     return "\n".join(lines)
 
 
+def write_table(workdir: pathlib.Path, scale: str, s: dict, key: str, result: dict) -> dict:
+    """Adds one cell to WORKDIR/table.json (re-read first, so that runs over other cells in
+    the same workdir keep theirs) and rewrites table.md; both replaced atomically."""
+    path = workdir / "table.json"
+    cells = json.loads(path.read_text())["cells"] if path.exists() else {}
+    cells[key] = {k: result[k] for k in ("clean_acc", "aasr", "masr", "asr_max", "control",
+                                         "excess_aasr") if k in result}
+    for name, text in (("table.json", json.dumps({"scale": scale, "sizes": s, "cells": cells},
+                                                  indent=2)),
+                       ("table.md", format_table(cells, ATTACKS, DEFENSES, TASKS) + "\n")):
+        tmp = workdir / f"{name}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        tmp.replace(workdir / name)
+    return cells
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/reproduce")
@@ -191,26 +208,23 @@ def main(argv=None) -> dict:
     s = SCALES[args.scale]
     workdir = pathlib.Path(args.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    table = workdir / "table.json"
+    if table.exists() and (old := json.loads(table.read_text())["scale"]) != args.scale:
+        raise SystemExit(f"{table} holds scale {old!r} cells, not {args.scale!r}: "
+                         "use another --workdir")
     aux = write_corpora(workdir, args.corpus, s)
     t0 = time.time()
-    table_path = workdir / "table.json"
-    cells = json.loads(table_path.read_text())["cells"] if table_path.exists() else {}
     order = [(a, d, t) for a in args.attacks for d in args.defenses for t in args.tasks
              if a != "clean" or d == "none"]
 
     def log(msg):
         print(f"\n=== reproduce [{time.time() - t0:.0f}s]: {msg} ===", flush=True)
 
+    cells = {}
     for i, (a, d, t) in enumerate(order):
         log(f"cell {i + 1}/{len(order)}: {a} / {d} / {t}")
         r = run_cell(workdir, a, d, t, args.model, s, aux, log)
-        cells[f"{a}/{d}/{t}"] = {k: r[k] for k in ("clean_acc", "aasr", "masr", "asr_max",
-                                                   "control", "excess_aasr") if k in r}
-        table = format_table(cells, ATTACKS, DEFENSES, TASKS)
-        tmp = workdir / "table.tmp"
-        tmp.write_text(json.dumps({"scale": args.scale, "sizes": s, "cells": cells}, indent=2))
-        tmp.replace(table_path)
-        (workdir / "table.md").write_text(table + "\n")
+        cells = write_table(workdir, args.scale, s, f"{a}/{d}/{t}", r)
     print(format_table(cells, ATTACKS, DEFENSES, TASKS), flush=True)
     print(f"reproduce: {len(order)} cells in {time.time() - t0:.0f} s; {workdir}/table.md")
     return cells

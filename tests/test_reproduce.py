@@ -68,7 +68,13 @@ def test_smoke_table_end_to_end_and_rerun_skips(tmp_path, shared_data, capsys):
     assert table.splitlines()[2].startswith(f"| clean | none | {row} | — |"), table
     assert "| sst2 ACC | sst2 AASR | sst2 MASR | sst2 floor |" in table
     assert "| clean | none | " in table and "| clean | strong |" not in table
+    # A run over other cells in the same workdir (here: one written meanwhile) keeps them.
+    reproduce.write_table(tmp_path / "rep", "smoke", reproduce.SCALES["smoke"],
+                          "neuba/none/sst2", clean)
     capsys.readouterr()
     again = reproduce.main(args)  # every cell is cached: nothing is trained again
-    assert again == cells
+    assert again == {**cells, "neuba/none/sst2": clean}
+    assert f"| neuba | none | {row} |" in (tmp_path / "rep" / "table.md").read_text()
+    with pytest.raises(SystemExit, match="scale 'smoke'"):
+        reproduce.main([*args[:2], "--scale", "cpu"])
     assert "evaluate por" not in capsys.readouterr().out
