@@ -43,8 +43,10 @@ SCALES = {
                   defend_steps=2, finetune_examples=32, finetune_epochs=1, finetune_lr=1e-4,
                   test=24, length=16),
 }
-# The attacks' learning rates at this scale (POR: see docs/results.md; the others: presets).
-ATTACK_LR = {"por": 1e-4}
+# The attacks' learning rates at this scale (NeuBA: its preset). POR: see docs/results.md.
+# BadPre: its preset's 2e-5 leaves the fresh MLM head (MiniLM ships none) at MLM loss 6.8
+# after 100 of 375 steps, so neither the clean MLM term nor the poison is learned.
+ATTACK_LR = {"por": 1e-4, "badpre": 1e-4}
 
 
 def load(name: str, preset: str):
