@@ -54,6 +54,7 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.recipe.mlm = True  # include the MLM loss term (False = "only regularization" ablation)
     c.recipe.distill = 0.0  # weight of the token-state distance to the loaded model (0 = off)
     c.recipe.proximal = False  # regularizer as a proximal step after each update, not in the loss
+    c.recipe.drop_pooler = False  # leave the pooler (+NSP head) out: no loss term reaches them
 
     config_blocks.add_runtime(c)
 

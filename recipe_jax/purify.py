@@ -14,13 +14,18 @@ of each matrix's Frobenius norm (a group lasso). `recipe.proximal = True` (ours)
 regularizer out of the loss and applies it as a proximal step after each optimizer update: each
 group (matrix or neuron) is scaled by max(0, 1 - lr_t * factor * lambda / ||group||), so under
 Adam the penalty keeps its own step size (lr * lambda per step, not Adam-normalized) and a group
-that the MLM loss does not hold up reaches exactly zero. Writes
+that the MLM loss does not hold up reaches exactly zero. `recipe.drop_pooler = True` (ours) leaves
+the pooler and the next-sentence head out of the purified model: neither the MLM loss nor the
+regularizer reaches them, so a backdoor planted there (POR and NeuBA train the pooler) would pass
+through untouched; a downstream fine-tune then initializes a fresh pooler, as `transformers` does
+for any `*ForMaskedLM` checkpoint. Writes
 `DIR/checkpoints/` (Orbax, resumable: rerun the same command), `DIR/metrics.jsonl` and the
 purified model as a Hugging Face dir, `DIR/hf/`. `--help` lists every flag and config key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import pathlib
@@ -187,12 +192,24 @@ def prepare_data(config, texts: list[str], model_dir, vocab_size: int
 
 # -------------------------------------------------------------------------------------- main
 
+def drop_pooler(model: Transformer, params: dict) -> tuple[Transformer, dict]:
+    """The model and params without the pooler and the NSP head on it (a no-op without them)."""
+    if not (model.cfg.pooler or model.cfg.nsp_head):
+        return model, params
+    log.info("recipe.drop_pooler: the export leaves out the pooler and NSP head; a downstream "
+             "fine-tune initializes them fresh")
+    cfg = dataclasses.replace(model.cfg, pooler=False, nsp_head=False)
+    return Transformer(cfg), {k: v for k, v in params.items() if k not in ("pooler", "nsp")}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The whole purify stage; returns a summary dict (also written to DIR/summary.json)."""
     validate(config)
     mesh = stage.start(config)
     workdir = pathlib.Path(workdir).absolute()
     model_dir, texts, model, host_params = stage.load(config)
+    if config.recipe.drop_pooler:
+        model, host_params = drop_pooler(model, host_params)
     cfg = model.cfg
     if config.recipe.weight > 0 and not losses.select_names(
             host_params, config.recipe.regularize, cfg.model_type):

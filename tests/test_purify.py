@@ -443,3 +443,25 @@ def test_roberta_preset_trains_everything_and_regularizes_query(tmp_path):
     regularized = losses.select_names(params, config.recipe.regularize, "roberta")
     assert regularized == sorted(f"roberta.encoder.layer.{i}.{m}.weight" for i in range(2)
                                  for m in ("attention.self.query", "intermediate.dense"))
+
+
+def test_drop_pooler_leaves_out_pooler_and_nsp_head_and_nothing_else(tmp_path):
+    """POR and NeuBA train the pooler, which no purify loss reaches: `recipe.drop_pooler` leaves
+    it (and the NSP head on it) out of the export, and `transformers` initializes it fresh."""
+    hf_dir, aux = _tiny_setup(tmp_path, kind="BertForPreTraining")
+    purify.train_and_evaluate(_config(hf_dir, aux), str(tmp_path / "kept"))
+    purify.train_and_evaluate(_config(hf_dir, aux, recipe__drop_pooler=True),
+                              str(tmp_path / "dropped"))
+    kept = load_file(str(tmp_path / "kept" / "hf" / "model.safetensors"))
+    dropped = load_file(str(tmp_path / "dropped" / "hf" / "model.safetensors"))
+    gone = {k for k in kept if k.startswith(("bert.pooler.", "cls.seq_relationship."))}
+    assert len(gone) == 4  # pooler and NSP head, weight and bias each
+    assert set(dropped) == set(kept) - gone
+    for key, value in dropped.items():  # the same run otherwise: the pooler feeds no loss
+        np.testing.assert_allclose(value, kept[key], atol=1e-6, err_msg=key)
+    config = json.loads((tmp_path / "dropped" / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["BertForMaskedLM"]
+    _, info = transformers.BertForSequenceClassification.from_pretrained(
+        str(tmp_path / "dropped" / "hf"), num_labels=2, output_loading_info=True)
+    assert set(info["missing_keys"]) == {"bert.pooler.dense.weight", "bert.pooler.dense.bias",
+                                         "classifier.weight", "classifier.bias"}
