@@ -161,3 +161,27 @@ def test_cli_one_line_errors(tmp_path, tiny_dir):
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("inspect: error: --model ")
+
+
+def test_weight_change_names_the_one_tensor_that_moved_and_skips_fresh_heads(tmp_path):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import weight_change
+    from safetensors.numpy import load_file, save_file
+
+    ref = tiny_bert_with_tokenizer(tmp_path / "ref", kind="BertForPreTraining")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in ref.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(ref / "model.safetensors"))
+    state["bert.pooler.dense.weight"] = 3.0 * state["bert.pooler.dense.weight"]  # change: 200%
+    bare = {k: v for k, v in state.items() if not k.startswith("cls.")}  # no MLM / NSP head
+    save_file(bare, str(moved / "model.safetensors"), metadata={"format": "pt"})
+    changes = weight_change.relative_change(weight_change.load(str(ref)),
+                                            weight_change.load(str(moved)))
+    assert not any(k.startswith("cls.") for k in changes)  # fresh heads are not compared
+    assert changes.pop("bert.pooler.dense.weight") == pytest.approx(2.0, rel=1e-6)
+    assert len(changes) > 10 and max(changes.values()) == 0.0
+    kinds = weight_change.by_kind({**changes, "bert.pooler.dense.weight": 2.0})
+    assert kinds["pooler"] == (2.0, 2.0) and kinds["FFN"] == (0.0, 0.0)
+    assert weight_change.main(["--reference", str(ref), str(moved), "--top", "1"]) == 0
