@@ -124,6 +124,21 @@ def _done(path: pathlib.Path) -> bool:
     return (path / "hf" / "config.json").exists()
 
 
+def _check_same_settings(defended: pathlib.Path, config) -> None:
+    """A finished defense built with other settings (e.g. before a preset changed) is refused,
+    not silently reused."""
+    from recipe_jax import stage
+
+    if not (defended / "config.json").exists():
+        return
+    try:
+        stage.check_resume_config(defended, config)
+    except ValueError as e:
+        raise SystemExit(f"{e}\nThat cell was built with other settings than the preset's now: "
+                         f"delete {defended} and {defended.parent}/eval_{defended.name[8:]}_* "
+                         "to rebuild it, or use another --workdir") from None
+
+
 def run_cell(workdir, attack, defense, task, model, s, aux, log) -> dict:
     """Builds what the cell needs (attack, defense, evaluation), skipping finished parts."""
     from recipe_jax import attack as attack_lib
@@ -141,11 +156,14 @@ def run_cell(workdir, attack, defense, task, model, s, aux, log) -> dict:
         log(f"attack {attack}")
         attack_lib.train_and_evaluate(attack_config(attack, model, aux[0], s), attacked)
     defended = attacked if defense == "none" else base / f"defense_{defense}"
-    if not _done(defended):
-        log(f"defense {defense} on {attack}")
+    if defense != "none":
         c = defense_config(defense, attack, attacked / "hf", aux[1], s)
-        (purify.train_and_evaluate if defense in PURIFY else prune.prune_and_export)(
-            c, defended)
+        if _done(defended):
+            _check_same_settings(defended, c)
+        else:
+            log(f"defense {defense} on {attack}")
+            (purify.train_and_evaluate if defense in PURIFY else prune.prune_and_export)(
+                c, defended)
     out = base / f"eval_{defense}_{task}"
     if not (out / "results.json").exists():
         log(f"evaluate {attack} / {defense} / {task}")

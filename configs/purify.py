@@ -61,8 +61,10 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     if arg == "strong":  # ours: see docs/results.md for how it compares with `bert`
         c.recipe.regularize = (INTERMEDIATE, OUTPUT)  # both FFN matrices
         c.recipe.trainable = (INTERMEDIATE, OUTPUT, MLM_HEAD)  # a weak/missing MLM head learns
-        c.train.learning_rate = 1e-4
+        c.train.learning_rate = 3e-4
+        c.train.depth_lr_scales = (0.5, 1.0)  # the lower half of the layers at half the lr
         c.data.masking = "dynamic"
+        c.recipe.drop_pooler = True  # POR/NeuBA train the pooler; no purify loss reaches it
     elif arg == "roberta":
         c.recipe.regularize = (INTERMEDIATE, QUERY)
         c.recipe.trainable = (r".*",)

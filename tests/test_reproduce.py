@@ -78,3 +78,10 @@ def test_smoke_table_end_to_end_and_rerun_skips(tmp_path, shared_data, capsys):
     with pytest.raises(SystemExit, match="scale 'smoke'"):
         reproduce.main([*args[:2], "--scale", "cpu"])
     assert "evaluate por" not in capsys.readouterr().out
+    # A defense built with other settings (here: as if the preset's lr changed since) is refused.
+    stored = tmp_path / "rep" / "por" / "defense_strong" / "config.json"
+    record = json.loads(stored.read_text())
+    record["train"]["learning_rate"] *= 2
+    stored.write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match=r"(?s)train.learning_rate.*delete .*defense_strong"):
+        reproduce.main(args)
