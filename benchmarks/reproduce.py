@@ -124,7 +124,7 @@ def _done(path: pathlib.Path) -> bool:
     return (path / "hf" / "config.json").exists()
 
 
-def _check_same_settings(defended: pathlib.Path, config) -> None:
+def _check_same_settings(defended: pathlib.Path, config, defense: str) -> None:
     """A finished defense built with other settings (e.g. before a preset changed) is refused,
     not silently reused."""
     from recipe_jax import stage
@@ -135,7 +135,7 @@ def _check_same_settings(defended: pathlib.Path, config) -> None:
         stage.check_resume_config(defended, config)
     except ValueError as e:
         raise SystemExit(f"{e}\nThat cell was built with other settings than the preset's now: "
-                         f"delete {defended} and {defended.parent}/eval_{defended.name[8:]}_* "
+                         f"delete {defended} and {defended.parent}/eval_{defense}_* "
                          "to rebuild it, or use another --workdir") from None
 
 
@@ -159,7 +159,7 @@ def run_cell(workdir, attack, defense, task, model, s, aux, log) -> dict:
     if defense != "none":
         c = defense_config(defense, attack, attacked / "hf", aux[1], s)
         if _done(defended):
-            _check_same_settings(defended, c)
+            _check_same_settings(defended, c, defense)
         else:
             log(f"defense {defense} on {attack}")
             (purify.train_and_evaluate if defense in PURIFY else prune.prune_and_export)(
