@@ -31,8 +31,8 @@ KINDS = (("attention", r"\.attention\."),
 def load(model: str) -> dict[str, np.ndarray]:
     """{HF name: float32 array} of the tensors the file holds (no freshly initialized heads)."""
     net, params, info = hf.load_pretrained(hf.resolve_model_dir(model), with_info=True)
-    named = hf.named_params(params, net.cfg.model_type)
-    return {name: np.asarray(a) for name, a in named.items() if name not in set(info["fresh"])}
+    named, fresh = hf.named_params(params, net.cfg.model_type), set(info["fresh"])
+    return {name: np.asarray(a) for name, a in named.items() if name not in fresh}
 
 
 def relative_change(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]
