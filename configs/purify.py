@@ -7,7 +7,7 @@ tiny).
 
 `bert` is the authors' release exactly (recipe_spec.md §2); `strong` is ours, the project's
 recommended defense: both FFN matrices regularized, the MLM head trainable so that a weak or
-missing head learns, lr 3e-4 with the lower half of the layers at half of it
+missing head learns, lr 3e-4 with the lower half of the layers at a quarter of it
 (`train.depth_lr_scales`), dynamic masks, and the pooler left out of the export
 (`recipe.drop_pooler`: POR and NeuBA train it, and no purify loss reaches it, so a downstream
 fine-tune starts from a fresh one). `roberta` is the paper's appendix setting; `only_pretrain`
@@ -66,7 +66,7 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
         c.recipe.regularize = (INTERMEDIATE, OUTPUT)  # both FFN matrices
         c.recipe.trainable = (INTERMEDIATE, OUTPUT, MLM_HEAD)  # a weak/missing MLM head learns
         c.train.learning_rate = 3e-4
-        c.train.depth_lr_scales = (0.5, 1.0)  # the lower half of the layers at half the lr
+        c.train.depth_lr_scales = (0.25, 1.0)  # the lower half of the layers at a quarter lr
         c.data.masking = "dynamic"
         c.recipe.drop_pooler = True  # POR/NeuBA train the pooler; no purify loss reaches it
     elif arg == "roberta":
