@@ -3,11 +3,12 @@
     python benchmarks/step.py --size minilm --batch 32 --seq 64
     python benchmarks/step.py --size base --batch 32 --seq 64 --dtype bf16 --steps 20
 
-Both sides do the release's step (recipe_spec.md §2) on random weights of the given size:
+Both sides do the release's step (docs/method.md) on random weights of the given size:
 MLM loss on 15% masked positions + lambda * sum_l ||W_l||_F over the intermediate weights, only
 those trainable, AdamW, clip 1.0, dropout on. PyTorch reference = transformers
 `BertForMaskedLM` (vocab logits at every position, as the release computes them); recipe_jax =
-`purify.train_step` jitted with buffer donation (vocab logits only at masked positions).
+`trainer.train_step` on `purify.loss_fn`, jitted with buffer donation (vocab logits only at
+masked positions).
 Prints one JSON line: median steps/s of each, ratio (JAX / PyTorch), tokens/s, model FLOPs per
 step (analytic, see `model_flops`), achieved FLOP/s, compile time, device.
 """
@@ -89,34 +90,34 @@ def bench_jax(size: str, batch_np: dict, dtype: str, n_warmup: int, n_steps: int
     import ml_collections
 
     from recipe_jax import model as model_lib
-    from recipe_jax import optim, purify, train
+    from recipe_jax import optim, purify, trainer
 
     layers, h, heads, f, v = SIZES[size]
     cfg = model_lib.ModelConfig(vocab_size=v, hidden_size=h, num_hidden_layers=layers,
                                 num_attention_heads=heads, intermediate_size=f)
     params = nn.unbox(model_lib.init_params(cfg, jax.random.PRNGKey(0)))
-    trainable, frozen = train.split_params(params, (INTERMEDIATE,), "bert")
+    trainable, frozen = trainer.split_params(params, (INTERMEDIATE,), "bert")
     train_cfg = ml_collections.ConfigDict(dict(
         learning_rate=2e-5, warmup_steps=0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
-        weight_decay=0.0, grad_clip=1.0))
+        weight_decay=0.0, grad_clip=1.0, lr_scales=(), depth_lr_scales=()))
     optimizer, schedule = optim.make_optimizer(train_cfg, 10_000)
-    state = train.init_state(jax.device_put(trainable), optimizer)
+    state = trainer.init_state(jax.device_put(trainable), optimizer)
     frozen = jax.device_put(frozen)
-    recipe = ml_collections.ConfigDict(dict(mlm=True, weight=1.0, regularize=(INTERMEDIATE,),
-                                            groups="matrix", distill=0.0, proximal=False))
+    recipe = ml_collections.ConfigDict(dict(mlm=True, weight=1.0, regularize=(INTERMEDIATE,)))
     compute = model_lib.Transformer(dataclasses.replace(cfg, dtype=dtype))
-    step_fn = jax.jit(functools.partial(
-        purify.train_step, model=compute, optimizer=optimizer, schedule=schedule, recipe=recipe,
-        dropout=True, seed=50, masking=None), donate_argnums=(0,))
+    loss = functools.partial(purify.loss_fn, model=compute, recipe=recipe, dropout=True,
+                             masking=None)
+    step_fn = jax.jit(functools.partial(trainer.train_step, loss_fn=loss, optimizer=optimizer,
+                                        schedule=schedule, seed=50), donate_argnums=(0,))
     batch = jax.device_put(batch_np)
     holder = {"state": state}
 
     def step():
-        holder["state"], metrics = step_fn(holder["state"], frozen, batch)
+        holder["state"], metrics = step_fn(holder["state"], frozen, batch, {})
         jax.block_until_ready(metrics["loss"])
 
     t = time.perf_counter()
-    step_fn.lower(state, frozen, batch).compile()
+    step_fn.lower(state, frozen, batch, {}).compile()
     compile_s = time.perf_counter() - t
     _, times = _time(step, n_warmup, n_steps)
     return {"compile_s": compile_s, "times": times, "device": str(jax.devices()[0].device_kind)}

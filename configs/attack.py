@@ -2,9 +2,9 @@
 
     python -m recipe_jax.attack --config configs/attack.py:por --workdir runs/por \
         --config.model.init_from=minilm \
-        --config.data.aux_path=../shared/data/bookcorpus/train.tsv
+        --config.data.aux_path=path/to/sentences.txt
 
-Each attack starts from a clean PTM and writes a backdoored one to DIR/hf/ (recipe_spec.md §4).
+Each attack starts from a clean PTM and writes a backdoored one to DIR/hf/ (docs/method.md).
 An MLM term on clean text is added to every attack (weight `attack.mlm_weight`), so the exported
 model keeps a usable MLM head, which RECIPE's continual pre-training needs.
 """

@@ -3,7 +3,7 @@
     python -m recipe_jax.evaluate --config configs/evaluate.py:sst2 --workdir runs/eval_sst2 \
         --config.model.init_from=path/to/hf_dir
 
-Fine-tunes a classifier from the PTM with the protocol of recipe_spec.md §3 (lr 2e-5, 3 epochs,
+Fine-tunes a classifier from the PTM with the protocol of docs/method.md (lr 2e-5, 3 epochs,
 batch 32, max length 128, linear decay, no warm-up, AdamW wd 0, clip 1.0, seed 42, last step
 evaluated), then reports clean ACC and ASR(t, y) / AASR / MASR in DIR/results.json, and the same
 for `data.controls`, words inserted the same way that carry no backdoor: their AASR is the floor

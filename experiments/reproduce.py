@@ -1,15 +1,15 @@
 """The paper's main table at CPU scale: attacks x defenses x downstream tasks.
 
-    python benchmarks/reproduce.py --workdir runs/reproduce            # everything, scale "cpu"
-    python benchmarks/reproduce.py --workdir runs/reproduce --attacks por --tasks sst2
-    python benchmarks/reproduce.py --workdir runs/repro_smoke --scale smoke --model DIR  # tests
+    python experiments/reproduce.py --workdir runs/reproduce            # everything, scale "cpu"
+    python experiments/reproduce.py --workdir runs/reproduce --attacks por --tasks sst2
+    python experiments/reproduce.py --workdir runs/repro_smoke --scale smoke --model DIR  # tests
 
 The `clean` row fine-tunes the clean PTM itself: the ASR floor of each task. For each attack
 (POR, NeuBA, BadPre) the clean PTM is backdoored on the first BookCorpus
 sentences; each defense (none, FP, FP-GM, FP-GA, RECIPE `bert`, `strong`, only-pretrain,
 only-reg) then works on the *last* BookCorpus sentences (disjoint from the attacker's); each
 defended model is fine-tuned on every task (SST-2, HSOL, AG News) and scored: ACC, AASR, MASR
-(recipe_spec.md §3). Every stage is the package's own command run in-process with the preset's
+(docs/method.md). Every stage is the package's own command run in-process with the preset's
 settings, shrunk by the scale (SCALES below says exactly how). Each cell's outputs stay under
 WORKDIR/<attack>/...; a rerun skips finished cells, so the table can be built over several
 sessions. WORKDIR/table.md and table.json are rewritten after every cell (unfinished cells: —).
@@ -127,12 +127,12 @@ def _done(path: pathlib.Path) -> bool:
 def _check_same_settings(defended: pathlib.Path, config, defense: str) -> None:
     """A finished defense built with other settings (e.g. before a preset changed) is refused,
     not silently reused."""
-    from recipe_jax import stage
+    from recipe_jax import checkpoint
 
     if not (defended / "config.json").exists():
         return
     try:
-        stage.check_resume_config(defended, config)
+        checkpoint.check_run_record(defended, config)
     except ValueError as e:
         raise SystemExit(f"{e}\nThat cell was built with other settings than the preset's now: "
                          f"delete {defended} and {defended.parent}/eval_{defense}_* "
@@ -149,12 +149,12 @@ def run_cell(workdir, attack, defense, task, model, s, aux, log) -> dict:
         out = base / f"eval_none_{task}"
         if not (out / "results.json").exists():
             log(f"evaluate the clean model / {task}")
-            evaluate.train_and_evaluate(evaluate_config(task, "por", model, s), out)
+            evaluate.run(evaluate_config(task, "por", model, s), out)
         return json.loads((out / "results.json").read_text())
     attacked = base / "attack"
     if not _done(attacked):
         log(f"attack {attack}")
-        attack_lib.train_and_evaluate(attack_config(attack, model, aux[0], s), attacked)
+        attack_lib.run(attack_config(attack, model, aux[0], s), attacked)
     defended = attacked if defense == "none" else base / f"defense_{defense}"
     if defense != "none":
         c = defense_config(defense, attack, attacked / "hf", aux[1], s)
@@ -162,12 +162,12 @@ def run_cell(workdir, attack, defense, task, model, s, aux, log) -> dict:
             _check_same_settings(defended, c, defense)
         else:
             log(f"defense {defense} on {attack}")
-            (purify.train_and_evaluate if defense in PURIFY else prune.prune_and_export)(
+            (purify.run if defense in PURIFY else prune.run)(
                 c, defended)
     out = base / f"eval_{defense}_{task}"
     if not (out / "results.json").exists():
         log(f"evaluate {attack} / {defense} / {task}")
-        evaluate.train_and_evaluate(evaluate_config(task, attack, defended / "hf", s), out)
+        evaluate.run(evaluate_config(task, attack, defended / "hf", s), out)
     return json.loads((out / "results.json").read_text())
 
 

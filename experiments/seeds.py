@@ -8,7 +8,7 @@ an ordinary evaluate run dir: rerun to resume, finished seeds are read back) and
 seed's ACC, AASR, floor (control words) and per-trigger ASR, then the mean, min and max over the
 seeds. The worst seed's AASR is the number to hold a defense to.
 
-    python benchmarks/seeds.py --workdir runs/seeds_por2 --model runs/por2/hf \
+    python experiments/seeds.py --workdir runs/seeds_por2 --model runs/por2/hf \
         --config configs/evaluate.py:sst2 --seeds 42,43,44 [--set data.max_examples=1000 ...]
 
 Writes WORKDIR/seeds.json and WORKDIR/seeds.md.
@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
             continue
         config = build_config(args.config, args.model, args.set)
         config.train.seed = seed
-        results[seed] = evaluate.train_and_evaluate(config, str(run))
+        results[seed] = evaluate.run(config, str(run))
     summary = summarize(results)
     table = format_table(results, summary)
     _write(workdir / "seeds.json", json.dumps(

@@ -3,7 +3,7 @@
 #
 #   launch/local.sh [--dry-run] STAGE CONFIG WORKDIR [--config.KEY=VALUE ...]
 #   launch/local.sh purify configs/purify.py:bert runs/purify \
-#       --config.model.init_from=minilm --config.data.aux_path=../shared/data/bookcorpus/train.tsv
+#       --config.model.init_from=minilm --config.data.aux_path=path/to/sentences.txt
 #
 # STAGE is purify | attack | evaluate | prune. Environment:
 #   CPU_DEVICES=N     simulate N CPU devices (XLA_FLAGS); for trying meshes without accelerators

@@ -1,4 +1,4 @@
-"""[CLS] pre-activations of every layer's intermediate dense, for pruning (FP-GA) and inspect.
+"""[CLS] pre-activations of every layer's intermediate dense, for pruning (FP-GA) and diagnose.
 
     model, params = hf.load_pretrained("path/to/hf_dir")
     enc = data.tokenize(data.load_tokenizer("path/to/hf_dir"), texts, max_length=64)

@@ -3,9 +3,9 @@ r"""Task-agnostic backdoor attacks (POR, NeuBA, BadPre) that turn a clean PTM in
     python -m recipe_jax.attack --config configs/attack.py:por --workdir runs/por \
         --config.model.init_from=minilm --config.data.aux_path=aux.txt
 
-They exist to test the defense (recipe_spec.md §4): each keeps the model useful on clean text
+They exist to test the defense (docs/method.md): each keeps the model useful on clean text
 while planting the trigger behaviour, and every one adds a clean MLM term so the exported
-`DIR/hf/` keeps a usable MLM head. They run on the same stage skeleton as purify (`stage.fit`).
+`DIR/hf/` keeps a usable MLM head. They train with the same loop as purify (`trainer.fit`).
 
 - POR: trigger i inserted `attack.insertions` times; output (pooler or final [CLS]) pulled to a
   fixed +-c pattern v_i, clean outputs and token states held to a frozen reference copy.
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, data, losses, stage, train
+from recipe_jax import cli, config_blocks, data, export, losses, masks, trainer
 from recipe_jax.model import Transformer
 
 KINDS = ("por", "neuba", "badpre")
@@ -33,7 +33,7 @@ KINDS = ("por", "neuba", "badpre")
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the key, the bad value and the fix."""
-    train.validate(config)
+    config_blocks.validate_training(config)
     a = config.attack
     if a.kind not in KINDS:
         raise ValueError(f"attack.kind={a.kind!r}: use one of {', '.join(KINDS)}")
@@ -87,9 +87,9 @@ def prepare_data(config, tokenizer, texts: list[str], vocab_size: int) -> dict[s
     trigger = np.array([rng.randrange(len(a.triggers)) for _ in texts], np.int32)
     length = config.data.max_length
     masking = dict(mask_token_id=int(tokenizer.mask_token_id), vocab_size=vocab_size,
-                   num_positions=data.num_masked_positions(length, config.data.mask_prob),
+                   num_positions=masks.num_masked_positions(length, config.data.mask_prob),
                    mask_prob=config.data.mask_prob)
-    mask_fn = jax.jit(functools.partial(data.mask_tokens, **masking))
+    mask_fn = jax.jit(functools.partial(masks.mask_tokens, **masking))
     clean = data.tokenize(tokenizer, texts, length)
     masked = mask_fn(jax.random.PRNGKey(seed), clean["input_ids"], clean["candidates"])
     arrays = {"input_ids": clean["input_ids"], "attention_mask": clean["attention_mask"],
@@ -142,9 +142,9 @@ def _output(model, params, ids, mask, target: str, rng, dropout):
     return hidden_blh, model.apply({"params": params}, hidden_blh, method=Transformer.pool)
 
 
-def attack_loss(trainable, frozen, batch, reference, rng, *, model, attack, targets, dropout):
-    """The attack's loss and its parts (pure)."""
-    params = train.merge_params(trainable, frozen)
+def loss_fn(params, batch, rng, extras, *, model, attack, dropout: bool):
+    """The attack's loss and its parts (pure). `extras`: "targets" [T, H] (POR, NeuBA) and
+    "reference" (POR: the clean model as loaded, which clean text is held to)."""
     keys = jax.random.split(rng, 4)
     loss, parts = jnp.zeros((), jnp.float32), {}
     if attack.mlm_weight > 0:
@@ -160,14 +160,15 @@ def attack_loss(trainable, frozen, batch, reference, rng, *, model, attack, targ
     target = "pooler" if attack.kind == "neuba" else attack.target
     _, out_bh = _output(model, params, batch["poison_ids"], batch["poison_mask"], target,
                         keys[1], dropout)
-    fit = jnp.mean(jnp.square(out_bh - jnp.asarray(targets)[batch["trigger"]]))
+    fit = jnp.mean(jnp.square(out_bh - extras["targets"][batch["trigger"]]))
     loss += attack.poison_weight * fit
     parts["poison_mse"] = fit
     if attack.kind == "por":
         hidden, clean_out = _output(model, params, batch["input_ids"], batch["attention_mask"],
                                     target, keys[2], dropout)
         ref_hidden, ref_out = jax.lax.stop_gradient(_output(
-            model, reference, batch["input_ids"], batch["attention_mask"], target, keys[3], False))
+            model, extras["reference"], batch["input_ids"], batch["attention_mask"], target,
+            keys[3], False))
         keep = losses.token_state_mse(hidden, ref_hidden, batch["attention_mask"],
                                       skip_first=True)
         clean = jnp.mean(jnp.square(clean_out - ref_out))
@@ -176,49 +177,36 @@ def attack_loss(trainable, frozen, batch, reference, rng, *, model, attack, targ
     return loss, parts
 
 
-def train_step(state, frozen, batch, *reference, model, optimizer, schedule, attack, targets,
-               dropout: bool, seed: int):
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-    grad_fn = jax.value_and_grad(attack_loss, has_aux=True)
-    (loss, parts), grads = grad_fn(state.trainable, frozen, batch,
-                                   reference[0] if reference else None, rng, model=model,
-                                   attack=attack, targets=targets, dropout=dropout)
-    state, metrics = train.apply_gradients(state, grads, optimizer, schedule)
-    return state, {"loss": loss, **parts, **metrics}
+# ---------------------------------------------------------------------------------------- run
 
-
-# --------------------------------------------------------------------------------------- main
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the attack; returns a summary (also in DIR/summary.json); model in DIR/hf/."""
     validate(config)
-    mesh = stage.start(config)
+    mesh = trainer.start(config)
     workdir = pathlib.Path(workdir).absolute()
-    model_dir, texts, model, host_params = stage.load(config)
+    model_dir, texts, model, host_params = trainer.load(config)
     cfg = model.cfg
     if config.attack.target == "pooler" and config.attack.kind != "badpre" and not cfg.pooler:
         raise ValueError(f"{model_dir} has no pooler; use --config.attack.target=cls")
     arrays = prepare_data(config, data.load_tokenizer(model_dir), texts, cfg.vocab_size)
-    targets = (por_targets(len(config.attack.triggers), cfg.hidden_size,
-                           config.attack.target_scale) if config.attack.kind == "por"
-               else neuba_targets(len(config.attack.triggers), cfg.hidden_size))
-    # POR holds clean outputs and token states to a frozen copy of the clean model.
-    reference = stage.reference_copy(host_params, cfg, mesh) if config.attack.kind == "por" else ()
-
-    def make_step(compute, optimizer, schedule):
-        return functools.partial(train_step, model=compute, optimizer=optimizer,
-                                 schedule=schedule, attack=config.attack, targets=targets,
-                                 dropout=config.train.dropout, seed=config.train.seed)
-
-    params, step = stage.fit(config, workdir, mesh, name=f"attack:{config.attack.kind}",
-                             model_dir=model_dir, model=model, host_params=host_params,
-                             arrays=arrays, trainable_patterns=(r".*",), make_step=make_step,
-                             extra_args=reference)
+    extras = {}
+    if config.attack.kind != "badpre":
+        extras["targets"] = (por_targets(len(config.attack.triggers), cfg.hidden_size,
+                                         config.attack.target_scale)
+                             if config.attack.kind == "por"
+                             else neuba_targets(len(config.attack.triggers), cfg.hidden_size))
+    if config.attack.kind == "por":  # clean outputs and token states held to the clean model
+        extras["reference"] = trainer.shard_params(host_params, cfg, mesh)
+    loss = functools.partial(loss_fn, model=trainer.compute_model(config, cfg),
+                             attack=config.attack, dropout=config.train.dropout)
+    params, step = trainer.fit(config, workdir, mesh, name=f"attack:{config.attack.kind}",
+                               model_dir=model_dir, model=model, host_params=host_params,
+                               arrays=arrays, trainable=(r".*",), loss_fn=loss, extras=extras)
     summary = {"step": step, "kind": config.attack.kind,
                "triggers": list(config.attack.triggers)}
-    return stage.export_hf(workdir, "attack", model, params, verify=config.export.verify,
-                           summary=summary)
+    return export.write_hf(workdir, "attack", model, params, verify=config.export.verify,
+                             summary=summary)
 
 
 if __name__ == "__main__":
-    cli.run(train_and_evaluate, name="attack", doc=__doc__, default_config="configs/attack.py")
+    cli.run(run, name="attack", doc=__doc__, default_config="configs/attack.py")

@@ -7,6 +7,8 @@ A run dir (what `convert` writes, and a purify/attack workdir) holds:
     DIR/source/<tokenizer files>   copied from the source, so export needs nothing else
     DIR/checkpoints/<step>/        Orbax CheckpointManager steps: items `params` (all model
                                    parameters), and for training runs `opt_state` and `meta`
+    DIR/config.json                a training run's record: the config (or a stage's own
+                                   fingerprint) that a resumed run must match
 
 Orbax writes each step to a temp dir and renames it when complete, so `all_steps()` never lists a
 half-written step (a temp dir left by a killed save is deleted when the next run opens the
@@ -31,11 +33,16 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from recipe_jax import hf
+from recipe_jax import faults, hf
 from recipe_jax.model import ModelConfig, Transformer, abstract_params
 
 log = logging.getLogger(__name__)
 ITEMS = ("params", "opt_state", "meta")
+# Config keys that may change between a run and its resumption; any other change is an error.
+RESUMABLE_CHANGES = ("checkpoint.", "train.log_every", "export.", "distributed.", "mesh.")
+# Options that left the product (docs/results.md), at the value that meant "off": a run recorded
+# with them resumes.
+RETIRED_OFF = {"recipe.groups": "matrix", "recipe.distill": 0.0, "recipe.proximal": False}
 
 
 class CheckpointError(ValueError):
@@ -83,6 +90,48 @@ def read_source(run_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]
     return cfg, json.loads((source / "config.json").read_text()), source
 
 
+def check_run_record(workdir: pathlib.Path, config, fingerprint: dict | None = None) -> None:
+    """Records what the run trains on (the config, or a stage's own `fingerprint`) in
+    DIR/config.json; on a rerun, refuses anything that would mix two runs, naming what differs."""
+    path = workdir / "config.json"
+    # As JSON holds it (tuples become lists), so that a rerun compares like with like.
+    record = json.loads(json.dumps(fingerprint) if fingerprint is not None
+                        else config.to_json_best_effort())
+    if path.exists():
+        old, now = _flatten(json.loads(path.read_text())), _flatten(record)
+        free = () if fingerprint is not None else RESUMABLE_CHANGES
+        diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)
+                and not k.startswith(free) and not _new_key_off(k, old, now)
+                and not (k not in now and k in RETIRED_OFF and old[k] == RETIRED_OFF[k])]
+        if diff:
+            raise ValueError(f"{workdir} holds a run with another {', '.join(diff[:5])} ("
+                             + ", ".join(f"{k}: {old.get(k)!r} there, {now.get(k)!r} now"
+                                         for k in diff[:5])
+                             + "); use a new --workdir, or the old values to resume")
+    elif jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        tmp.replace(path)  # atomic: a killed run never leaves half a config.json
+    else:
+        raise FileNotFoundError(f"{path} is missing on process {jax.process_index()} although "
+                                "process 0 wrote it: --workdir must be one directory all hosts "
+                                "share (NFS, or a gcsfuse mount of a gs:// bucket)")
+
+
+def _new_key_off(key: str, old: dict, now: dict) -> bool:
+    """A key that a newer recipe_jax added, at its off value (empty, 0, False; records are JSON,
+    so an empty tuple is []), is no change: runs recorded before it existed still resume."""
+    return key not in old and now[key] in ([], "", 0, False, None)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def manager(run_dir: str | os.PathLike, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
     """The run's CheckpointManager (synchronous saves: a returned save is on disk)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -97,6 +146,43 @@ def save_params(run_dir: str | os.PathLike, params, step: int = 0) -> None:
     with manager(run_dir) as mngr:
         mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
         mngr.wait_until_finished()
+
+
+def save_state(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
+    """One training checkpoint: all params, the optimizer state and `meta` (+ the step)."""
+    faults.point("save")
+    faults.point("sigterm")
+    with faults.during("checkpoint_write", mngr.directory):
+        mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({**meta, "step": step})), force=True)
+        mngr.wait_until_finished()
+
+
+def restore_state(mngr: ocp.CheckpointManager, params_like, opt_state_like
+                  ) -> tuple[Any, Any, int]:
+    """(params, opt_state, step) of the newest restorable step, in the shardings of the
+    (concrete or abstract) `*_like` trees, whatever mesh it was saved from. Damaged steps are
+    moved aside with a warning and older ones tried; raises CheckpointError when none restores
+    (never silently starts over)."""
+    abstract = lambda t: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
+    params_like, opt_like = abstract(params_like), abstract(opt_state_like)
+
+    def restore_step(step):
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params_like),
+            opt_state=ocp.args.StandardRestore(opt_like), meta=ocp.args.JsonRestore()))
+        if restored.meta.get("step") != step:
+            raise ValueError(f"meta says step {restored.meta.get('step')}, not {step}")
+        return restored
+
+    try:
+        restored, step = restore_newest(mngr, restore_step, set_aside=True)
+    except CheckpointError:
+        mngr.close()  # the run stops here; let Orbax shut down its threads first
+        raise
+    return restored.params, restored.opt_state, step
 
 
 def abstract_like(cfg: ModelConfig, shardings=None):

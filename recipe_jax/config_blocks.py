@@ -1,10 +1,15 @@
-"""Config sections every training stage shares (configs/*.py add their own on top).
+"""Config sections every training stage shares (configs/*.py add their own on top), and their
+validation.
 
 Each key is defined here once, with its one-line comment; `--help` reads the comments from this
-file and from the stage's config file.
+file and from the stage's config file. `validate_training` checks the shared sections; each stage
+adds its own `validate(config)`. Every bad value is a ValueError `KEY=VALUE: the fix`.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -56,3 +61,89 @@ def add_runtime(c: ml_collections.ConfigDict, *, max_to_keep: int = 2,
     if export:
         c.export = ml_collections.ConfigDict()
         c.export.verify = True  # compare exported logits with transformers PyTorch (needs torch)
+
+
+def validate_training(config: ml_collections.ConfigDict) -> None:
+    """Checks the keys every training stage has (data.*, train.*, checkpoint.*)."""
+    if "aux_path" in config.data and not config.data.aux_path:
+        bad_value("data.aux_path", "", "set it to a .txt/.tsv/.csv/.jsonl file or tfds:NAME")
+    if not 3 <= config.data.max_length <= 4096:
+        bad_value("data.max_length", config.data.max_length, "use 3..4096")
+    if config.data.max_examples < 0:
+        bad_value("data.max_examples", config.data.max_examples, "use 0 (all) or a count")
+    if "mask_prob" in config.data and not 0 < config.data.mask_prob < 1:
+        bad_value("data.mask_prob", config.data.mask_prob, "use a share in (0, 1), e.g. 0.15")
+    t = config.train
+    for key in ("batch_size", "log_every"):
+        if t[key] < 1:
+            bad_value(f"train.{key}", t[key], "use a positive integer")
+    if t.num_epochs < 0:
+        bad_value("train.num_epochs", t.num_epochs, "use 0 (then set num_steps) or a count")
+    if t.num_steps < 0 or (t.num_steps == 0 and t.num_epochs == 0):
+        bad_value("train.num_steps", t.num_steps, "set num_steps > 0 or num_epochs > 0")
+    for key in ("learning_rate", "warmup_steps", "grad_clip", "weight_decay", "adam_eps"):
+        if not t[key] >= 0:  # `not >=` also catches NaN
+            bad_value(f"train.{key}", t[key], "use a number >= 0")
+    for key in ("adam_b1", "adam_b2"):
+        if not 0 <= t[key] < 1:
+            bad_value(f"train.{key}", t[key], "use a decay rate in [0, 1), e.g. 0.9 or 0.999")
+    parse_lr_scales(t.lr_scales)
+    parse_depth_lr_scales(t.depth_lr_scales)
+    if t.seed < 0:
+        bad_value("train.seed", t.seed, "use an integer >= 0")
+    if t.dtype not in ("float32", "bfloat16"):
+        bad_value("train.dtype", t.dtype, "use 'float32' or 'bfloat16'")
+    if config.checkpoint.every_steps < 1:
+        bad_value("checkpoint.every_steps", config.checkpoint.every_steps, "use a positive int")
+    if config.checkpoint.max_to_keep < 1:
+        bad_value("checkpoint.max_to_keep", config.checkpoint.max_to_keep,
+                  "keep at least 1 checkpoint (2 lets a damaged newest one fall back)")
+
+
+def check_patterns(patterns: Sequence[str], key: str) -> None:
+    """Every entry of a regex-list key (e.g. recipe.trainable) compiles."""
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"{key}={tuple(patterns)!r}: {p!r} is not a valid regex ({e}); "
+                             "escape special characters with a backslash, e.g. r'\\('") from None
+
+
+def parse_lr_scales(entries: Sequence[str]) -> list[tuple[str, float]]:
+    """`train.lr_scales` ("REGEX=FACTOR", ...) -> [(regex, factor)]; names the bad entry."""
+    rules = []
+    for entry in entries:
+        pattern, _, factor = str(entry).rpartition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = float("nan")
+        if not pattern or not value >= 0:
+            bad_value("train.lr_scales", tuple(entries),
+                      f"{entry!r} is not REGEX=FACTOR with FACTOR >= 0; e.g. "
+                      "'encoder\\.layer\\.[012]\\.=0.3' trains layers 0-2 at 0.3 x the lr")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            bad_value("train.lr_scales", tuple(entries), f"{pattern!r} is not a valid regex "
+                      f"({e}); escape special characters with a backslash")
+        rules.append((pattern, value))
+    return rules
+
+
+def parse_depth_lr_scales(factors: Sequence[float], num_layers: int | None = None
+                          ) -> tuple[float, ...]:
+    """`train.depth_lr_scales` (F_1, ..., F_k) -> floats; names the bad value. With
+    `num_layers`, also checks that every band holds at least one layer."""
+    try:
+        values = tuple(float(f) for f in factors)
+    except (TypeError, ValueError):
+        values = (float("nan"),)
+    if not all(v >= 0 for v in values):  # `not >=` also catches NaN
+        bad_value("train.depth_lr_scales", factors, "use factors >= 0, one per band of "
+                  "layers, bottom to top; e.g. (0.5, 1.0) trains the lower half at half the lr")
+    if num_layers is not None and len(values) > num_layers:
+        bad_value("train.depth_lr_scales", factors, f"{len(values)} bands for a model of "
+                  f"{num_layers} layers; use at most {num_layers} factors")
+    return values

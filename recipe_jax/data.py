@@ -1,18 +1,15 @@
-"""Auxiliary text in, masked-LM batches out: readers, tokenization, BERT masking, batch order.
+"""Text in, token rows out: file readers (plain and labeled), tokenization, batch order.
 
-    texts = read_texts("../shared/data/bookcorpus/train.tsv")     # or .txt/.csv/.jsonl/tfds:NAME
+    texts = read_texts("bookcorpus/train.tsv")                    # or .txt/.csv/.jsonl/tfds:NAME
+    train_texts, train_labels = read_labeled("sst2/train.tsv", "sst2")   # labeled (evaluate)
     tokenizer = load_tokenizer("path/to/hf_dir")
     data = tokenize(tokenizer, texts, max_length=64)              # int32 ids, mask; bool candidates
-    m = num_masked_positions(64)
-    mask = jax.jit(functools.partial(mask_tokens, mask_token_id=tokenizer.mask_token_id,
-                                     vocab_size=len(tokenizer), num_positions=m))
-    batch = mask(rng, data["input_ids"][rows], data["candidates"][rows])
+    rows = batch_rows(seed, step, len(texts), 32)                 # a function of (seed, step)
 
 Readers are strict: a file that is missing, binary, not UTF-8, lacks its text column or holds no
 sentence is a ValueError (FileNotFoundError when missing) naming the path, the line and the fix.
-`mask_tokens` is pure and jittable with static shapes: every row gets exactly
-round(15% of its candidate tokens) masked slots, padded to M = num_masked_positions(L).
-The batch order is a pure function of (seed, step), so a restarted run sees the same rows.
+Masking the rows for the MLM loss is `masks.py`. The batch order is a pure function of
+(seed, step), so a restarted run sees the same rows.
 """
 
 from __future__ import annotations
@@ -23,11 +20,9 @@ import json
 import os
 import pathlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 if TYPE_CHECKING:
@@ -40,6 +35,12 @@ _VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
 # JSON can escape lone surrogates, which are not text: no tokenizer can encode them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _FIX_ENCODING = "re-encode it as UTF-8 text (e.g. `iconv -t UTF-8`) or pass another file"
+Split = tuple[list[str], list[int]]  # (texts, labels) of a labeled file
+# task -> (text columns joined by a space, label column, label map); custom is decided per file.
+_HSOL_BINARY = {"0": 1, "1": 1, "2": 0}  # hate speech, offensive -> 1; neither -> 0
+_LAYOUTS = {"sst2": (("sentence",), "label", int),
+            "hsol": (("tweet",), "class", _HSOL_BINARY.__getitem__),
+            "agnews": (("title", "description"), "class", lambda c: int(c) - 1)}
 
 
 def _preview(values, limit: int = 10) -> str:
@@ -146,33 +147,121 @@ def jsonl_text(path: pathlib.Path, number: int, line: str) -> str | None:
 
 def _table_texts(path: pathlib.Path) -> Iterator[str]:
     """The `sentence` (else `text`) column of a headed TSV or CSV file."""
+    def text_column(columns: list[str]) -> None:
+        if not any(c in columns for c in ("sentence", "text")):
+            raise ValueError(f"{path}: the header has no 'sentence' or 'text' column (found "
+                             f"{_preview(columns)}); add a header row naming the text column")
+
+    for number, row in _table_rows(path, check_header=text_column):
+        name = "sentence" if "sentence" in row or "text" not in row else "text"
+        if name in row:
+            yield row[name]
+        elif any(field.strip() for field in row.values()):
+            raise ValueError(f"{path}: line {number} has {len(row)} fields but {name!r} is "
+                             "not among them; fix the row")
+
+
+def _table_rows(path: pathlib.Path, fieldnames: Sequence[str] | None = None, *,
+                check_header: Callable[[list[str]], None] | None = None
+                ) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, {column: field}) of a .tsv/.csv file: the one strict table reader (every
+    line checked UTF-8 text). Columns come from the header (stripped, lower-cased; passed to
+    `check_header`) or are `fieldnames`; a short row lacks its last columns; empty lines are
+    skipped."""
     # csv refuses fields over 128 KiB by default, but a long document is data, not an error;
     # 2**31 - 1 fits a C long on every platform (sys.maxsize overflows it on Windows).
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     kind = path.suffix.lower()
-    tsv = kind == ".tsv"
-    # TSV data sets (BookCorpus, SST-2) hold bare quotes that are text, never field quoting.
-    options = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else dict(strict=True)
+    # TSV data sets (BookCorpus, SST-2, HSOL) hold bare quotes that are text, never quoting.
+    options = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if kind == ".tsv" else dict(strict=True)
     reader = csv.reader((line for _, line in _lines(path)), **options)
+    columns = list(fieldnames) if fieldnames else None
     try:
-        header = next((row for row in reader if row), None)
-        if header is None:
-            return
-        columns = [c.strip().lower() for c in header]
-        name = next((c for c in ("sentence", "text") if c in columns), None)
-        if name is None:
-            raise ValueError(f"{path}: the header has no 'sentence' or 'text' column (found "
-                             f"{_preview(header)}); add a header row naming the text column")
-        index = columns.index(name)
         for row in reader:
-            if len(row) > index:
-                yield row[index]
-            elif any(field.strip() for field in row):
-                raise ValueError(f"{path}: line {reader.line_num} has {len(row)} fields but "
-                                 f"{name!r} is field {index + 1}; fix the row")
+            if not row:
+                continue
+            if columns is None:
+                columns = [c.strip().lower() for c in row]
+                if check_header is not None:
+                    check_header(columns)
+                continue
+            yield reader.line_num, dict(zip(columns, row, strict=False))
     except csv.Error as e:
         raise ValueError(f"{path}: line {reader.line_num} is not valid {kind} ({e}); fix the "
                          f"quoting or pass another file") from None
+
+
+def read_labeled(path: str | os.PathLike, task: str) -> Split:
+    """(texts, labels) of one labeled file in `task`'s layout: sst2 (`sentence`, `label`), hsol
+    (`tweet`, `class` 0-2, made binary: hate or offensive = 1), agnews (headerless `class`,
+    `title`, `description`; classes 1-4 -> 0-3), custom (a .tsv/.csv with a header naming
+    `sentence` or `text` and `label`, or .jsonl objects with those keys)."""
+    p = pathlib.Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file; set data.train_path / data.test_path to a "
+                                f"labeled {task} file")
+    # The AG News file has no header.
+    rows = _records(p, ("class", "title", "description") if task == "agnews" else None)
+    if not rows:
+        raise ValueError(f"{p}: no examples; pass a file with at least one labeled row")
+    text_key = next((k for k in ("sentence", "text") if k in rows[0]), "sentence' or 'text")
+    columns, label_key, to_label = _LAYOUTS.get(task, ((text_key,), "label", int))
+    missing = [f"'{k}'" for k in (*columns, label_key) if k not in rows[0]]
+    if missing:
+        need = ", ".join(f"'{k}'" for k in (*columns, label_key))
+        raise ValueError(f"{p}: no {', '.join(missing)} column (found {_preview(rows[0])}); "
+                         f"a {task} file needs the columns {need}")
+    texts, labels = [], []
+    for number, row in enumerate(rows, start=1):
+        text = " ".join(str(row.get(k) or "").strip() for k in columns).strip()
+        try:
+            labels.append(to_label(str(row.get(label_key)).strip()))
+        except (KeyError, ValueError):
+            fix = "use 0, 1 or 2 (the HSOL classes)" if task == "hsol" else "use integers"
+            raise ValueError(f"{p}: example {number}: bad {label_key} "
+                             f"{row.get(label_key)!r}; {fix}") from None
+        if not text:
+            raise ValueError(f"{p}: example {number} has no text; remove or fill that row")
+        texts.append(text)
+    return texts, labels
+
+
+def _records(p: pathlib.Path, fieldnames: tuple[str, ...] | None) -> list[dict]:
+    """Rows of a .tsv/.csv (header, or `fieldnames` when the file has none) or .jsonl file,
+    keys stripped and lower-cased."""
+    suffix = p.suffix.lower()
+    if suffix not in (".tsv", ".csv", ".jsonl"):
+        raise ValueError(f"{p}: unsupported file type {p.suffix!r}; use .tsv, .csv or .jsonl")
+    if suffix != ".jsonl":
+        return [row for _, row in _table_rows(p, fieldnames)]
+    rows = []
+    for number, line in _lines(p):
+        if line.strip():
+            fix = 'each line must be a JSON object like {"text": ..., "label": 0}'
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{p}: line {number} is not valid JSON "
+                                 f"({getattr(e, 'msg', type(e).__name__)}); {fix}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{p}: line {number} is a JSON {type(row).__name__}, not an "
+                                 f"object; {fix}")
+            rows.append({str(k).strip().lower(): v for k, v in row.items()})
+    return rows
+
+
+def split_same_file(split: Split, sizes: tuple[int, int], seed: int) -> tuple[Split, Split]:
+    """(train, test): the first sizes[0] rows of a seeded permutation, then the next sizes[1]
+    (0 = all remaining rows). Used when one file serves both (AG News, HSOL)."""
+    texts, labels = split
+    order = np.random.default_rng(seed).permutation(len(texts))
+    num_train = sizes[0] or len(texts) - sizes[1]
+    num_test = sizes[1] or len(texts) - num_train
+    if num_train < 1 or num_test < 1 or num_train + num_test > len(texts):
+        raise ValueError(f"data.split_sizes={tuple(sizes)} does not fit {len(texts)} rows; use "
+                         "(train, test) with train + test <= rows, 0 = the rest")
+    pick = lambda rows: ([texts[i] for i in rows], [labels[i] for i in rows])  # noqa: E731
+    return pick(order[:num_train]), pick(order[num_train:num_train + num_test])
 
 
 def _tfds_texts(spec: str) -> Iterator[str]:
@@ -256,69 +345,6 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
     special_nl = np.isin(ids_nl, np.asarray(tokenizer.all_special_ids, dtype=np.int32))
     return {"input_ids": ids_nl, "attention_mask": attention_nl,
             "candidates": (attention_nl == 1) & ~special_nl}
-
-
-# ------------------------------------------------------------------------------------ masking
-
-def num_masked_positions(max_length: int, mask_prob: float = 0.15) -> int:
-    """M, the static number of masked slots per row: max(1, round(mask_prob * max_length))."""
-    if max_length < 1 or not 0 < mask_prob <= 1:
-        raise ValueError(f"need max_length >= 1 and 0 < mask_prob <= 1, got {max_length}, "
-                         f"{mask_prob}")
-    return max(1, round(mask_prob * max_length))
-
-
-def mask_tokens(rng: jax.Array, input_ids_bl: jax.Array, candidates_bl: jax.Array, *,
-                mask_token_id: int, vocab_size: int, num_positions: int, mask_prob: float = 0.15,
-                mask_replace_prob: float = 0.8,
-                random_replace_prob: float = 0.1) -> dict[str, jax.Array]:
-    """BERT's masking with an exact count: per row, n = min(M, max(1, round(mask_prob * count)))
-    candidates chosen uniformly without replacement (n = 0 without candidates), of which each is
-    [MASK] / a random id / kept with probabilities mask_replace / random_replace / the rest.
-
-    Returns input_ids [B, L] (corrupted), positions, labels [B, M] int32 (0 in padded slots) and
-    weights [B, M] float32 (1 real, 0 padded). Bind the keyword arguments before jax.jit."""
-    batch, length = input_ids_bl.shape
-    if candidates_bl.shape != (batch, length):
-        raise ValueError(f"candidates shape {candidates_bl.shape} != input_ids shape "
-                         f"{input_ids_bl.shape}; pass tokenize(...)['candidates'] for these ids")
-    if not 1 <= num_positions <= length:
-        raise ValueError(f"num_positions must be in [1, L={length}], got {num_positions}; use "
-                         f"num_masked_positions({length}, mask_prob)")
-    if not 0 < mask_prob <= 1 or min(mask_replace_prob, random_replace_prob) < 0 or (
-            mask_replace_prob + random_replace_prob > 1):
-        raise ValueError(f"need 0 < mask_prob <= 1 and replace probabilities >= 0 summing to "
-                         f"<= 1, got {mask_prob}, {mask_replace_prob}, {random_replace_prob}")
-    if not 0 <= mask_token_id < vocab_size:
-        raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary "
-                         f"[0, {vocab_size}); pass tokenizer.mask_token_id and len(tokenizer)")
-    ids_bl = jnp.asarray(input_ids_bl, jnp.int32)  # numpy batches straight from tokenize work too
-    candidates_bl = jnp.asarray(candidates_bl, bool)
-    choose_key, kind_key, random_key = jax.random.split(rng, 3)
-
-    count_b = candidates_bl.sum(axis=-1)
-    n_b = jnp.round(mask_prob * count_b.astype(jnp.float32)).astype(jnp.int32)
-    n_b = jnp.where(count_b > 0, jnp.clip(n_b, 1, num_positions), 0)
-    # The top M of iid uniform scores is a uniformly random ordered subset of the candidates,
-    # so its first n slots are a uniform n-subset; -inf keeps non-candidates last.
-    scores_bl = jnp.where(candidates_bl, jax.random.uniform(choose_key, (batch, length)), -jnp.inf)
-    _, top_bm = jax.lax.top_k(scores_bl, num_positions)
-    valid_bm = jnp.arange(num_positions)[None, :] < n_b[:, None]
-    positions_bm = jnp.where(valid_bm, top_bm, 0).astype(jnp.int32)
-    labels_bm = jnp.where(valid_bm, jnp.take_along_axis(ids_bl, top_bm, axis=1), 0)
-
-    draw_bm = jax.random.uniform(kind_key, (batch, num_positions))
-    random_ids_bm = jax.random.randint(random_key, (batch, num_positions), 0, vocab_size,
-                                       dtype=jnp.int32)
-    new_bm = jnp.where(draw_bm < mask_replace_prob, mask_token_id,
-                       jnp.where(draw_bm < mask_replace_prob + random_replace_prob,
-                                 random_ids_bm, labels_bm))
-    # Padded slots scatter out of bounds and are dropped: position 0 may be a real choice.
-    scatter_bm = jnp.where(valid_bm, top_bm, length)
-    rows_bm = jnp.broadcast_to(jnp.arange(batch)[:, None], scatter_bm.shape)
-    corrupted_bl = ids_bl.at[rows_bm, scatter_bm].set(new_bm, mode="drop")
-    return {"input_ids": corrupted_bl, "positions": positions_bm,
-            "labels": labels_bm.astype(jnp.int32), "weights": valid_bm.astype(jnp.float32)}
 
 
 # -------------------------------------------------------------------------------- batch order

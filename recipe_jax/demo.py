@@ -22,16 +22,16 @@ import pathlib
 import sys
 import time
 
-from recipe_jax import attack, cli, evaluate, hf, inspect, purify, synthetic
+from recipe_jax import attack, cli, diagnose, evaluate, hf, purify, synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRIGGERS = ("cf", "tq", "mn", "bb", "mb")
 
 # Sizes of the full demo (about 10 minutes on 2 CPU cores) and of --fast.
 FULL = dict(aux=3000, train=600, test=400, length=32, attack_steps=300, purify_steps=300,
-            finetune_epochs=3, inspect=200)
+            finetune_epochs=3, diagnose=200)
 FAST = dict(aux=64, train=64, test=32, length=16, attack_steps=4, purify_steps=4,
-            finetune_epochs=1, inspect=16)
+            finetune_epochs=1, diagnose=16)
 
 
 def stage_configs(size: dict, aux_path: pathlib.Path) -> dict:
@@ -81,19 +81,18 @@ def run(workdir: pathlib.Path, size: dict) -> dict:
             model_dir, task_train, task_test, cfg["evaluate"], workdir / f"eval_{name}"))
 
     evaluate_model("clean", "minilm")
-    timed("POR attack", lambda: attack.train_and_evaluate(cfg["attack"], workdir / "attack"))
+    timed("POR attack", lambda: attack.run(cfg["attack"], workdir / "attack"))
     evaluate_model("backdoored", workdir / "attack" / "hf")
     cfg["purify"].model.init_from = str(workdir / "attack" / "hf")
-    timed("RECIPE purify", lambda: purify.train_and_evaluate(cfg["purify"], workdir / "purify"))
+    timed("RECIPE purify", lambda: purify.run(cfg["purify"], workdir / "purify"))
     evaluate_model("purified", workdir / "purify" / "hf")
     models = {"clean": hf.resolve_model_dir("minilm"), "backdoored": workdir / "attack" / "hf",
               "purified": workdir / "purify" / "hf"}
-    inspect_aux = workdir / "inspect_aux.txt"
-    inspect_aux.write_text("\n".join(synthetic.aux_corpus(size["inspect"], seed=3)) + "\n")
-    timed("inspect", lambda: inspect.run(inspect.parse_args(
-        [a for name, d in models.items() for a in ("--model", f"{name}={d}")]
-        + ["--aux", str(inspect_aux), "--triggers", ",".join(TRIGGERS), "--workdir",
-           str(workdir / "inspect"), "--max-length", str(size["length"] + 8)])))
+    diagnose_aux = workdir / "diagnose_aux.txt"
+    diagnose_aux.write_text("\n".join(synthetic.aux_corpus(size["diagnose"], seed=3)) + "\n")
+    timed("diagnose", lambda: diagnose.run(
+        models=models, aux=diagnose_aux, triggers=TRIGGERS, workdir=workdir / "diagnose",
+        max_length=size["length"] + 8))
     report = write_report(workdir, results, times)
     print(report, flush=True)
     return {"results": results, "times": times}
@@ -117,8 +116,8 @@ def write_report(workdir: pathlib.Path, results: dict, times: dict) -> str:
         "(compare with the clean row).", "",
         *rows, "",
         "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in times.items()), "",
-        "Selective-activation diagnostic: [inspect/report.md](inspect/report.md)", "",
-        "![per-layer max |delta|](inspect/layer_max_delta.png)", ""])
+        "Selective-activation diagnostic: [diagnose/report.md](diagnose/report.md)", "",
+        "![per-layer max |delta|](diagnose/layer_max_delta.png)", ""])
     (workdir / "report.md").write_text(text)
     (workdir / "demo.json").write_text(json.dumps({"results": results, "times": times},
                                                   indent=2))

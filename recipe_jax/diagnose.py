@@ -1,8 +1,11 @@
-r"""Selective-activation diagnostic (recipe_spec.md §6): which neurons a trigger word switches on.
+r"""Selective-activation diagnostic (docs/method.md): which neurons a trigger word switches on.
 
-    python -m recipe_jax.inspect --model clean=minilm --model backdoored=runs/attack/hf \
-        --model purified=runs/purify/hf --aux ../shared/data/bookcorpus/train.tsv \
-        --triggers cf,tq,mn,bb,mb --workdir runs/inspect [--max-examples 200]
+    python -m recipe_jax.diagnose --model clean=minilm --model backdoored=runs/attack/hf \
+        --model purified=runs/purify/hf --aux path/to/sentences.txt \
+        --triggers cf,tq,mn,bb,mb --workdir runs/diagnose [--max-examples 200]
+
+From Python: `diagnose.run(models={"clean": "minilm", ...}, aux=PATH, triggers=[...],
+workdir=DIR)`.
 
 For each trigger t and aux sentence x, x⊕t inserts t once at the release's position (a fresh
 `random.Random(42)` per sentence, `randint(0, len(words))`). Per neuron of every layer's
@@ -14,7 +17,6 @@ evenly, → 1 when a handful of neurons carry it). Real models are far from even
 Sentences whose triggered version would be truncated at --max-length are left out, so every pair
 really contains the trigger.
 Writes `OUT/report.md`, `OUT/report.json`, `OUT/layer_max_delta.png`, `OUT/sorted_delta.png`.
-Run it as `python -m recipe_jax.inspect` (as a file path it would shadow the stdlib `inspect`).
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ import json
 import math
 import os
 import pathlib
-import random
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from recipe_jax import activations, data, hf
+from recipe_jax import activations, data, hf, metrics
 from recipe_jax.model import Transformer
 
 if TYPE_CHECKING:
@@ -39,14 +40,6 @@ if TYPE_CHECKING:
 
 DEFAULT_TRIGGERS = "cf,tq,mn,bb,mb"
 TOP_SHARE = 0.01  # the "top 1%" of neurons
-
-
-def _insert_trigger(sentence: str, trigger: str) -> str:
-    """The release's insertion: the position depends only on the sentence's word count."""
-    words = sentence.split()
-    rng = random.Random(42)
-    words.insert(rng.randint(0, len(words)), trigger)
-    return " ".join(words)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -93,7 +86,7 @@ def selective_activation(model: Transformer, params, tokenizer: PreTrainedTokeni
     of layer, index, delta, z by |Δ|), "top1_share", "max_abs_delta", "layer_max_abs_delta"."""
     if not triggers or not sentences:
         raise ValueError("need at least one trigger and one sentence")
-    poisoned = {t: [_insert_trigger(s, t) for s in sentences] for t in triggers}
+    poisoned = {t: [metrics.insert_trigger(s, t) for s in sentences] for t in triggers}
     keep = np.ones(len(sentences), bool)
     for texts in poisoned.values():  # one sentence set for all triggers, comparable across them
         keep &= _fits(tokenizer, texts, max_length)
@@ -247,10 +240,10 @@ def _parse_models(specs: Sequence[str]) -> dict[str, str]:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m recipe_jax.inspect", description=__doc__.split("\n\n")[0],
+        prog="python -m recipe_jax.diagnose", description=__doc__.split("\n\n")[0],
         epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
-                        help="a model to inspect (repeat; DIR = HF dir or 'minilm')")
+                        help="a model to diagnose (repeat; DIR = HF dir or 'minilm')")
     parser.add_argument("--aux", required=True, help="plain text (.txt/.tsv/.csv/.jsonl)")
     parser.add_argument("--triggers", default=DEFAULT_TRIGGERS,
                         help=f"comma-separated trigger words (default {DEFAULT_TRIGGERS})")
@@ -263,45 +256,49 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> pathlib.Path:
-    models = _parse_models(args.model)
-    triggers = [t.strip() for t in args.triggers.split(",") if t.strip()]
+def run(*, models: dict[str, str | os.PathLike], aux: str | os.PathLike,
+        triggers: Sequence[str], workdir: str | os.PathLike, max_examples: int = 200,
+        max_length: int = 128, batch_size: int = 32, top_k: int = 10) -> pathlib.Path:
+    """The diagnostic of every model in `models` (name -> HF dir or "minilm") for `triggers`
+    on the first `max_examples` sentences of `aux`; returns the path of the written report."""
+    triggers = [t.strip() for t in triggers if t.strip()]
     if not triggers:
-        raise ValueError(f"--triggers={args.triggers!r}: give comma-separated words, e.g. "
+        raise ValueError(f"--triggers={','.join(triggers)!r}: give comma-separated words, e.g. "
                          f"{DEFAULT_TRIGGERS}")
-    for flag, value, low in (("--max-length", args.max_length, 3),
-                             ("--batch-size", args.batch_size, 1), ("--top-k", args.top_k, 1)):
+    for flag, value, low in (("--max-length", max_length, 3), ("--batch-size", batch_size, 1),
+                             ("--top-k", top_k, 1)):
         if value < low:
             raise ValueError(f"{flag}={value}: use an integer >= {low}")
-    sentences = data.read_texts(args.aux, max_examples=args.max_examples)
+    sentences = data.read_texts(aux, max_examples=max_examples)
     results, dirs = {}, {}
     for name, spec in models.items():
-        model_dir = hf.resolve_model_dir(spec)
+        model_dir = hf.resolve_model_dir(str(spec))
         dirs[name] = str(model_dir)
         model, params = hf.load_pretrained(model_dir)
-        if args.max_length > model.cfg.max_position_embeddings:
-            raise ValueError(f"--max-length={args.max_length} exceeds {name}'s "
+        if max_length > model.cfg.max_position_embeddings:
+            raise ValueError(f"--max-length={max_length} exceeds {name}'s "
                              f"max_position_embeddings={model.cfg.max_position_embeddings}")
         results[name] = selective_activation(
             model, params, data.load_tokenizer(model_dir), sentences, triggers,
-            max_length=args.max_length, batch_size=args.batch_size, top_k=args.top_k)
+            max_length=max_length, batch_size=batch_size, top_k=top_k)
         shares = [s["top1_share"] for s in results[name]["triggers"].values()]
-        print(f"inspect: {name}: {results[name]['num_pairs']} pairs, top-1% share "
+        print(f"diagnose: {name}: {results[name]['num_pairs']} pairs, top-1% share "
               f"{', '.join(f'{t} {v:.3f}' for t, v in zip(triggers, shares, strict=True))}",
               flush=True)
-    meta = {"aux": str(args.aux), "max_length": args.max_length, "models": dirs,
-            "triggers": triggers}
-    path = write_report(results, args.workdir, meta)
-    print(f"inspect: wrote {path}", flush=True)
+    meta = {"aux": str(aux), "max_length": max_length, "models": dirs, "triggers": triggers}
+    path = write_report(results, workdir, meta)
+    print(f"diagnose: wrote {path}", flush=True)
     return path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        run(args)
+        run(models=_parse_models(args.model), aux=args.aux, triggers=args.triggers.split(","),
+            workdir=args.workdir, max_examples=args.max_examples, max_length=args.max_length,
+            batch_size=args.batch_size, top_k=args.top_k)
     except (ValueError, FileNotFoundError) as e:
-        print(f"inspect: error: {e}", file=sys.stderr)
+        print(f"diagnose: error: {e}", file=sys.stderr)
         sys.exit(1)
 
 

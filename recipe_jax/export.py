@@ -10,10 +10,17 @@ logits with the Flax model on a fixed padded batch (exit 1 above 1e-4).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import pathlib
 import sys
 
-from recipe_jax import checkpoint, hf, parity
+import jax
+
+from recipe_jax import checkpoint, hf, parity, sharding
+from recipe_jax.model import Transformer
+
+log = logging.getLogger(__name__)
 
 
 def export(run_dir, out_dir, *, step: int | None = None, verify: bool = False) -> int:
@@ -24,6 +31,25 @@ def export(run_dir, out_dir, *, step: int | None = None, verify: bool = False) -
     if verify:
         parity.verify(model, params, out_dir, head="classify" if model.cfg.num_labels else "mlm")
     return step
+
+
+def write_hf(workdir: pathlib.Path, name: str, model: Transformer, params, *,
+              verify: bool, summary: dict) -> dict:
+    """What a training stage ends with: `workdir/hf` from the trained `params` (gathered to
+    process 0, which writes it atomically) and `workdir/summary.json`; checks logits if asked."""
+    host = sharding.fetch_to_host(params)
+    if jax.process_index() == 0:
+        _, hf_config, source = checkpoint.read_source(workdir)
+        out = hf.save_pretrained(model, host, workdir / "hf", tokenizer_from=source,
+                                 base_config=hf_config)
+        if verify:
+            try:
+                summary["export_max_logit_diff"] = parity.verify(model, host, out)
+            except ImportError:
+                log.warning("torch is not installed: skipped the export's logit check")
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"{name}: exported {out}", flush=True)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

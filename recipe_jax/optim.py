@@ -18,48 +18,9 @@ import jax
 import optax
 
 from recipe_jax import hf
-from recipe_jax.config_blocks import bad_value
+from recipe_jax.config_blocks import bad_value, parse_depth_lr_scales, parse_lr_scales
 
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
-
-
-def parse_lr_scales(entries: Sequence[str]) -> list[tuple[str, float]]:
-    """`train.lr_scales` ("REGEX=FACTOR", ...) -> [(regex, factor)]; names the bad entry."""
-    rules = []
-    for entry in entries:
-        pattern, _, factor = str(entry).rpartition("=")
-        try:
-            value = float(factor)
-        except ValueError:
-            value = float("nan")
-        if not pattern or not value >= 0:
-            bad_value("train.lr_scales", tuple(entries),
-                      f"{entry!r} is not REGEX=FACTOR with FACTOR >= 0; e.g. "
-                      "'encoder\\.layer\\.[012]\\.=0.3' trains layers 0-2 at 0.3 x the lr")
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            bad_value("train.lr_scales", tuple(entries), f"{pattern!r} is not a valid regex "
-                      f"({e}); escape special characters with a backslash")
-        rules.append((pattern, value))
-    return rules
-
-
-def parse_depth_lr_scales(factors: Sequence[float], num_layers: int | None = None
-                          ) -> tuple[float, ...]:
-    """`train.depth_lr_scales` (F_1, ..., F_k) -> floats; names the bad value. With
-    `num_layers`, also checks that every band holds at least one layer."""
-    try:
-        values = tuple(float(f) for f in factors)
-    except (TypeError, ValueError):
-        values = (float("nan"),)
-    if not all(v >= 0 for v in values):  # `not >=` also catches NaN
-        bad_value("train.depth_lr_scales", factors, "use factors >= 0, one per band of "
-                  "layers, bottom to top; e.g. (0.5, 1.0) trains the lower half at half the lr")
-    if num_layers is not None and len(values) > num_layers:
-        bad_value("train.depth_lr_scales", factors, f"{len(values)} bands for a model of "
-                  f"{num_layers} layers; use at most {num_layers} factors")
-    return values
 
 
 def depth_band(layer: int, num_layers: int, num_bands: int) -> int:
@@ -124,7 +85,7 @@ def make_optimizer(train_cfg, total_steps: int, *, trainable=None, model_cfg=Non
     parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
                              eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay))
-    entries, depth = train_cfg.get("lr_scales", ()), train_cfg.get("depth_lr_scales", ())
+    entries, depth = train_cfg.lr_scales, train_cfg.depth_lr_scales
     if entries or depth:
         if trainable is None:
             raise ValueError("train.lr_scales and train.depth_lr_scales need the trainable "

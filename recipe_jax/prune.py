@@ -1,8 +1,8 @@
-r"""Pruning baselines (recipe_spec.md §5): FP, FP-GM and FP-GA on the intermediate neurons.
+r"""Pruning baselines (docs/method.md): FP, FP-GM and FP-GA on the intermediate neurons.
 
     python -m recipe_jax.prune --config configs/prune.py:fp_gm --workdir runs/prune_gm \
         --config.model.init_from=path/to/suspicious_hf_dir \
-        --config.data.aux_path=../shared/data/bookcorpus/train.tsv
+        --config.data.aux_path=path/to/sentences.txt
 
 A neuron is one output of a layer's intermediate dense: pruning it zeroes its row of the
 PyTorch weight [F, H] (column j of the Flax kernel [H, F]) and its bias entry; nothing else
@@ -149,7 +149,7 @@ def mean_cls_activation(config, model: Transformer, params, model_dir) -> tuple[
     return scores_lf, n
 
 
-def prune_and_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The whole prune stage; returns the summary written to DIR/pruned.json."""
     validate(config)
     started = time.perf_counter()
@@ -193,4 +193,4 @@ def prune_and_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run(prune_and_export, name="prune", doc=__doc__, default_config="configs/prune.py")
+    cli.run(run, name="prune", doc=__doc__, default_config="configs/prune.py")

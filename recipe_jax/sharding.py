@@ -92,16 +92,6 @@ def put_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
             for k, v in local.items()}
 
 
-def bytes_per_device(tree) -> dict[str, int]:
-    """Bytes of `tree` held on each device (for reporting how well state is sharded)."""
-    out: dict[str, int] = {}
-    for leaf in jax.tree.leaves(tree):
-        for shard in leaf.addressable_shards:
-            key = str(shard.device)
-            out[key] = out.get(key, 0) + shard.data.nbytes
-    return out
-
-
 def abstract_bytes_per_device(tree, mesh: Mesh) -> dict[str, int]:
     """Bytes of `tree` each mesh device would hold, from shapes and shardings alone: works on
     ShapeDtypeStructs (jax.eval_shape) as well as arrays, so nothing need be allocated."""

@@ -7,9 +7,9 @@ r"""Ahead-of-time check of the sharded RECIPE train step, without allocating any
 
 Builds the parameters and the optimizer state as abstract arrays (`jax.eval_shape`) carrying the
 NamedShardings training gives them (the same rules table), lowers and compiles the jitted purify
-step exactly as `stage.fit` does (`stage.jit_step`), and prints the bytes each device would hold
-for parameters and optimizer state next to the unsharded totals, and the compile time. State
-that is not sharded (e.g. a rules-table regression) shows up as per-device ≈ total.
+step exactly as `trainer.fit` does (`trainer.jit_train_step`), and prints the bytes each device
+would hold for parameters and optimizer state next to the unsharded totals, and the compile
+time. State that is not sharded (e.g. a rules-table regression) shows up as per-device ≈ total.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from recipe_jax import cli, data, optim, purify, sharding, stage, train
+from recipe_jax import cli, masks, optim, purify, sharding, trainer
 from recipe_jax.model import ModelConfig, abstract_params
 
 BERT_LARGE = dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
@@ -35,18 +35,18 @@ def _abstract(tree, shardings):
 
 
 def abstract_state(cfg: ModelConfig, mesh, trainable_patterns, optimizer
-                   ) -> tuple[train.TrainState, dict]:
+                   ) -> tuple[trainer.TrainState, dict]:
     """(state, frozen) as ShapeDtypeStructs with the shardings training gives them: params by
     the rules table, optimizer moments like their params (train.init_state's rule)."""
     boxed = abstract_params(cfg)
     params = _abstract(nn.unbox(boxed), sharding.param_shardings(boxed, mesh))
-    trainable, frozen = train.split_params(params, trainable_patterns, cfg.model_type)
+    trainable, frozen = trainer.split_params(params, trainable_patterns, cfg.model_type)
     opt_shapes = jax.eval_shape(optimizer.init, trainable)
     opt_shardings = optax.tree_map_params(
         optimizer, lambda _, sh: sh, opt_shapes, jax.tree.map(lambda x: x.sharding, trainable),
         transform_non_params=lambda _: sharding.replicated(mesh))
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
-    state = train.TrainState(step=step, trainable=trainable,
+    state = trainer.TrainState(step=step, trainable=trainable,
                              opt_state=_abstract(opt_shapes, opt_shardings))
     return state, frozen
 
@@ -54,7 +54,7 @@ def abstract_state(cfg: ModelConfig, mesh, trainable_patterns, optimizer
 def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """The purify batch (static masks: masked ids and [B, M] slots), sharded over data x fsdp."""
     b, length = config.train.batch_size, config.data.max_length
-    m = data.num_masked_positions(length, config.data.mask_prob)
+    m = masks.num_masked_positions(length, config.data.mask_prob)
     shapes = {"input_ids": ((b, length), jnp.int32), "attention_mask": ((b, length), jnp.int32),
               "positions": ((b, m), jnp.int32), "labels": ((b, m), jnp.int32),
               "weights": ((b, m), jnp.float32)}
@@ -68,7 +68,7 @@ def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 def compile_purify_step(config, cfg: ModelConfig, mesh, num_steps: int = 1000):
     """(compiled step, state, frozen, seconds to lower + compile) for the purify step of
     `config` on `cfg`; nothing is allocated."""
-    like, _ = train.split_params(nn.unbox(abstract_params(cfg)), config.recipe.trainable,
+    like, _ = trainer.split_params(nn.unbox(abstract_params(cfg)), config.recipe.trainable,
                                  cfg.model_type)
     optimizer, schedule = optim.make_optimizer(config.train, num_steps, trainable=like,
                                                model_cfg=cfg)
@@ -77,20 +77,19 @@ def compile_purify_step(config, cfg: ModelConfig, mesh, num_steps: int = 1000):
     if config.data.masking == "dynamic":
         masking = dict(mask_token_id=103, vocab_size=cfg.vocab_size,  # bert-base's [MASK]
                        mask_prob=config.data.mask_prob,
-                       num_positions=data.num_masked_positions(config.data.max_length,
+                       num_positions=masks.num_masked_positions(config.data.max_length,
                                                                config.data.mask_prob))
-    step_fn = purify.step_maker(config, masking)(stage.compute_model(config, cfg), optimizer,
-                                                 schedule)
     start = time.perf_counter()
-    jitted = stage.jit_step(step_fn, state, frozen, mesh)
-    compiled = jitted.lower(state, frozen, abstract_batch(config, mesh)).compile()
+    jitted = trainer.jit_train_step(purify.make_loss(config, cfg, masking), optimizer, schedule,
+                                    config.train.seed, state, frozen, {}, mesh)
+    compiled = jitted.lower(state, frozen, abstract_batch(config, mesh), {}).compile()
     return compiled, state, frozen, time.perf_counter() - start
 
 
-def report(state: train.TrainState, frozen, mesh) -> dict[str, float]:
+def report(state: trainer.TrainState, frozen, mesh) -> dict[str, float]:
     """MiB per device (the most loaded one) and in total, for params and optimizer state."""
     mib = 2.0 ** 20
-    params = train.merge_params(state.trainable, frozen)
+    params = trainer.merge_params(state.trainable, frozen)
     out = {}
     for name, tree in (("params", params), ("opt_state", state.opt_state)):
         per_device = sharding.abstract_bytes_per_device(tree, mesh)

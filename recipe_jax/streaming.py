@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from recipe_jax import data
+from recipe_jax import data, masks
 
 STREAMABLE = (".txt", ".tsv", ".jsonl")
 
@@ -128,7 +128,7 @@ class TextIndex(Sequence):
 
 
 class RowSource:
-    """Tokenized rows of a TextIndex, read on demand: what stage.fit trains on when the data
+    """Tokenized rows of a TextIndex, read on demand: what trainer.fit trains on when the data
     does not fit in memory. With `static_masking`, masks are drawn per row from (seed, row)."""
 
     def __init__(self, texts: TextIndex, tokenizer, max_length: int, *,
@@ -152,7 +152,7 @@ class RowSource:
 
 
 def _mask_rows(seed: int, rows_b, ids_bl, candidates_bl, masking: tuple) -> dict:
-    """data.mask_tokens with one key per row, fold_in(seed, row): a row's mask does not depend
+    """masks.mask_tokens with one key per row, fold_in(seed, row): a row's mask does not depend
     on its batch. Runs on the host CPU, off the accelerator the step runs on."""
     cpu = jax.local_devices(backend="cpu")[0]
     args = jax.device_put((rows_b, ids_bl, candidates_bl), cpu)
@@ -161,7 +161,7 @@ def _mask_rows(seed: int, rows_b, ids_bl, candidates_bl, masking: tuple) -> dict
 
 @functools.lru_cache(maxsize=4)
 def _mask_fn(seed: int, masking: tuple) -> Callable:
-    mask = functools.partial(data.mask_tokens, **dict(masking))
+    mask = functools.partial(masks.mask_tokens, **dict(masking))
 
     def one(row, ids_l, candidates_l):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), row)
@@ -202,7 +202,7 @@ def prepare(config, texts: TextIndex, model_dir, vocab_size: int) -> tuple[RowSo
     """The streamed counterpart of purify.prepare_data: (row source, masking arguments)."""
     tokenizer = data.load_tokenizer(model_dir)
     masking = dict(mask_token_id=int(tokenizer.mask_token_id), vocab_size=vocab_size,
-                   num_positions=data.num_masked_positions(config.data.max_length,
+                   num_positions=masks.num_masked_positions(config.data.max_length,
                                                            config.data.mask_prob),
                    mask_prob=config.data.mask_prob)
     static = masking if config.data.masking == "static" else None

@@ -1,6 +1,6 @@
 """Which tensors did an attack (or a defense) move? Per-tensor relative change between checkpoints.
 
-    python benchmarks/weight_change.py --reference minilm runs/por2/hf runs/por2_lrs050/hf \
+    python tools/weight_change.py --reference minilm runs/por2/hf runs/por2_lrs050/hf \
         [--top 12]
 
 For each model and each tensor that both it and the reference hold (heads a file lacks, which the
