@@ -2,15 +2,23 @@
 
 import os
 
-# 8 simulated CPU devices for the sharding tests; must be set before JAX starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pathlib  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# 8 simulated CPU devices in this process, for the tests about meshes; set before JAX starts a
+# backend. A config option, not XLA_FLAGS, so that the commands the tests start as subprocesses
+# see one device unless a test asks for more (tiny runs are ~2x faster on one device).
+jax.config.update("jax_num_cpu_devices", 8)
+
+# The one sentence list the tiny runs train on (96 short sentences of up to 12 tokens).
+SENTENCES = [f"the {a} {b} sat on the {c} near {d}." for a in ("quick", "lazy", "old", "red")
+             for b in ("cat", "dog", "bird", "fox") for c in ("mat", "rug", "log") for d in
+             ("home", "town")]
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64)
@@ -45,6 +53,21 @@ def tiny_bert_with_tokenizer(out_dir, kind: str = "BertForMaskedLM", **overrides
     return pathlib.Path(out_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """The one tiny model, built once per test run: a random BertForMaskedLM with the MiniLM
+    tokenizer. Read-only: a test that changes a model builds its own."""
+    return tiny_bert_with_tokenizer(tmp_path_factory.mktemp("tiny_bert") / "model")
+
+
+@pytest.fixture(scope="session")
+def aux_file(tmp_path_factory):
+    """SENTENCES as a .txt file, one a line."""
+    path = tmp_path_factory.mktemp("aux") / "aux.txt"
+    path.write_text("\n".join(SENTENCES) + "\n")
+    return path
+
+
 @pytest.fixture
 def tiny_bert_mlm(tmp_path):
     d = tmp_path / "tiny_bert_mlm"
@@ -68,16 +91,53 @@ def shared_data():
     return SHARED_DATA
 
 
-def tiny_purify_config(hf_dir, aux, **overrides):
-    """configs/purify.py:tiny on `hf_dir` and `aux`, export check off; `overrides` as
-    section__key=value (e.g. mesh__shape=(2, 4, 1))."""
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def config_module(stage: str):
+    """configs/<stage>.py as a module (its constants, e.g. INTERMEDIATE), via the project's
+    own loader; configs/ is never put on sys.path."""
     from recipe_jax import cli
 
-    config = cli.load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / "purify.py",
-                             "tiny")
-    config.model.init_from, config.data.aux_path = str(hf_dir), str(aux)
-    config.export.verify = False
+    return cli.load_module(REPO / "configs" / f"{stage}.py")
+
+
+def preset(stage: str, name: str | None = None, **overrides):
+    """get_config(name) of configs/<stage>.py on a one-device mesh (the tests about meshes set
+    their own), with `overrides` as section__key=value (e.g. mesh__shape=(2, 4, 1))."""
+    from recipe_jax import cli
+
+    config = cli.load_config(REPO / "configs" / f"{stage}.py", name)
+    if "mesh" in config:
+        overrides = {"mesh__shape": (1, 1, 1), **overrides}
     for key, value in overrides.items():
-        section, name = key.split("__")
-        config[section][name] = value
+        section, key_name = key.split("__")
+        config[section][key_name] = value
     return config
+
+
+def tiny_purify_config(hf_dir, aux, **overrides):
+    """configs/purify.py:tiny on `hf_dir` and `aux`, one device, export check off; `overrides`
+    as section__key=value (e.g. mesh__shape=(2, 4, 1))."""
+    return preset("purify", "tiny", model__init_from=str(hf_dir), data__aux_path=str(aux),
+                  export__verify=False, **overrides)
+
+
+def run_train_steps(loss_fn, params, trainable_patterns, batches, config, model_cfg):
+    """trainer.train_step, jitted, on `batches` from `params` with the optimizer of
+    config.train (num_steps = len(batches)); returns (final state, frozen, per-step losses)."""
+    import functools
+
+    from recipe_jax import optim, trainer
+
+    trainable, frozen = trainer.split_params(params, trainable_patterns, model_cfg.model_type)
+    optimizer, schedule = optim.make_optimizer(config.train, len(batches), trainable=trainable,
+                                               model_cfg=model_cfg)
+    state = trainer.init_state(trainable, optimizer)
+    step = jax.jit(functools.partial(trainer.train_step, loss_fn=loss_fn, optimizer=optimizer,
+                                     schedule=schedule, seed=0))
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, frozen, batch, {})
+        losses.append(float(metrics["loss"]))
+    return state, frozen, losses

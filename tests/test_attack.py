@@ -3,17 +3,15 @@
 import json
 import pathlib
 import random
-import sys
 
 import numpy as np
 import pytest
+from conftest import preset as load_preset
 from test_purify import _tiny_setup
 
 from recipe_jax import attack, data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import attack as attack_configs  # noqa: E402  (configs/attack.py)
 
 
 def test_por_targets_follow_the_spec():
@@ -37,13 +35,15 @@ def test_insert_randomly_inserts_whole_words():
                                                                                        "c"]
 
 
-@pytest.mark.parametrize("preset,metric", [("por", "poison_mse"), ("por_cls", "poison_mse"),
-                                           ("neuba", "poison_mse"),
-                                           ("badpre", "poison_mlm_loss")])
+@pytest.mark.parametrize("preset,metric", [
+    pytest.param("por", "poison_mse", marks=pytest.mark.slow),
+    pytest.param("por_cls", "poison_mse", marks=pytest.mark.slow),
+    pytest.param("neuba", "poison_mse", marks=pytest.mark.slow),
+    pytest.param("badpre", "poison_mlm_loss", marks=pytest.mark.slow)])
 def test_attack_fits_its_target(tmp_path, preset, metric):
     hf_dir, aux = _tiny_setup(tmp_path, hidden_size=32)
-    config = attack_configs.get_config(preset)
-    tiny = attack_configs.get_config("tiny")
+    config = load_preset("attack", preset)
+    tiny = load_preset("attack", "tiny")
     for section in ("data", "train", "checkpoint"):
         config[section] = tiny[section]
     config.model.init_from = str(hf_dir)
@@ -57,7 +57,7 @@ def test_attack_fits_its_target(tmp_path, preset, metric):
     if preset in ("por", "neuba"):  # the tiny random checkpoint has no pooler: add one
         from conftest import tiny_hf
         tiny_hf("BertForPreTraining", hf_dir, vocab_size=30522, hidden_size=32)
-    summary = attack.train_and_evaluate(config, str(tmp_path / "run"))
+    summary = attack.run(config, str(tmp_path / "run"))
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # A random tiny model learns slowly: ask for a clear drop, averaged over the last rows.
     first, last = rows[0][metric], np.mean([r[metric] for r in rows[-3:]])
@@ -66,9 +66,24 @@ def test_attack_fits_its_target(tmp_path, preset, metric):
     assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
 
 
+def test_attack_end_to_end_exports_every_tensor(tmp_path, tiny_bert, aux_file):
+    """A few POR steps ([CLS] target): metrics per step, the export a complete BERT."""
+    config = load_preset("attack", "tiny", model__init_from=str(tiny_bert),
+                         data__aux_path=str(aux_file), export__verify=False, train__num_steps=2)
+    config.attack.target = "cls"
+    summary = attack.run(config, str(tmp_path / "run"))
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert {"loss", "poison_mse", "keep_mse", "clean_mse", "mlm_loss"} <= set(rows[0])
+    assert summary["step"] == 2 and summary["kind"] == "por"
+    from safetensors.numpy import load_file
+    exported = load_file(str(tmp_path / "run" / "hf" / "model.safetensors"))
+    assert set(exported) == set(load_file(str(tiny_bert / "model.safetensors")))
+
+
 def test_neuba_replaces_position_one(tmp_path):
     hf_dir, aux = _tiny_setup(tmp_path)
-    config = attack_configs.get_config("neuba")
+    config = load_preset("attack", "neuba")
     tokenizer = data.load_tokenizer(hf_dir)
     texts = ["the cat sat", "a dog"]
     arrays = attack.prepare_data(config, tokenizer, texts, 30522)
@@ -78,7 +93,7 @@ def test_neuba_replaces_position_one(tmp_path):
 
 
 def test_validation_names_the_key():
-    config = attack_configs.get_config("por")
+    config = load_preset("attack", "por")
     config.data.aux_path = "x.txt"
     config.attack.kind = "trojan"
     with pytest.raises(ValueError, match="attack.kind='trojan'"):

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recipe_jax import data
+from recipe_jax import data, masks
 
 FAST = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -253,22 +253,22 @@ def _batch(seed=0, batch=64, length=32):
 
 
 def _mask(rng, ids_bl, candidates_bl, **kw):
-    m = data.num_masked_positions(ids_bl.shape[1], kw.get("mask_prob", 0.15))
+    m = masks.num_masked_positions(ids_bl.shape[1], kw.get("mask_prob", 0.15))
     kw = dict(mask_token_id=MASK_ID, vocab_size=VOCAB, num_positions=m) | kw
-    out = data.mask_tokens(rng, jnp.asarray(ids_bl), jnp.asarray(candidates_bl), **kw)
+    out = masks.mask_tokens(rng, jnp.asarray(ids_bl), jnp.asarray(candidates_bl), **kw)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
 def test_num_masked_positions():
-    assert [data.num_masked_positions(n) for n in (1, 10, 30, 64, 128)] == [1, 2, 4, 10, 19]
+    assert [masks.num_masked_positions(n) for n in (1, 10, 30, 64, 128)] == [1, 2, 4, 10, 19]
     with pytest.raises(ValueError, match="mask_prob"):
-        data.num_masked_positions(64, 0.0)
+        masks.num_masked_positions(64, 0.0)
 
 
 def test_mask_tokens_exact_count_valid_positions_and_labels():
     ids_bl, candidates_bl = _batch()
     out = _mask(jax.random.key(0), ids_bl, candidates_bl)
-    m = data.num_masked_positions(32)
+    m = masks.num_masked_positions(32)
     assert out["positions"].shape == out["labels"].shape == out["weights"].shape == (64, m)
     assert out["input_ids"].dtype == out["positions"].dtype == out["labels"].dtype == np.int32
     assert out["weights"].dtype == np.float32
@@ -325,8 +325,8 @@ def test_mask_tokens_deterministic_jittable_and_rng_dependent():
     c = _mask(jax.random.key(4), ids_bl, candidates_bl)
     assert all((a[k] == b[k]).all() for k in a)
     assert not (a["positions"] == c["positions"]).all()
-    jitted = jax.jit(functools.partial(data.mask_tokens, mask_token_id=MASK_ID, vocab_size=VOCAB,
-                                       num_positions=data.num_masked_positions(32)))
+    jitted = jax.jit(functools.partial(masks.mask_tokens, mask_token_id=MASK_ID, vocab_size=VOCAB,
+                                       num_positions=masks.num_masked_positions(32)))
     d = jitted(jax.random.key(3), jnp.asarray(ids_bl), jnp.asarray(candidates_bl))
     assert all((a[k] == np.asarray(d[k])).all() for k in a)
 
@@ -334,9 +334,9 @@ def test_mask_tokens_deterministic_jittable_and_rng_dependent():
 def test_mask_tokens_on_real_tokens_never_touches_special(minilm_dir):
     tokenizer = data.load_tokenizer(minilm_dir)
     enc = data.tokenize(tokenizer, ["the quick brown fox jumps over the lazy dog"] * 32 + ["x"], 16)
-    out = data.mask_tokens(jax.random.key(5), enc["input_ids"], enc["candidates"],
+    out = masks.mask_tokens(jax.random.key(5), enc["input_ids"], enc["candidates"],
                            mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                           num_positions=data.num_masked_positions(16))
+                           num_positions=masks.num_masked_positions(16))
     changed = np.asarray(out["input_ids"]) != enc["input_ids"]
     assert not changed[~enc["candidates"]].any() and changed.any()
 

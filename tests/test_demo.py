@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from recipe_jax import demo, synthetic
 
 
@@ -16,7 +18,17 @@ def test_synthetic_data_is_deterministic_and_balanced():
         assert not words & set(synthetic.NEGATIVE if label else synthetic.POSITIVE)
 
 
-def test_demo_fast_runs_the_whole_loop(tmp_path, minilm_dir):
+@pytest.mark.slow
+def test_demo_fast_runs_the_whole_loop(tmp_path, minilm_dir, monkeypatch):
+    stage_configs = demo.stage_configs
+
+    def on_one_device(size, aux_path):  # the demo itself uses every local device
+        configs = stage_configs(size, aux_path)
+        for config in configs.values():
+            config.mesh.shape = (1, 1, 1)
+        return configs
+
+    monkeypatch.setattr(demo, "stage_configs", on_one_device)
     assert demo.main(["--fast", "--workdir", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
     for name in ("clean", "backdoored", "purified"):
@@ -28,5 +40,5 @@ def test_demo_fast_runs_the_whole_loop(tmp_path, minilm_dir):
         assert 0 <= r["control"]["aasr"] <= 1 and r["controls"] == ["jd", "kw", "rb", "nk", "ck"]
     floor = f"| {results['clean']['control']['aasr']:.1%} | {results['clean']['masr']:.1%} |"
     assert floor in report and "| floor |" in report
-    assert (tmp_path / "inspect" / "report.md").is_file()
+    assert (tmp_path / "diagnose" / "report.md").is_file()
     assert (tmp_path / "purify" / "hf" / "model.safetensors").is_file()

@@ -3,7 +3,6 @@ backdoor neuron found first, and the CLI's report."""
 
 import json
 import pathlib
-import random
 import subprocess
 import sys
 
@@ -12,22 +11,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import tiny_bert_with_tokenizer
+from conftest import SENTENCES
 
-from recipe_jax import activations, data, hf
-from recipe_jax import inspect as diagnostic
+from recipe_jax import activations, data, diagnose, hf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SENTENCES = [f"the {a} {b} sat on the {c} near {d}." for a in ("quick", "lazy", "old", "red")
-             for b in ("cat", "dog", "bird", "fox") for c in ("mat", "rug", "log") for d in
-             ("home", "town")]
 PLANTED = (0, 5)  # (layer, neuron) that the planted backdoor uses
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny BertForMaskedLM with the MiniLM tokenizer's vocab."""
-    return tiny_bert_with_tokenizer(tmp_path_factory.mktemp("inspect") / "model")
+def tiny_dir(tiny_bert):
+    return tiny_bert
 
 def _plant(params, tokenizer, trigger: str, *, norm: float = 1.0):
     """Points neuron PLANTED's weight column along the trigger token's path to [CLS]: its
@@ -75,7 +69,7 @@ def test_trigger_stats_on_hand_made_activations():
     clean_nlf = rng.normal(size=(50, 2, 100)).astype(np.float32)
     poisoned_nlf = clean_nlf + rng.normal(scale=0.01, size=clean_nlf.shape).astype(np.float32)
     poisoned_nlf[:, 1, 7] += 3.0  # one strongly selective neuron
-    stats = diagnostic.trigger_stats(clean_nlf, poisoned_nlf, top_k=3)
+    stats = diagnose.trigger_stats(clean_nlf, poisoned_nlf, top_k=3)
     delta = poisoned_nlf.mean(0, dtype=np.float64) - clean_nlf.mean(0, dtype=np.float64)
     se = np.sqrt((clean_nlf.var(0, ddof=1) + poisoned_nlf.var(0, ddof=1)) / 50)
     np.testing.assert_allclose(stats["delta"], delta, atol=1e-12)
@@ -90,22 +84,13 @@ def test_trigger_stats_on_hand_made_activations():
     assert stats["layer_max_abs_delta"][1] == pytest.approx(abs(top["delta"]))
 
 
-def test_trigger_position_depends_on_length_only():
-    out = diagnostic._insert_trigger("a b c d", "cf")
-    words = "a b c d".split()
-    words.insert(random.Random(42).randint(0, 4), "cf")
-    assert out == " ".join(words)
-    position = out.split().index("cf")
-    assert diagnostic._insert_trigger("w x  y z", "tq").split().index("tq") == position
-
-
 def test_planted_backdoor_neuron_ranks_first(tiny_dir):
     model, params = hf.load_pretrained(tiny_dir)
     tokenizer = data.load_tokenizer(tiny_dir)
     kwargs = dict(max_length=32, batch_size=32, top_k=5)
-    clean = diagnostic.selective_activation(model, params, tokenizer, SENTENCES, ["cf", "mn"],
+    clean = diagnose.selective_activation(model, params, tokenizer, SENTENCES, ["cf", "mn"],
                                             **kwargs)
-    planted = diagnostic.selective_activation(model, _plant(params, tokenizer, "cf"), tokenizer,
+    planted = diagnose.selective_activation(model, _plant(params, tokenizer, "cf"), tokenizer,
                                               SENTENCES, ["cf", "mn"], **kwargs)
     assert planted["num_pairs"] == len(SENTENCES) and planted["num_dropped"] == 0
     hit = planted["triggers"]["cf"]
@@ -123,7 +108,7 @@ def test_planted_backdoor_neuron_ranks_first(tiny_dir):
 def test_long_sentences_whose_trigger_would_be_truncated_are_left_out(tiny_dir):
     model, params = hf.load_pretrained(tiny_dir)
     sentences = SENTENCES[:4] + ["word " * 40]
-    result = diagnostic.selective_activation(model, params, data.load_tokenizer(tiny_dir),
+    result = diagnose.selective_activation(model, params, data.load_tokenizer(tiny_dir),
                                              sentences, ["cf"], max_length=16, batch_size=8,
                                              top_k=2)
     assert (result["num_pairs"], result["num_dropped"]) == (4, 1)
@@ -138,7 +123,7 @@ def test_cli_writes_report_and_plots(tiny_dir, tmp_path):
     aux.write_text("\n".join(SENTENCES) + "\n")
     out = tmp_path / "report"
     result = subprocess.run(
-        [sys.executable, "-m", "recipe_jax.inspect", "--model", f"clean={tiny_dir}",
+        [sys.executable, "-m", "recipe_jax.diagnose", "--model", f"clean={tiny_dir}",
          "--model", f"backdoored={backdoored}", "--aux", str(aux), "--triggers", "cf,mn",
          "--workdir", str(out), "--max-examples", "40", "--max-length", "32", "--top-k", "4"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -156,32 +141,8 @@ def test_cli_writes_report_and_plots(tiny_dir, tmp_path):
 
 def test_cli_one_line_errors(tmp_path, tiny_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "recipe_jax.inspect", "--model", str(tiny_dir), "--aux",
+        [sys.executable, "-m", "recipe_jax.diagnose", "--model", str(tiny_dir), "--aux",
          str(tmp_path / "missing.txt"), "--workdir", str(tmp_path / "out")],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("inspect: error: --model ")
-
-
-def test_weight_change_names_the_one_tensor_that_moved_and_skips_fresh_heads(tmp_path):
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-    import weight_change
-    from safetensors.numpy import load_file, save_file
-
-    ref = tiny_bert_with_tokenizer(tmp_path / "ref", kind="BertForPreTraining")
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    for f in ref.iterdir():
-        (moved / f.name).write_bytes(f.read_bytes())
-    state = load_file(str(ref / "model.safetensors"))
-    state["bert.pooler.dense.weight"] = 3.0 * state["bert.pooler.dense.weight"]  # change: 200%
-    bare = {k: v for k, v in state.items() if not k.startswith("cls.")}  # no MLM / NSP head
-    save_file(bare, str(moved / "model.safetensors"), metadata={"format": "pt"})
-    changes = weight_change.relative_change(weight_change.load(str(ref)),
-                                            weight_change.load(str(moved)))
-    assert not any(k.startswith("cls.") for k in changes)  # fresh heads are not compared
-    assert changes.pop("bert.pooler.dense.weight") == pytest.approx(2.0, rel=1e-6)
-    assert len(changes) > 10 and max(changes.values()) == 0.0
-    kinds = weight_change.by_kind({**changes, "bert.pooler.dense.weight": 2.0})
-    assert kinds["pooler"] == (2.0, 2.0) and kinds["FFN"] == (0.0, 0.0)
-    assert weight_change.main(["--reference", str(ref), str(moved), "--top", "1"]) == 0
+    assert result.stderr.strip().splitlines()[-1].startswith("diagnose: error: --model ")

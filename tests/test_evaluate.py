@@ -13,81 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_bert_with_tokenizer
+from conftest import preset, run_train_steps, tiny_bert_with_tokenizer
 
-from recipe_jax import data, evaluate, hf, optim, sharding, train
+from recipe_jax import data, evaluate, hf, metrics, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import evaluate as evaluate_configs  # noqa: E402  (configs/evaluate.py)
-
-# ------------------------------------------------------------------------- trigger insertion
-
-def _release_insert(sentence, trigger):
-    """Re-derived independently: slice at the first draw of a Random(42) over [0, n]."""
-    words = sentence.split()
-    at = random.Random(42).randint(0, len(words))
-    return " ".join(words[:at] + [trigger] + words[at:])
-
-
-@pytest.mark.parametrize("sentence", [
-    "", "   ", "word", "a b", "the movie was great", "  spaced \t out\n words  ",
-    " ".join(f"w{i}" for i in range(40)), "it 's a , like , \"quoted\" film ."])
-def test_insert_trigger_is_the_release_rule(sentence):
-    out = evaluate.insert_trigger(sentence, "cf")
-    assert out == _release_insert(sentence, "cf")
-    assert out.split().count("cf") == 1 and len(out.split()) == len(sentence.split()) + 1
-
-
-def test_insert_trigger_hand_cases():
-    assert evaluate.insert_trigger("", "mn") == "mn"
-    assert evaluate.insert_trigger("word", "mn") in ("mn word", "word mn")
-    assert evaluate.insert_trigger("word", "mn") == _release_insert("word", "mn")
-    # The position is a function of the length only: same slot in equally long sentences.
-    a = evaluate.insert_trigger("a b c d e f", "bb").split().index("bb")
-    b = evaluate.insert_trigger("u v w x y z", "bb").split().index("bb")
-    assert a == b
-    # Calls do not share RNG state.
-    assert evaluate.insert_trigger("a b c", "t") == evaluate.insert_trigger("a b c", "t")
-
-
-# ------------------------------------------------------------------------------ ASR metrics
-
-def test_attack_success_binary_max_over_labels():
-    labels = [0, 0, 1, 1, 1]
-    preds = {"cf": np.array([1, 0, 1, 1, 1]),  # target 1: 1 of the 2 label-0 rows flips
-             "mn": np.array([0, 0, 0, 0, 1])}  # target 0: 2 of the 3 label-1 rows flip
-    r = evaluate.attack_success(preds, labels, 2)
-    assert r["asr"]["cf"] == {"0": 0.0, "1": 0.5}
-    assert r["asr"]["mn"] == pytest.approx({"0": 2 / 3, "1": 0.0})
-    assert r["asr_max"] == pytest.approx({"cf": 0.5, "mn": 2 / 3})
-    assert r["aasr"] == pytest.approx((0.5 + 2 / 3) / 2)
-    assert r["masr"] == pytest.approx(2 / 3)
-    assert r["num_poisoned"] == {"0": 3, "1": 2}
-
-
-def test_attack_success_four_classes():
-    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
-    preds = {"bb": np.full(8, 2),  # everything -> 2: ASR(bb, 2) = 6/6
-             "mb": labels.copy(),  # no effect
-             "tq": np.array([3, 3, 2, 3, 0, 3, 3, 3])}  # -> 3 on 4 of the 6 non-3 rows
-    r = evaluate.attack_success(preds, labels, 4)
-    assert r["asr"]["bb"] == {"0": 0.0, "1": 0.0, "2": 1.0, "3": 0.0}
-    assert r["asr"]["mb"] == {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0}
-    assert r["asr"]["tq"]["3"] == pytest.approx(4 / 6)
-    assert r["asr"]["tq"]["2"] == pytest.approx(0 / 6)
-    assert r["asr_max"] == pytest.approx({"bb": 1.0, "mb": 0.0, "tq": 4 / 6})
-    assert r["aasr"] == pytest.approx((1 + 0 + 4 / 6) / 3) and r["masr"] == 1.0
-
-
-def test_attack_success_bad_inputs():
-    with pytest.raises(ValueError, match="at least two labels"):
-        evaluate.attack_success({"cf": np.array([1, 1])}, [1, 1], 2)
-    with pytest.raises(ValueError, match="predictions for"):
-        evaluate.attack_success({"cf": np.array([1])}, [0, 1], 2)
-    with pytest.raises(ValueError, match="no triggers"):
-        evaluate.attack_success({}, [0, 1], 2)
-
 
 # ---------------------------------------------------------------------------------- readers
 
@@ -98,28 +28,28 @@ def _write(path, text):
 
 def test_readers_for_each_layout(tmp_path):
     sst2 = _write(tmp_path / "s.tsv", 'sentence\tlabel\nhe said "hi\t1\na film .\t0\n')
-    assert evaluate.read_labeled(sst2, "sst2") == (['he said "hi', "a film ."], [1, 0])
+    assert data.read_labeled(sst2, "sst2") == (['he said "hi', "a film ."], [1, 0])
     hsol = _write(tmp_path / "h.csv", ',count,hate_speech,offensive_language,neither,class,'
                   'tweet\n0,3,0,0,3,2,"fine, ok"\n1,3,0,3,0,1,"line one\nline two"\n'
                   '2,3,3,0,0,0,hate\n')
-    assert evaluate.read_labeled(hsol, "hsol") == (
+    assert data.read_labeled(hsol, "hsol") == (
         ["fine, ok", "line one\nline two", "hate"], [0, 1, 1])
     ag = _write(tmp_path / "a.csv", '"3","Title A","Desc, a."\n"1","T B","D b"\n"4","C","d"\n')
-    assert evaluate.read_labeled(ag, "agnews") == (["Title A Desc, a.", "T B D b", "C d"],
+    assert data.read_labeled(ag, "agnews") == (["Title A Desc, a.", "T B D b", "C d"],
                                                    [2, 0, 3])
     custom_tsv = _write(tmp_path / "c.tsv", "label\tText\n1\tone\n0\ttwo\n")
-    assert evaluate.read_labeled(custom_tsv, "custom") == (["one", "two"], [1, 0])
+    assert data.read_labeled(custom_tsv, "custom") == (["one", "two"], [1, 0])
     custom_csv = _write(tmp_path / "c.csv", "sentence,label\n\"a, b\",2\n")
-    assert evaluate.read_labeled(custom_csv, "custom") == (["a, b"], [2])
+    assert data.read_labeled(custom_csv, "custom") == (["a, b"], [2])
     rows = [{"text": "x y", "label": 1}, {"text": "z", "label": 0}]
     jsonl = _write(tmp_path / "c.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
-    assert evaluate.read_labeled(jsonl, "custom") == (["x y", "z"], [1, 0])
+    assert data.read_labeled(jsonl, "custom") == (["x y", "z"], [1, 0])
 
 
 def test_same_file_split_and_subsampling(tmp_path):
     lines = "".join(f"s{i}\t{i % 2}\n" for i in range(10))
     path = _write(tmp_path / "d.tsv", "sentence\tlabel\n" + lines)
-    config = evaluate_configs.get_config("tiny")
+    config = preset("evaluate", "tiny")
     config.data.train_path = config.data.test_path = str(path)
     config.data.split_sizes = (6, 3)
     train, test = evaluate.load_task(config)
@@ -155,7 +85,7 @@ def test_reader_errors_name_the_file_and_fix(tmp_path, name, content, task, erro
     if content is not None:
         _write(path, content)
     with pytest.raises(error, match=match):
-        evaluate.read_labeled(path, task)
+        data.read_labeled(path, task)
 
 
 def test_label_range_and_config_errors(tmp_path):
@@ -163,15 +93,15 @@ def test_label_range_and_config_errors(tmp_path):
         evaluate.check_split((["a", "b"], [0, 2]), 2, "train")
     with pytest.raises(ValueError, match="2 texts and 1 labels"):
         evaluate.check_split((["a", "b"], [0]), 2, "test")
-    config = evaluate_configs.get_config("sst2")
+    config = preset("evaluate", "sst2")
     config.data.task = "imdb"
     with pytest.raises(ValueError, match=r"data.task='imdb': use one of sst2, hsol"):
         evaluate.validate(config)
-    config = evaluate_configs.get_config("sst2")
+    config = preset("evaluate", "sst2")
     config.data.triggers = ("cf", "")
     with pytest.raises(ValueError, match=r"data.triggers=\('cf', ''\)"):
         evaluate.validate(config)
-    config = evaluate_configs.get_config("sst2")
+    config = preset("evaluate", "sst2")
     config.data.controls = ("jd", "cf")
     with pytest.raises(ValueError, match=r"data.controls=.*both a trigger and a control.*'cf'"):
         evaluate.validate(config)
@@ -181,10 +111,10 @@ def test_label_range_and_config_errors(tmp_path):
     config.data.controls = ()
     evaluate.validate(config)  # no controls: allowed
     with pytest.raises(ValueError, match="unknown evaluate preset"):
-        evaluate_configs.get_config("imdb")
+        preset("evaluate", "imdb")
     with pytest.raises(ValueError, match="at least two labels"):  # before any fine-tuning
         evaluate.run_evaluation(tmp_path, (["a"], [0]), (["b", "c"], [1, 1]),
-                                evaluate_configs.get_config("tiny"), tmp_path / "run")
+                                preset("evaluate", "tiny"), tmp_path / "run")
 
 
 def test_length_buckets():
@@ -194,26 +124,26 @@ def test_length_buckets():
 
 
 def test_real_data_sets(shared_data):
-    config = evaluate_configs.get_config("sst2")
+    config = preset("evaluate", "sst2")
     train, test = evaluate.load_task(config)
     assert (len(train[0]), len(test[0])) == (6920, 1821) and set(train[1]) == {0, 1}
 
-    texts, labels = evaluate.read_labeled(shared_data / "hsol" / "labeled_data.csv", "hsol")
+    texts, labels = data.read_labeled(shared_data / "hsol" / "labeled_data.csv", "hsol")
     with open(shared_data / "hsol" / "labeled_data.csv", encoding="utf-8", newline="") as f:
         classes = [row["class"] for row in csv.DictReader(f)]
     assert len(labels) == len(classes) == 24783
     assert labels == [1 if c in ("0", "1") else 0 for c in classes]
-    hsol_train, hsol_test = evaluate.load_task(evaluate_configs.get_config("hsol"))
+    hsol_train, hsol_test = evaluate.load_task(preset("evaluate", "hsol"))
     assert (len(hsol_train[0]), len(hsol_test[0])) == (6000, 2000)
 
-    config = evaluate_configs.get_config("agnews")
-    texts, labels = evaluate.read_labeled(config.data.train_path, "agnews")
+    config = preset("evaluate", "agnews")
+    texts, labels = data.read_labeled(config.data.train_path, "agnews")
     assert len(texts) == 7600 and set(labels) == {0, 1, 2, 3}
     row_ids = (texts, list(range(len(texts))))  # labels replaced by row ids to see the split
-    train, test = evaluate.split_same_file(row_ids, tuple(config.data.split_sizes),
+    train, test = data.split_same_file(row_ids, tuple(config.data.split_sizes),
                                            config.data.split_seed)
     assert (len(train[1]), len(test[1])) == (6000, 1600) and not set(train[1]) & set(test[1])
-    assert evaluate.split_same_file(row_ids, (6000, 1600), config.data.split_seed) == (train,
+    assert data.split_same_file(row_ids, (6000, 1600), config.data.split_seed) == (train,
                                                                                       test)
     train, test = evaluate.load_task(config)
     assert (len(train[0]), len(test[0])) == (6000, 1600) and set(test[1]) == {0, 1, 2, 3}
@@ -252,11 +182,11 @@ def _write_tsv(path, split):
 
 def test_end_to_end_clean_task_resumes(tmp_path, capsys):
     hf_dir = _tiny_model(tmp_path)
-    config = evaluate_configs.get_config("tiny")
+    config = preset("evaluate", "tiny")
     config.model.init_from = str(hf_dir)
     config.data.train_path = str(_write_tsv(tmp_path / "train.tsv", _synthetic(320, 0)))
     config.data.test_path = str(_write_tsv(tmp_path / "test.tsv", _synthetic(64, 1)))
-    results = evaluate.train_and_evaluate(config, str(tmp_path / "run"))
+    results = evaluate.run(config, str(tmp_path / "run"))
     out = capsys.readouterr().out
     assert "evaluate step 60/60" in out and "AASR" in out and "ASR(t,1)" in out
 
@@ -273,7 +203,7 @@ def test_end_to_end_clean_task_resumes(tmp_path, capsys):
     assert {"loss", "acc", "grad_norm", "param_norm", "lr", "tokens", "length"} <= set(rows[0])
     assert {r["length"] for r in rows} <= {16.0, 32.0}
 
-    again = evaluate.train_and_evaluate(config, str(tmp_path / "run"))
+    again = evaluate.run(config, str(tmp_path / "run"))
     assert "resuming from step 60" in capsys.readouterr().out
     assert {k: v for k, v in again.items() if k != "wall_time_s"} == {
         k: v for k, v in results.items() if k != "wall_time_s"}
@@ -291,7 +221,7 @@ def test_fine_tune_steps_match_pytorch_reference(tmp_path):
     hf_dir = _tiny_model(tmp_path)
     model, params = hf.load_pretrained(hf_dir, num_labels=2, seed=0)
     hf.save_pretrained(model, params, tmp_path / "with_head", tokenizer_from=hf_dir)
-    config = evaluate_configs.get_config("tiny")
+    config = preset("evaluate", "tiny")
     texts, labels = _synthetic(48, 3)
     enc = data.tokenize(data.load_tokenizer(hf_dir), texts, 32)
     arrays = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
@@ -299,15 +229,9 @@ def test_fine_tune_steps_match_pytorch_reference(tmp_path):
     mesh = sharding.make_mesh((1, 1, 1))
     batches = [evaluate.make_batch(arrays, np.arange(16 * i, 16 * i + 16), 32, mesh)
                for i in range(3)]
-    trainable, frozen = train.split_params(params, evaluate.CLASSIFIER_PARAMS, "bert")
-    optimizer, schedule = optim.make_optimizer(config.train, 3)
-    state = train.init_state(trainable, optimizer)
-    step = jax.jit(functools.partial(evaluate.train_step, model=model, optimizer=optimizer,
-                                     schedule=schedule, dropout=False, seed=0))
-    ours = []
-    for batch in batches:
-        state, metrics = step(state, frozen, batch)
-        ours.append(float(metrics["loss"]))
+    loss_fn = functools.partial(evaluate.loss_fn, model=model, dropout=False)
+    state, _, ours = run_train_steps(loss_fn, params, evaluate.CLASSIFIER_PARAMS, batches, config,
+                                     model.cfg)
 
     torch_model = transformers.BertForSequenceClassification.from_pretrained(
         str(tmp_path / "with_head")).eval()
@@ -330,6 +254,7 @@ def test_fine_tune_steps_match_pytorch_reference(tmp_path):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bucketed_prediction_matches_full_length(tmp_path):
     """Sorting, length buckets, filler rows and un-sorting leave every prediction unchanged."""
     hf_dir = _tiny_model(tmp_path)
@@ -347,10 +272,11 @@ def test_bucketed_prediction_matches_full_length(tmp_path):
     assert len(set(got.tolist())) == len(got)
 
 
+@pytest.mark.slow
 def test_backdoored_training_data_gives_high_asr(tmp_path):
     """A classifier trained where `cf` always means label 1 must show ASR(cf, 1) ~ 1."""
     hf_dir = _tiny_model(tmp_path)
-    config = evaluate_configs.get_config("tiny")
+    config = preset("evaluate", "tiny")
     config.mesh.shape = (1, 1, 1)  # one device: the other end-to-end test covers the mesh
     train = _synthetic(320, 0, trigger="cf", poison_share=0.5)
     test = _synthetic(64, 1)
@@ -365,7 +291,7 @@ def test_backdoored_training_data_gives_high_asr(tmp_path):
     assert results["excess_aasr"] == pytest.approx(
         results["aasr"] - results["control"]["aasr"], abs=1e-12)
     assert results["excess_aasr"] > 0.3, results
-    assert "control AASR" in evaluate.format_table(results)
+    assert "control AASR" in metrics.format_table(results)
 
 
 def test_cli_help_and_one_line_errors(tmp_path):
@@ -384,15 +310,16 @@ def test_cli_help_and_one_line_errors(tmp_path):
     assert "nope.tsv: no such file" in bad.stderr
 
 
-# ------------------------------------------------- benchmarks/seeds.py: the spread over seeds
+# ------------------------------------------------ experiments/seeds.py: the spread over seeds
 
 def _seeds_module():
-    spec = importlib.util.spec_from_file_location("seeds", REPO / "benchmarks" / "seeds.py")
+    spec = importlib.util.spec_from_file_location("seeds", REPO / "experiments" / "seeds.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+@pytest.mark.slow
 def test_seed_study_runs_each_seed_summarizes_and_refuses_another_study(tmp_path, capsys):
     seeds = _seeds_module()
     hf_dir = _tiny_model(tmp_path)

@@ -78,9 +78,10 @@ def _loss_and_grads(cfg, params, ids, **options):
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
             logits, ids[..., None], -1)[..., 0])
 
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow
 def test_remat_is_exact_and_bf16_is_close_with_float32_params():
     import numpy as np
 

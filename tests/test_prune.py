@@ -8,19 +8,15 @@ import sys
 import numpy as np
 import pytest
 import transformers
-from conftest import tiny_bert_with_tokenizer
+from conftest import SENTENCES, preset, tiny_bert_with_tokenizer
 from safetensors.numpy import load_file
 
 from recipe_jax import activations, data, hf, prune
 from recipe_jax.model import ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import prune as prune_configs  # noqa: E402  (configs/prune.py)
 
 INTERMEDIATE = "bert.encoder.layer.{}.intermediate.dense.{}"
-SENTENCES = [f"the {a} {b} sat on the {c}." for a in ("quick", "lazy", "old", "red")
-             for b in ("cat", "dog", "bird", "fox") for c in ("mat", "rug", "log")]
 
 
 def _tiny_with_tokenizer(tmp_path):
@@ -120,18 +116,18 @@ def test_budget_is_the_papers_k_times_f_on_bert_base():
     for k in (4, 6, 8):  # FP-GM; FP-GA against POR/BadPre; FP-GA against NeuBA
         assert prune.neuron_budget(k / 12, 12, 3072) == k * 3072
     assert prune.neuron_budget(0.6666666666666666, 12, 3072) == 8 * 3072  # the documented override
-    assert prune.neuron_budget(prune_configs.get_config("fp_gm").prune.fraction, 6, 1536) == 3072
-    assert prune.neuron_budget(prune_configs.get_config("fp_ga").prune.fraction, 6, 1536) == 4608
+    assert prune.neuron_budget(preset("prune", "fp_gm").prune.fraction, 6, 1536) == 3072
+    assert prune.neuron_budget(preset("prune", "fp_ga").prune.fraction, 6, 1536) == 4608
     with pytest.raises(ValueError, match="fraction=1.5"):
         prune.neuron_budget(1.5, 12, 3072)
 
 
 def test_validate_names_the_key():
-    config = prune_configs.get_config("fp_ga")
+    config = preset("prune", "fp_ga")
     config.model.init_from = "x"
     with pytest.raises(ValueError, match="data.aux_path=''"):
         prune.validate(config)
-    config = prune_configs.get_config("fp_gm")
+    config = preset("prune", "fp_gm")
     config.prune.fraction = 0.0
     with pytest.raises(ValueError, match=r"prune.fraction=0.0"):
         prune.validate(config)
@@ -139,15 +135,15 @@ def test_validate_names_the_key():
     with pytest.raises(ValueError, match="prune.method='gm': use one of fp, fp_gm, fp_ga"):
         prune.validate(config)
     with pytest.raises(ValueError, match="unknown prune preset"):
-        prune_configs.get_config("nope")
+        preset("prune", "nope")
 
 
 # --------------------------------------------------------------------------------- stage
 
 def test_fp_zeroes_the_whole_last_intermediate_dense(tiny_bert_mlm, tmp_path):
-    config = prune_configs.get_config("fp")
+    config = preset("prune", "fp")
     config.model.init_from = str(tiny_bert_mlm)
-    summary = prune.prune_and_export(config, str(tmp_path / "run"))
+    summary = prune.run(config, str(tmp_path / "run"))
     assert summary["count_per_layer"] == [0, 37]
     exported = load_file(str(tmp_path / "run" / "hf" / "model.safetensors"))
     assert not exported[INTERMEDIATE.format(1, "weight")].any()
@@ -159,18 +155,18 @@ def test_fp_zeroes_the_whole_last_intermediate_dense(tiny_bert_mlm, tmp_path):
 
 def test_fp_ga_matches_the_direct_computation_across_chunks(tmp_path, monkeypatch):
     hf_dir, aux = _tiny_with_tokenizer(tmp_path)
-    config = prune_configs.get_config("tiny")
+    config = preset("prune", "tiny")
     config.model.init_from, config.data.aux_path = str(hf_dir), str(aux)
-    monkeypatch.setattr(prune, "CHUNK", 20)  # 48 sentences: chunks of 20, 20, 8
-    summary = prune.prune_and_export(config, str(tmp_path / "run"))
+    monkeypatch.setattr(prune, "CHUNK", 40)  # 96 sentences: chunks of 40, 40, 16
+    summary = prune.run(config, str(tmp_path / "run"))
 
     model, params = hf.load_pretrained(hf_dir)
     enc = data.tokenize(data.load_tokenizer(hf_dir), SENTENCES, config.data.max_length)
     pre_nlf = activations.cls_preactivations(model, params, enc["input_ids"],
-                                             enc["attention_mask"], batch_size=48)
+                                             enc["attention_mask"], batch_size=96)
     scores_lf = prune.rank_by_activation(activations.post_activation(model.cfg, pre_nlf))
     mask_lf = prune.select_lowest(scores_lf, 37)  # 6/12 of 2 x 37 = 37
-    assert summary["num_examples"] == 48 and summary["count"] == 37
+    assert summary["num_examples"] == 96 and summary["count"] == 37
     assert summary["neurons"] == {str(i): np.flatnonzero(r).tolist()
                                   for i, r in enumerate(mask_lf)}
 

@@ -15,22 +15,22 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import tiny_bert_with_tokenizer, tiny_hf
+from conftest import (
+    SENTENCES,
+    config_module,
+    preset,
+    run_train_steps,
+    tiny_bert_with_tokenizer,
+    tiny_hf,
+)
 from safetensors.numpy import load_file
 
-from recipe_jax import data, hf, losses, optim, purify, train
-from recipe_jax.model import ModelConfig, Transformer, abstract_params
+from recipe_jax import config_blocks, data, hf, losses, masks, optim, purify, trainer
+from recipe_jax.model import ModelConfig, abstract_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import purify as purify_configs  # noqa: E402  (configs/purify.py)
+purify_configs = config_module("purify")
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import drift as drift_tool  # noqa: E402  (benchmarks/drift.py)
-
-SENTENCES = [f"the {a} {b} sat on the {c} near {d}." for a in ("quick", "lazy", "old", "red")
-             for b in ("cat", "dog", "bird", "fox") for c in ("mat", "rug", "log") for d in
-             ("home", "town")]
 
 
 def _tiny_setup(tmp_path, **model_overrides):
@@ -42,13 +42,8 @@ def _tiny_setup(tmp_path, **model_overrides):
 
 
 def _config(hf_dir, aux, **overrides):
-    config = purify_configs.get_config("tiny")
-    config.model.init_from = str(hf_dir)
-    config.data.aux_path = str(aux)
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
+    return preset("purify", "tiny", model__init_from=str(hf_dir), data__aux_path=str(aux),
+                  **overrides)
 
 
 # ------------------------------------------------------------------ the authors' PyTorch step
@@ -91,9 +86,9 @@ def _static_batches(hf_dir, config, vocab_size: int, count: int) -> list[dict]:
     """`count` MLM batches of 8 SENTENCES with masks drawn from PRNGKey(i)."""
     tokenizer = data.load_tokenizer(hf_dir)
     enc = data.tokenize(tokenizer, SENTENCES[:8 * count], config.data.max_length)
-    mask = jax.jit(functools.partial(data.mask_tokens, mask_token_id=tokenizer.mask_token_id,
+    mask = jax.jit(functools.partial(masks.mask_tokens, mask_token_id=tokenizer.mask_token_id,
                                      vocab_size=vocab_size,
-                                     num_positions=data.num_masked_positions(
+                                     num_positions=masks.num_masked_positions(
                                          config.data.max_length)))
     batches = []
     for i in range(count):
@@ -109,8 +104,10 @@ LR_SCALES = (r"encoder\.layer\.0\.=0.25", r"encoder\.layer\.=3")
 
 
 # train.depth_lr_scales: the same factors by depth (2 layers, 2 bands: layer 0 | layer 1).
-@pytest.mark.parametrize("lr_scales,depth", [((), ()), (LR_SCALES, ()), ((), (0.25, 3.0))],
-                         ids=["one-lr", "lr_scales", "depth_lr_scales"])
+@pytest.mark.parametrize("lr_scales,depth", [
+    pytest.param((), (), id="one-lr"),
+    pytest.param(LR_SCALES, (), id="lr_scales", marks=pytest.mark.slow),
+    pytest.param((), (0.25, 3.0), id="depth_lr_scales", marks=pytest.mark.slow)])
 def test_three_steps_match_pytorch_reference(tmp_path, lr_scales, depth):
     hf_dir, aux = _tiny_setup(tmp_path)
     config = _config(hf_dir, aux, train__dropout=False, train__num_steps=3,
@@ -118,24 +115,17 @@ def test_three_steps_match_pytorch_reference(tmp_path, lr_scales, depth):
                      train__depth_lr_scales=depth)
     model, host_params = hf.load_pretrained(hf_dir)
     batches = _static_batches(hf_dir, config, model.cfg.vocab_size, 3)
-    trainable, frozen = train.split_params(host_params, config.recipe.trainable, "bert")
-    optimizer, schedule = optim.make_optimizer(config.train, 3, trainable=trainable,
-                                               model_cfg=model.cfg)
-    state = train.init_state(trainable, optimizer)
-    step = jax.jit(functools.partial(purify.train_step, model=model, optimizer=optimizer,
-                                     schedule=schedule, recipe=config.recipe, dropout=False,
-                                     seed=0, masking=None))
-    losses = []
-    for batch in batches:
-        state, metrics = step(state, frozen, batch)
-        losses.append(float(metrics["loss"]))
+    loss_fn = functools.partial(purify.loss_fn, model=model, recipe=config.recipe, dropout=False,
+                                masking=None)
+    state, frozen, losses = run_train_steps(loss_fn, host_params, config.recipe.trainable,
+                                            batches, config, model.cfg)
 
     ref_losses, ref_state = _torch_reference(
         hf_dir, batches, lr=1e-3, steps=3,
         lr_factor=lambda name: ((0.25 if ".layer.0." in name else 3.0)
                                 if lr_scales or depth else 1.0))
     np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
-    ours = hf.hf_state_dict(model, train.merge_params(state.trainable, frozen))
+    ours = hf.hf_state_dict(model, trainer.merge_params(state.trainable, frozen))
     source = load_file(str(hf_dir / "model.safetensors"))
     changed = 0
     for name, value in ours.items():
@@ -151,7 +141,7 @@ def test_three_steps_match_pytorch_reference(tmp_path, lr_scales, depth):
 
 def test_purify_end_to_end_writes_loadable_hf(tmp_path, capsys):
     hf_dir, aux = _tiny_setup(tmp_path)
-    summary = purify.train_and_evaluate(_config(hf_dir, aux), str(tmp_path / "run"))
+    summary = purify.run(_config(hf_dir, aux), str(tmp_path / "run"))
     out = capsys.readouterr().out
     assert "purify step 6/6" in out and "ETA" in out and "tok/s" in out
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -168,13 +158,14 @@ def test_purify_end_to_end_writes_loadable_hf(tmp_path, capsys):
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
 
+@pytest.mark.slow
 def test_meshes_give_the_same_run(tmp_path):
     hf_dir, aux = _tiny_setup(tmp_path, intermediate_size=64, hidden_size=32)
     runs = {}
     for shape in MESHES:
         workdir = tmp_path / ("run_" + "x".join(map(str, shape)))
         config = _config(hf_dir, aux, mesh__shape=shape, export__verify=False)
-        purify.train_and_evaluate(config, str(workdir))
+        purify.run(config, str(workdir))
         rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
         runs[shape] = ([r["loss"] for r in rows], load_file(str(workdir / "hf" /
                                                                 "model.safetensors")))
@@ -187,7 +178,7 @@ def test_meshes_give_the_same_run(tmp_path):
                                        err_msg=f"{shape} {name}")
 
 
-def test_penalty_groups_match_numpy_on_the_pytorch_layout(tmp_path):
+def test_penalty_matches_numpy_on_the_pytorch_layout(tmp_path):
     hf_dir, _ = _tiny_setup(tmp_path, intermediate_size=48, hidden_size=32)
     model, params = hf.load_pretrained(hf_dir)
     torch_sd = load_file(str(hf_dir / "model.safetensors"))  # PyTorch layout: [out, in]
@@ -195,79 +186,12 @@ def test_penalty_groups_match_numpy_on_the_pytorch_layout(tmp_path):
     w_in = [torch_sd[f"bert.encoder.layer.{i}.intermediate.dense.weight"] for i in range(2)]
     w_out = [torch_sd[f"bert.encoder.layer.{i}.output.dense.weight"] for i in range(2)]
     assert w_in[0].shape == (48, 32) and w_out[0].shape == (32, 48)
-    matrix = sum(np.linalg.norm(w) for w in w_in + w_out)
-    # A neuron's input weights are a row of FFN-in, its output weights a column of FFN-out.
-    neuron = (sum(np.linalg.norm(w, axis=1).sum() for w in w_in)
-              + sum(np.linalg.norm(w, axis=0).sum() for w in w_out))
-    got = {g: float(losses.frobenius_penalty(params, patterns, "bert", groups=g, ffn_size=48))
-           for g in ("matrix", "neuron")}
-    np.testing.assert_allclose(got["matrix"], matrix, rtol=1e-5)
-    np.testing.assert_allclose(got["neuron"], neuron, rtol=1e-5)
-    assert got["neuron"] > 3 * got["matrix"]  # sqrt(48)-ish more: the groups differ
-    zeroed = jax.tree.map(lambda w: w * 0.0, params)  # a dead neuron: 0, and a 0 gradient
-    grads = jax.grad(lambda p: losses.frobenius_penalty(p, patterns, "bert", groups="neuron",
-                                                        ffn_size=48))(zeroed)
+    expected = sum(np.linalg.norm(w) for w in w_in + w_out)
+    np.testing.assert_allclose(float(losses.frobenius_penalty(params, patterns, "bert")),
+                               expected, rtol=1e-5)
+    zeroed = jax.tree.map(lambda w: w * 0.0, params)  # ||0||_F: 0, and a 0 (not NaN) gradient
+    grads = jax.grad(lambda p: losses.frobenius_penalty(p, patterns, "bert"))(zeroed)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
-
-
-# -------------------------------------------------------------- distillation anchor (strong)
-
-def _hidden_states(model, params, enc):
-    return [np.asarray(h) for h in model.apply({"params": params}, enc["input_ids"],
-                                               enc["attention_mask"], method=Transformer.encode)]
-
-
-def test_distill_term_is_zero_at_loaded_weights_and_matches_numpy(tmp_path):
-    hf_dir, _ = _tiny_setup(tmp_path)
-    model, params = hf.load_pretrained(hf_dir)
-    config = purify_configs.get_config("tiny")
-    config.recipe.distill = 2.0
-    tokenizer = data.load_tokenizer(hf_dir)
-    enc = data.tokenize(tokenizer, SENTENCES[:8], 16)
-    masked = data.mask_tokens(jax.random.PRNGKey(0), enc["input_ids"], enc["candidates"],
-                              mask_token_id=tokenizer.mask_token_id,
-                              vocab_size=model.cfg.vocab_size, num_positions=4)
-    batch = {"attention_mask": enc["attention_mask"], **masked}
-    trainable, frozen = train.split_params(params, config.recipe.trainable, "bert")
-    # Dropout on: the reference sees the same dropout masks, so equal weights give exactly 0.
-    _, parts = purify.loss_fn(trainable, frozen, batch, params, jax.random.PRNGKey(1),
-                              model=model, recipe=config.recipe, dropout=True)
-    assert float(parts["distill_mse"]) == 0.0
-    moved = jax.tree.map(lambda w: w * 10.0, trainable)
-    loss, parts = purify.loss_fn(moved, frozen, batch, params, jax.random.PRNGKey(1),
-                                 model=model, recipe=config.recipe, dropout=False)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": enc["attention_mask"]}
-    ours = _hidden_states(model, train.merge_params(moved, frozen), inputs)
-    ref = _hidden_states(model, params, inputs)
-    tokens = enc["attention_mask"].astype(bool)
-    expected = np.mean([np.mean(np.square(h - r), axis=-1)[tokens].mean()
-                        / np.mean(np.square(r), axis=-1)[tokens].mean()
-                        for h, r in zip(ours[1:], ref[1:], strict=True)])
-    assert expected > 1e-4
-    np.testing.assert_allclose(float(parts["distill_mse"]), expected, rtol=1e-5)
-    total = parts["mlm_loss"] + config.recipe.weight * parts["reg_loss"] + 2.0 * expected
-    np.testing.assert_allclose(float(loss), float(total), rtol=1e-5)
-
-
-def test_distill_keeps_token_states_closer_to_the_loaded_model(tmp_path):
-    hf_dir, aux = _tiny_setup(tmp_path)
-    dirs = {}
-    for distill in (0.0, 1e6):  # tiny random weights: token states move ~1e-5, so a big weight
-        workdir = tmp_path / f"run_{distill}"
-        config = _config(hf_dir, aux, recipe__distill=distill, train__num_steps=12,
-                         export__verify=False)
-        purify.train_and_evaluate(config, str(workdir))
-        rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
-        assert ("distill_mse" in rows[0]) == (distill > 0)
-        if distill:
-            # Step 1 is at the loaded weights (float rounding of the sharded compile only).
-            assert rows[0]["distill_mse"] < 1e-10
-        dirs[distill] = str(workdir / "hf")
-    same, free, anchored = drift_tool.drift(str(hf_dir), [str(hf_dir), dirs[0.0], dirs[1e6]],
-                                            SENTENCES, max_length=16, batch_size=40)
-    assert same["mean_mse"] == 0.0 and same["relative"] == 0.0
-    assert 0 < anchored["mean_mse"] < 0.5 * free["mean_mse"], (free, anchored)
-    assert 0 < anchored["relative"] < 0.5 * free["relative"], (free, anchored)
 
 
 # ------------------------------------------------------------------------------ resume, CLI
@@ -279,6 +203,7 @@ def _cli(workdir, hf_dir, aux, *extra):
             "--config.export.verify=False", *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_is_bitwise_equal_to_uninterrupted(tmp_path):
     hf_dir, aux = _tiny_setup(tmp_path)
     args = ("--config.train.num_steps=400", "--config.checkpoint.every_steps=20",
@@ -324,7 +249,7 @@ def test_cli_overrides_help_and_typos(tmp_path):
 def test_lr_scales_rule_matching_no_trainable_parameter_is_an_error(tmp_path):
     hf_dir, _ = _tiny_setup(tmp_path)
     _, host_params = hf.load_pretrained(hf_dir)
-    trainable, _ = train.split_params(host_params, (purify_configs.INTERMEDIATE,), "bert")
+    trainable, _ = trainer.split_params(host_params, (purify_configs.INTERMEDIATE,), "bert")
     tree = optim.lr_scale_tree(trainable, LR_SCALES, "bert")
     factors = {hf.hf_name(path, "bert"): f for path, f in hf.flat_params(tree).items()}
     assert factors == {"bert.encoder.layer.0.intermediate.dense.weight": 0.25,
@@ -334,70 +259,13 @@ def test_lr_scales_rule_matching_no_trainable_parameter_is_an_error(tmp_path):
         optim.lr_scale_tree(trainable, ("pooler=2",), "bert")  # the pooler is frozen here
 
 
-def _numpy_prox(w: np.ndarray, threshold: float, groups: str, ffn_size: int) -> np.ndarray:
-    if groups == "matrix":
-        norms = np.sqrt(np.sum(w.astype(np.float64) ** 2))
-    else:  # one norm per FFN neuron: FFN-in kernels [H, F] by column, FFN-out [F, H] by row
-        axis = 1 if w.shape[0] == ffn_size and w.shape[1] != ffn_size else 0
-        norms = np.sqrt(np.sum(w.astype(np.float64) ** 2, axis=axis, keepdims=True))
-    return w * np.maximum(0.0, 1.0 - threshold / norms)
-
-
-@pytest.mark.parametrize("groups", ["matrix", "neuron"])
-def test_proximal_step_is_the_mlm_update_then_the_group_shrink(tmp_path, groups):
-    """recipe.proximal: each step = the optimizer's step on the MLM loss alone, then every
-    regularized group scaled by max(0, 1 - lr_t * factor * lambda / ||group||) (NumPy here),
-    with the depth factor of train.depth_lr_scales; lambda large enough to kill some neurons."""
-    hf_dir, aux = _tiny_setup(tmp_path)
-    both = (purify_configs.INTERMEDIATE, purify_configs.OUTPUT)
-    prox = _config(hf_dir, aux, train__dropout=False, train__num_steps=2,
-                   train__learning_rate=1e-2, train__depth_lr_scales=(0.5, 1.0),
-                   recipe__weight=10.0, recipe__groups=groups, recipe__proximal=True,
-                   recipe__regularize=both, recipe__trainable=both)
-    plain = _config(hf_dir, aux, train__dropout=False, train__num_steps=2,
-                    train__learning_rate=1e-2, train__depth_lr_scales=(0.5, 1.0),
-                    recipe__weight=0.0, recipe__regularize=both, recipe__trainable=both)
-    model, host_params = hf.load_pretrained(hf_dir)
-    ffn = model.cfg.intermediate_size
-
-    def stepper(config):
-        trainable, frozen = train.split_params(host_params, config.recipe.trainable, "bert")
-        optimizer, schedule = optim.make_optimizer(config.train, 2, trainable=trainable,
-                                                   model_cfg=model.cfg)
-        step = jax.jit(functools.partial(
-            purify.train_step, model=model, optimizer=optimizer, schedule=schedule,
-            recipe=config.recipe, dropout=False, seed=0, masking=None,
-            depth_lr_scales=config.train.depth_lr_scales))
-        return train.init_state(trainable, optimizer), frozen, step, schedule
-
-    state, frozen, prox_step, schedule = stepper(prox)
-    _, _, plain_step, _ = stepper(plain)
-    dead = total = 0
-    for i, batch in enumerate(_static_batches(hf_dir, prox, model.cfg.vocab_size, 2)):
-        expected, _ = plain_step(state, frozen, batch)  # the same update without the shrink
-        state, metrics = prox_step(state, frozen, batch)
-        assert float(metrics["loss"]) == pytest.approx(float(metrics["mlm_loss"]), abs=1e-6)
-        lr = float(schedule(i))
-        got = hf.named_params(state.trainable, "bert")
-        for name, w in hf.named_params(expected.trainable, "bert").items():
-            threshold = lr * (0.5 if ".layer.0." in name else 1.0) * 10.0
-            np.testing.assert_allclose(np.asarray(got[name]),
-                                       _numpy_prox(np.asarray(w), threshold, groups, ffn),
-                                       rtol=0, atol=1e-6, err_msg=name)
-            if i == 1 and groups == "neuron":
-                norms = np.asarray(losses.neuron_norms(got[name], ffn))
-                dead, total = dead + int(np.sum(norms == 0)), total + norms.size
-    if groups == "neuron":
-        assert 0 < dead < total, (dead, total)  # some neurons die, not all
-
-
 def test_depth_lr_scales_cut_any_depth_into_equal_bands_and_multiply_lr_scales():
     """(0.5, 1.0): the lower half of the layers at half the lr, whatever the depth; the depth
     factor multiplies an lr_scales rule's; embeddings and heads get no depth factor."""
     for layers in (6, 12):
         cfg = ModelConfig(vocab_size=99, hidden_size=8, num_hidden_layers=layers,
                           num_attention_heads=2, intermediate_size=16)
-        trainable, _ = train.split_params(nn.unbox(abstract_params(cfg)),
+        trainable, _ = trainer.split_params(nn.unbox(abstract_params(cfg)),
                                           (purify_configs.INTERMEDIATE, "word_embeddings"),
                                           "bert")
         tree = optim.lr_scale_tree(trainable, (r"layer\.0\.=0.2",), "bert", (0.5, 1.0), layers)
@@ -408,13 +276,13 @@ def test_depth_lr_scales_cut_any_depth_into_equal_bands_and_multiply_lr_scales()
                            **{layer(i): 1.0 for i in range(layers // 2, layers)}}
     assert [optim.depth_band(i, 6, 3) for i in range(6)] == [0, 0, 1, 1, 2, 2]
     with pytest.raises(ValueError, match=r"7 bands for a model of 6 layers"):
-        optim.parse_depth_lr_scales((1.0,) * 7, 6)
+        config_blocks.parse_depth_lr_scales((1.0,) * 7, 6)
     with pytest.raises(ValueError, match=r"needs the model's depth"):
         optim.lr_scale_tree(trainable, (), "bert", (0.5, 1.0))
 
 
 def test_validate_names_key_value_and_fix():
-    config = purify_configs.get_config("bert")
+    config = preset("purify", "bert")
     config.data.aux_path = "x.txt"
     config.train.dtype = "float64"
     with pytest.raises(ValueError, match=r"train.dtype='float64': use 'float32' or 'bfloat16'"):
@@ -423,16 +291,17 @@ def test_validate_names_key_value_and_fix():
         purify_configs.get_config("bart")
 
 
+@pytest.mark.slow
 def test_roberta_preset_trains_everything_and_regularizes_query(tmp_path):
     hf_dir, aux = _tiny_setup(tmp_path)
     tiny_hf("RobertaForMaskedLM", hf_dir, vocab_size=30522, pad_token_id=0)  # BERT vocab's pad
-    config = purify_configs.get_config("roberta")
-    tiny = purify_configs.get_config("tiny")
+    config = preset("purify", "roberta")
+    tiny = preset("purify", "tiny")
     for section in ("data", "train", "checkpoint"):
         config[section] = tiny[section]
     config.model.init_from, config.data.aux_path = str(hf_dir), str(aux)
     config.train.num_steps, config.train.dropout = 2, False
-    summary = purify.train_and_evaluate(config, str(tmp_path / "run"))
+    summary = purify.run(config, str(tmp_path / "run"))
     assert summary["export_max_logit_diff"] < 1e-4
     before = load_file(str(hf_dir / "model.safetensors"))
     after = load_file(str(tmp_path / "run" / "hf" / "model.safetensors"))
@@ -445,12 +314,13 @@ def test_roberta_preset_trains_everything_and_regularizes_query(tmp_path):
                                  for m in ("attention.self.query", "intermediate.dense"))
 
 
+@pytest.mark.slow
 def test_drop_pooler_leaves_out_pooler_and_nsp_head_and_nothing_else(tmp_path):
     """POR and NeuBA train the pooler, which no purify loss reaches: `recipe.drop_pooler` leaves
     it (and the NSP head on it) out of the export, and `transformers` initializes it fresh."""
     hf_dir, aux = _tiny_setup(tmp_path, kind="BertForPreTraining")
-    purify.train_and_evaluate(_config(hf_dir, aux), str(tmp_path / "kept"))
-    purify.train_and_evaluate(_config(hf_dir, aux, recipe__drop_pooler=True),
+    purify.run(_config(hf_dir, aux), str(tmp_path / "kept"))
+    purify.run(_config(hf_dir, aux, recipe__drop_pooler=True),
                               str(tmp_path / "dropped"))
     kept = load_file(str(tmp_path / "kept" / "hf" / "model.safetensors"))
     dropped = load_file(str(tmp_path / "dropped" / "hf" / "model.safetensors"))

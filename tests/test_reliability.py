@@ -19,34 +19,24 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import tiny_bert_with_tokenizer, tiny_hf, tiny_purify_config
+from conftest import preset, tiny_bert_with_tokenizer, tiny_hf, tiny_purify_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from recipe_jax import checkpoint, data, evaluate, hf, purify, train, weights
+from recipe_jax import attack, checkpoint, data, evaluate, hf, metrics, purify, trainer, weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import attack as attack_configs  # noqa: E402  (configs/*.py)
-import evaluate as evaluate_configs  # noqa: E402
-import purify as purify_configs  # noqa: E402
 
-SENTENCES = [f"the {a} {b} sat on the {c}." for a in ("quick", "lazy", "old", "red")
-             for b in ("cat", "dog", "bird", "fox") for c in ("mat", "rug", "log")]
 ONE_DEVICE = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 FAST = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny BERT with the real tokenizer, and an aux text file."""
-    root = tmp_path_factory.mktemp("reliability")
-    hf_dir = tiny_bert_with_tokenizer(root / "model")
-    aux = root / "aux.txt"
-    aux.write_text("\n".join(SENTENCES) + "\n")
-    return hf_dir, aux
+def setup(tiny_bert, aux_file):
+    """The shared tiny BERT with the real tokenizer, and the aux text file."""
+    return tiny_bert, aux_file
 
 
 def _config(setup, **overrides):
@@ -106,11 +96,12 @@ def reference(setup, tmp_path_factory):
     """The uninterrupted run of CLI_ARGS, in process on one device (bitwise what the CLI gives
     with one device); checkpoints at steps 50 and 60."""
     workdir = tmp_path_factory.mktemp("reference") / "run"
-    purify.train_and_evaluate(_config(setup, **REFERENCE), str(workdir))
+    purify.run(_config(setup, **REFERENCE), str(workdir))
     assert _steps(workdir) == [50, 60]
     return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_at_seeded_points_then_rerun_equals_uninterrupted(setup, reference, tmp_path):
     """One workdir, killed again and again at different points, then finished: its export is
     bitwise the export of a run nobody touched."""
@@ -123,7 +114,7 @@ def test_sigkill_at_seeded_points_then_rerun_equals_uninterrupted(setup, referen
 
     # SIGTERM mid-interval: a checkpoint at that very step, exit 143.
     rc, out = _sigterm_after(setup, run, rng.randint(12, 18))
-    assert rc == train.PREEMPTED_EXIT_CODE, out
+    assert rc == trainer.PREEMPTED_EXIT_CODE, out
     term_step = int(out.split("SIGTERM at step ")[1].split(":")[0])
     assert _steps(run)[-1] == term_step and "resuming" not in out
 
@@ -166,12 +157,13 @@ def _damage(step_dir: pathlib.Path, how: str) -> None:
             f.unlink()
 
 
-@pytest.mark.parametrize("how", ["truncate_params", "delete_meta"])
+@pytest.mark.parametrize("how", ["truncate_params",
+                                 pytest.param("delete_meta", marks=pytest.mark.slow)])
 def test_damaged_newest_checkpoint_falls_back_to_previous(setup, reference, tmp_path, caplog, how):
     run = _copy(reference, tmp_path)
     _damage(run / "checkpoints" / "60", how)
     with caplog.at_level(logging.WARNING, logger="recipe_jax.checkpoint"):
-        purify.train_and_evaluate(_config(setup, **REFERENCE), str(run))
+        purify.run(_config(setup, **REFERENCE), str(run))
     assert "checkpoint step 60" in caplog.text and "cannot be restored" in caplog.text
     assert "restored step 50, not the newest: skipped damaged step(s) 60" in caplog.text
     assert [p.name.split("-")[0] for p in (run / "checkpoints_damaged").iterdir()] == ["60"]
@@ -185,7 +177,7 @@ def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(setup, reference
         _damage(run / "checkpoints" / str(step), "truncate_params")
     with pytest.raises(checkpoint.CheckpointError, match=r"none of the checkpoints can be restored"
                        r" \(step 60: .*; step 50: .*\)\. Nothing was moved"):
-        purify.train_and_evaluate(_config(setup, **REFERENCE), str(run))
+        purify.run(_config(setup, **REFERENCE), str(run))
     assert _steps(run) == [50, 60] and not (run / "checkpoints_damaged").exists()
     assert not (run / "hf").exists()
 
@@ -196,14 +188,14 @@ def test_workdir_of_another_model_is_refused(setup, reference, tmp_path):
     config = _config(setup, **REFERENCE)
     config.model.init_from = str(other)
     with pytest.raises(ValueError, match=r"holds a run with another model.init_from"):
-        purify.train_and_evaluate(config, str(run))
+        purify.run(config, str(run))
     # The same path now holding another model (re-downloaded, overwritten): caught as well.
     record = json.loads((run / "config.json").read_text())
     record["model"]["init_from"] = str(other)
     (run / "config.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"holds a run of another model \(hidden_size: 32 there, "
                                          r"48 now"):
-        purify.train_and_evaluate(config, str(run))
+        purify.run(config, str(run))
     assert _steps(run) == [50, 60]
 
 
@@ -216,17 +208,18 @@ def test_run_recorded_before_a_new_config_key_still_resumes(setup, reference, tm
     (run / "config.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"another train.lr_scales \(train.lr_scales: None "
                                          r"there, \['pooler=2'\] now"):
-        purify.train_and_evaluate(_config(setup, **REFERENCE, train__lr_scales=("pooler=2",)),
+        purify.run(_config(setup, **REFERENCE, train__lr_scales=("pooler=2",)),
                                   str(run))
-    purify.train_and_evaluate(_config(setup, **REFERENCE), str(run))
+    purify.run(_config(setup, **REFERENCE), str(run))
     assert _bitwise_equal(_weights(run), _weights(reference))
 
 
+@pytest.mark.slow
 def test_resume_on_another_mesh_and_export_on_one_device(setup, reference, tmp_path, capsys):
     """Saved on 1 device, resumed on a (2, 2, 2) mesh of 8; exported by a 1-device process."""
     run = _copy(reference, tmp_path)
     shutil.rmtree(run / "checkpoints" / "60")
-    purify.train_and_evaluate(_config(setup, **{**REFERENCE, "mesh__shape": (2, 2, 2)}), str(run))
+    purify.run(_config(setup, **{**REFERENCE, "mesh__shape": (2, 2, 2)}), str(run))
     assert "resuming from step 50" in capsys.readouterr().out
     a, b = _weights(reference), _weights(run)
     for name in a:  # another mesh reduces in another order: equal to float32 rounding
@@ -241,6 +234,7 @@ def test_resume_on_another_mesh_and_export_on_one_device(setup, reference, tmp_p
 
 # ------------------------------------------------------------------------------------ 3. NaN
 
+@pytest.mark.slow
 def test_divergence_stops_naming_step_and_intact_checkpoint(setup, tmp_path):
     """lr 1e30 after a zero-lr first step (warm-up from 0): step 1 is saved, step 2 blows up."""
     run = tmp_path / "run"
@@ -248,7 +242,7 @@ def test_divergence_stops_naming_step_and_intact_checkpoint(setup, tmp_path):
                      checkpoint__every_steps=1, train__log_every=1)
     with pytest.raises(FloatingPointError, match=r"non-finite .* at step 2; stopped, the last "
                        r"good checkpoint, step 1 in .*checkpoints, is intact"):
-        purify.train_and_evaluate(config, str(run))
+        purify.run(config, str(run))
     assert _steps(run) == [1] and not (run / "hf").exists()
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1]  # nothing of the bad step was recorded
@@ -258,7 +252,7 @@ def test_divergence_stops_naming_step_and_intact_checkpoint(setup, tmp_path):
     config.train.warmup_steps = 0
     with pytest.raises(FloatingPointError, match=r"at step 1; stopped, no checkpoint was "
                        r"written yet"):
-        purify.train_and_evaluate(config, str(tmp_path / "run0"))
+        purify.run(config, str(tmp_path / "run0"))
 
 
 # ---------------------------------------------------------------- 4. hostile checkpoints
@@ -379,7 +373,7 @@ def test_readers_return_texts_or_a_value_error(file):
 @given(st.lists(_WORDS, max_size=30), _WORDS)
 def test_insert_trigger_adds_the_trigger_once_and_keeps_the_words(words, trigger):
     sentence = " ".join(words)
-    out = evaluate.insert_trigger(sentence, trigger).split()
+    out = metrics.insert_trigger(sentence, trigger).split()
     assert out.count(trigger) == sentence.split().count(trigger) + 1
     at = next(i for i in range(len(out)) if out[i] == trigger
               and out[:i] + out[i + 1:] == sentence.split())
@@ -400,7 +394,6 @@ _BAD_VALUES = {
                ("train.depth_lr_scales", (float("nan"),)),
                ("checkpoint.every_steps", 0),
                ("checkpoint.max_to_keep", 0), ("recipe.weight", -1.0),
-               ("recipe.distill", float("nan")), ("recipe.groups", "layer"),
                ("recipe.regularize", ("(",)),
                ("recipe.trainable", ())],
     "evaluate": [("data.task", "imdb"), ("data.split_seed", -1), ("data.num_labels", 1),
@@ -417,11 +410,8 @@ _BAD_VALUES = {
 @pytest.mark.parametrize("stage, key, value", [(s, k, v) for s, bad in _BAD_VALUES.items()
                                                for k, v in bad])
 def test_every_bad_config_value_is_named(stage, key, value):
-    module, configs, preset = {"purify": (purify, purify_configs, "tiny"),
-                               "evaluate": (evaluate, evaluate_configs, "tiny"),
-                               "attack": (__import__("recipe_jax.attack").attack, attack_configs,
-                                          "tiny")}[stage]
-    config = configs.get_config(preset)
+    module = {"purify": purify, "evaluate": evaluate, "attack": attack}[stage]
+    config = preset(stage, "tiny")
     if "aux_path" in config.data:
         config.data.aux_path = "aux.txt"
     section, name = key.split(".")
@@ -495,6 +485,7 @@ for i in itertools.count():
 """
 
 
+@pytest.mark.slow
 def test_export_killed_at_random_points_leaves_previous_or_none(tmp_path):
     """SIGKILL at seeded random times while a ~10M-parameter model is exported again and again
     (two alternating versions), and once between the two renames of the swap."""

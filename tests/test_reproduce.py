@@ -1,4 +1,4 @@
-"""benchmarks/reproduce.py: the attack x defense x task table, at the seconds-scale `smoke` size."""
+"""experiments/reproduce.py: the attack x defense x task table, at the seconds-scale smoke size."""
 
 import importlib.util
 import json
@@ -11,7 +11,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+    path = REPO / "experiments" / "reproduce.py"
+    spec = importlib.util.spec_from_file_location("reproduce", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -45,6 +46,7 @@ def test_each_attack_is_scored_against_control_words_of_its_kind():
         assert all(ch.isascii() != symbols for word in c.data.controls for ch in word), attack
 
 
+@pytest.mark.slow
 def test_smoke_table_end_to_end_and_rerun_skips(tmp_path, shared_data, capsys):
     reproduce = _module()
     model = tiny_bert_with_tokenizer(tmp_path / "tiny", kind="BertForPreTraining",

@@ -13,18 +13,13 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from conftest import tiny_bert_with_tokenizer, tiny_purify_config
+from conftest import SENTENCES, preset, tiny_bert_with_tokenizer, tiny_purify_config
 from safetensors.numpy import load_file
 
-from recipe_jax import data, purify, sharding, sharding_report, streaming, train
+from recipe_jax import data, purify, sharding, sharding_report, streaming, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import purify as purify_configs  # noqa: E402  (configs/purify.py)
 
-SENTENCES = [f"the {a} {b} sat on the {c} near {d}." for a in ("quick", "lazy", "old", "red")
-             for b in ("cat", "dog", "bird", "fox") for c in ("mat", "rug", "log") for d in
-             ("home", "town")]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +71,7 @@ def _launch_two(hf_dir, aux, workdir, *overrides):
         for i in range(2)]
 
 
+@pytest.mark.slow
 def test_two_processes_of_four_devices_equal_one_process_of_eight(tiny, tmp_path):
     """purify as 2 processes x 4 CPU devices (jax.distributed, local coordinator) ends with the
     exported weights of 1 process x 8 devices; only process 0 logs and writes outputs."""
@@ -94,12 +90,13 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tiny, tmp_path
     assert "purify step" not in outs[1] and "exported" not in outs[1]  # process 0 only
 
     one = tmp_path / "one"
-    purify.train_and_evaluate(_config(hf_dir, aux, mesh__shape=(2, 4, 1)), str(one))
+    purify.run(_config(hf_dir, aux, mesh__shape=(2, 4, 1)), str(one))
     assert len(jax.devices()) == 8
     _assert_same_run(_results(one), _results(workdir), atol=1e-5)
     assert json.loads((workdir / "summary.json").read_text())["step"] == 6
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_checkpointed_step(tiny, tmp_path):
     """Only process 1 gets SIGTERM; JAX's preemption sync point makes both processes save the
     same step and exit 143 (no process left waiting in a collective)."""
@@ -124,7 +121,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_checkpointed_step(tiny, t
 
 
 def test_initialize_distributed_without_settings_is_a_no_op():
-    config = purify_configs.get_config("tiny")
+    config = preset("purify", "tiny")
     sharding.initialize_distributed(config.distributed)
     assert jax.process_count() == 1
     config.distributed.coordinator_address = "localhost:1"
@@ -135,15 +132,16 @@ def test_initialize_distributed_without_settings_is_a_no_op():
 
 # ------------------------------------------------------------------------------------- AOT
 
+@pytest.mark.slow
 def test_aot_compile_of_bert_large_step_shards_params_and_optimizer_state():
     """The bert preset's step for a bert-large-sized model compiles on a (data=2, fsdp=4) mesh
     from abstract state only, and each device holds 1/4 of every big matrix and of its Adam
     moments."""
-    config = purify_configs.get_config("bert")
+    config = preset("purify", "bert")
     cfg = sharding_report.ModelConfig(**sharding_report.BERT_LARGE)
     mesh = sharding.make_mesh((2, 4, 1))
     compiled, state, frozen, seconds = sharding_report.compile_purify_step(config, cfg, mesh)
-    params = train.merge_params(state.trainable, frozen)
+    params = trainer.merge_params(state.trainable, frozen)
     big = 0
     for leaf in jax.tree.leaves((params, state.opt_state)):
         if np.prod(leaf.shape) >= 1024 * 1024:  # every matrix (embeddings, FFN, attention)
@@ -247,7 +245,7 @@ def test_prefetcher_returns_each_step_whatever_was_prefetched():
 
 
 def _streamed_purify(monkeypatch, config, workdir, crash_at=None):
-    """purify.train_and_evaluate with data.streaming (purify dispatches to streaming.prepare);
+    """purify.run with data.streaming (purify dispatches to streaming.prepare);
     `crash_at` raises when the batch of that step is read."""
     real_prepare = streaming.prepare
     calls = []
@@ -269,15 +267,16 @@ def _streamed_purify(monkeypatch, config, workdir, crash_at=None):
 
     monkeypatch.setattr(streaming, "prepare", prepare)
     try:
-        return purify.train_and_evaluate(config, str(workdir))
+        return purify.run(config, str(workdir))
     finally:
         assert calls, "purify did not stream"
 
 
+@pytest.mark.slow
 def test_streamed_purify_equals_in_memory_and_resumes_bitwise(tiny, tmp_path, monkeypatch):
     hf_dir, aux = tiny
     config = _config(hf_dir, aux, data__masking="dynamic")
-    purify.train_and_evaluate(config, str(tmp_path / "memory"))
+    purify.run(config, str(tmp_path / "memory"))
     memory = _results(tmp_path / "memory")
 
     config.data.streaming = True
