@@ -226,8 +226,9 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     s = SCALES[args.scale]
-    workdir = pathlib.Path(args.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    from recipe_jax import outputs
+
+    workdir = outputs.claim_dir(args.workdir, "reproduce")
     table = workdir / "table.json"
     if table.exists() and (old := json.loads(table.read_text())["scale"]) != args.scale:
         raise SystemExit(f"{table} holds scale {old!r} cells, not {args.scale!r}: "

@@ -123,8 +123,9 @@ def main(argv=None) -> dict:
     from recipe_jax import evaluate
 
     args = parse_args(argv)
-    workdir = pathlib.Path(args.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    from recipe_jax import outputs
+
+    workdir = outputs.claim_dir(args.workdir, "seeds")
     build_config(args.config, args.model, args.set)  # a bad --set fails before anything runs
     check_study(workdir, {"model": args.model, "config": args.config, "overrides": args.set})
     results = {}

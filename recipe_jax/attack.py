@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import pathlib
 import random
 
 import jax
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, config_blocks, data, export, losses, masks, trainer
+from recipe_jax import cli, config_blocks, data, export, hf, losses, masks, trainer
 from recipe_jax.model import Transformer
 
 KINDS = ("por", "neuba", "badpre")
@@ -183,7 +182,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the attack; returns a summary (also in DIR/summary.json); model in DIR/hf/."""
     validate(config)
     mesh = trainer.start(config)
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = trainer.claim_workdir(workdir, "run:attack",
+                                    inputs=[hf.resolve_model_dir(config.model.init_from)])
     model_dir, texts, model, host_params = trainer.load(config)
     cfg = model.cfg
     if config.attack.target == "pooler" and config.attack.kind != "badpre" and not cfg.pooler:

@@ -31,6 +31,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from recipe_jax import faults, hf
@@ -64,11 +65,12 @@ def write_source(run_dir: str | os.PathLike, cfg: ModelConfig, hf_config: dict[s
     source.parent.mkdir(parents=True, exist_ok=True)
     tmp = source.parent / f".source.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    if tokenizer_from is not None:
-        for name in hf.TOKENIZER_FILES:
-            src = pathlib.Path(tokenizer_from) / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)
+    try:
+        if tokenizer_from is not None:
+            hf.copy_tokenizer_files(pathlib.Path(tokenizer_from), tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     (tmp / "model_config.json").write_text(json.dumps(desc, indent=2, sort_keys=True))
     os.replace(tmp, source)
@@ -90,19 +92,31 @@ def read_source(run_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]
     return cfg, json.loads((source / "config.json").read_text()), source
 
 
-def check_run_record(workdir: pathlib.Path, config, fingerprint: dict | None = None) -> None:
-    """Records what the run trains on (the config, or a stage's own `fingerprint`) in
-    DIR/config.json; on a rerun, refuses anything that would mix two runs, naming what differs."""
+def check_run_record(workdir: pathlib.Path, config, fingerprint: dict | None = None,
+                     data_sha256: str | None = None) -> None:
+    """Records what the run trains on (the config, or a stage's own `fingerprint`, and the
+    data's digest) in DIR/config.json; on a rerun, refuses anything that would mix two runs,
+    naming what differs."""
     path = workdir / "config.json"
     # As JSON holds it (tuples become lists), so that a rerun compares like with like.
     record = json.loads(json.dumps(fingerprint) if fingerprint is not None
                         else config.to_json_best_effort())
+    if data_sha256 is not None:
+        record["data_sha256"] = data_sha256
     if path.exists():
         old, now = _flatten(json.loads(path.read_text())), _flatten(record)
         free = () if fingerprint is not None else RESUMABLE_CHANGES
+        if "data_sha256" in now and "data_sha256" not in old:
+            log.warning("%s was recorded before data digests: the data is not checked", path)
+            old["data_sha256"] = now["data_sha256"]
         diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)
                 and not k.startswith(free) and not _new_key_off(k, old, now)
                 and not (k not in now and k in RETIRED_OFF and old[k] == RETIRED_OFF[k])]
+        if "data_sha256" in diff:
+            raise ValueError(f"{workdir} holds a run on other data: the text at "
+                             f"{_flatten(record).get('data.aux_path', 'the data path')} changed "
+                             "since the run began (its digest differs). Restore that data to "
+                             "resume, or use a new --workdir")
         if diff:
             raise ValueError(f"{workdir} holds a run with another {', '.join(diff[:5])} ("
                              + ", ".join(f"{k}: {old.get(k)!r} there, {now.get(k)!r} now"
@@ -142,20 +156,63 @@ def manager(run_dir: str | os.PathLike, *, max_to_keep: int | None = 2) -> ocp.C
 
 
 def save_params(run_dir: str | os.PathLike, params, step: int = 0) -> None:
-    """A params-only checkpoint (what `convert` writes)."""
+    """A params-only checkpoint (what `convert` writes), with the digests of its arrays."""
+    meta = {"step": step, "digests": {"params": digests(params)}}
     with manager(run_dir) as mngr:
-        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                meta=ocp.args.JsonSave(meta)), force=True)
         mngr.wait_until_finished()
 
 
+@jax.jit
+def _digests(tree):
+    """One uint32 per leaf: the sum over its 32-bit words of word x (a position-dependent odd
+    factor), mod 2**32. Any change of bytes, or of their order, changes it (with overwhelming
+    probability); computed where the arrays live, on any mesh."""
+    def digest(x):
+        words = jnp.atleast_1d(x)
+        if words.dtype.itemsize == 8:
+            words = jax.lax.bitcast_convert_type(words, jnp.uint32)  # [..., 2]
+        elif words.dtype.itemsize == 4:
+            words = jax.lax.bitcast_convert_type(words, jnp.uint32)
+        else:
+            words = jax.lax.bitcast_convert_type(words, jnp.uint16 if words.dtype.itemsize == 2
+                                                 else jnp.uint8).astype(jnp.uint32)
+        words = words.reshape(-1)
+        factors = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | 1
+        return jnp.sum(words * factors, dtype=jnp.uint32)
+
+    return jax.tree.map(digest, tree)
+
+
+def digests(tree) -> dict[str, int]:
+    """{leaf path: digest} of a tree of arrays (`_digests`), for a checkpoint's meta."""
+    values = jax.device_get(_digests(tree))
+    return {jax.tree_util.keystr(path): int(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(values)[0]}
+
+
+def _verify(recorded: dict | None, tree, what: str) -> None:
+    if recorded is None:
+        return  # a checkpoint from before digests were recorded
+    now = digests(tree)
+    bad = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+    if bad:
+        raise ValueError(f"{what}: the bytes of {len(bad)} array(s) differ from the digests "
+                         f"recorded when it was saved ({', '.join(bad[:3])}); it is damaged")
+
+
 def save_state(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
-    """One training checkpoint: all params, the optimizer state and `meta` (+ the step)."""
+    """One training checkpoint: all params, the optimizer state and `meta` (+ the step and the
+    digests of every array, checked on restore)."""
     faults.point("save")
     faults.point("sigterm")
+    meta = {**meta, "step": step, "digests": {"params": digests(params),
+                                              "opt_state": digests(opt_state)}}
     with faults.during("checkpoint_write", mngr.directory):
         mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave({**meta, "step": step})), force=True)
+            meta=ocp.args.JsonSave(meta)), force=True)
         mngr.wait_until_finished()
 
 
@@ -175,6 +232,9 @@ def restore_state(mngr: ocp.CheckpointManager, params_like, opt_state_like
             opt_state=ocp.args.StandardRestore(opt_like), meta=ocp.args.JsonRestore()))
         if restored.meta.get("step") != step:
             raise ValueError(f"meta says step {restored.meta.get('step')}, not {step}")
+        recorded = restored.meta.get("digests") or {}
+        _verify(recorded.get("params"), restored.params, f"step {step} params")
+        _verify(recorded.get("opt_state"), restored.opt_state, f"step {step} opt_state")
         return restored
 
     try:
@@ -250,8 +310,15 @@ def restore_params(run_dir: str | os.PathLike, step: int | None = None, sharding
     target = abstract_like(cfg, shardings)
 
     def restore(s):
-        return mngr.restore(s, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target))).params
+        items = {"params": ocp.args.StandardRestore(target)}
+        has_meta = (pathlib.Path(mngr.directory) / str(s) / "meta").exists()
+        if has_meta:
+            items["meta"] = ocp.args.JsonRestore()
+        restored = mngr.restore(s, args=ocp.args.Composite(**items))
+        if has_meta:
+            _verify((restored.meta.get("digests") or {}).get("params"), restored.params,
+                    f"{run_dir} step {s} params")
+        return restored.params
 
     with manager(run_dir, max_to_keep=None) as mngr:
         if step is not None:

@@ -1,13 +1,17 @@
-"""Entry-point plumbing shared by the config-driven commands (purify, attack, evaluate, prune).
+"""Entry-point plumbing shared by the commands.
 
 `--help` exits 0 and lists, besides the flags, every config key with its default and its one-line
 comment (from the config file and config_blocks.py), so `--config.KEY=VALUE` overrides are
-discoverable.
+discoverable. A user error (bad path, bad config value or key, bad input file) is one line on
+stderr, `NAME: error: ...`, and a non-zero exit; the traceback is shown only with `--verbose` or
+RECIPE_JAX_TRACEBACK=1 in the environment.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import os
 import pathlib
 import re
 import sys
@@ -54,6 +58,25 @@ def config_keys(config_file: str | pathlib.Path) -> list[str]:
     return out
 
 
+# What a user can cause: bad paths and files, bad values, a diverged run.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError, AttributeError, TypeError)
+
+
+def verbose() -> bool:
+    return "--verbose" in sys.argv or os.environ.get("RECIPE_JAX_TRACEBACK") == "1"
+
+
+def fail(name: str, error: BaseException, status: int = 1):
+    """Ends the command on a user error: one line (the traceback with `--verbose`)."""
+    if verbose():
+        raise error
+    message = " ".join(str(error.args[0] if isinstance(error, (KeyError, AttributeError))
+                           and error.args else error).split())
+    print(f"{name}: error: {message or type(error).__name__} (--verbose shows the traceback)",
+          file=sys.stderr)
+    sys.exit(status)
+
+
 def main_body(name: str, stage: Callable[[], object], argv: list[str]) -> None:
     """Runs a stage; user errors become one line on stderr and exit status 1."""
     import logging
@@ -63,9 +86,8 @@ def main_body(name: str, stage: Callable[[], object], argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         stage()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except USER_ERRORS as e:
+        fail(name, e)
 
 
 def run(stage: Callable, *, name: str, doc: str, default_config: str) -> None:
@@ -88,18 +110,42 @@ def run(stage: Callable, *, name: str, doc: str, default_config: str) -> None:
             print(f"\nConfig keys ({default_config}; presets change some defaults):")
             print("\n".join(config_keys(config_file)))
         sys.exit(0)
+    flags.DEFINE_bool("verbose", False, "show the traceback of an error")
+    _check_config_file(name, sys.argv[1:])
     flags.mark_flags_as_required(["config", "workdir"])
 
     def main(argv):
         main_body(name, lambda: stage(flags.FLAGS.config, flags.FLAGS.workdir), argv)
 
-    app.run(main, flags_parser=_parse_quietly)
+    app.run(main, flags_parser=lambda argv: _parse_quietly(name, argv))
 
 
-def _parse_quietly(argv):
-    """Parses flags, then keeps absl/Orbax INFO chatter out of the progress output."""
+def _check_config_file(name: str, args: list[str]) -> None:
+    """`--config FILE[:PRESET]` names a file that exists (else one line, before JAX starts)."""
+    for i, arg in enumerate(args):
+        value = arg.removeprefix("--config=") if arg.startswith("--config=") else (
+            args[i + 1] if arg == "--config" and i + 1 < len(args) else None)
+        if value is not None and not pathlib.Path(value.partition(":")[0]).is_file():
+            fail(name, FileNotFoundError(f"--config {value}: no such config file; pass e.g. "
+                                         f"configs/{name}.py:PRESET"), status=2)
+
+
+def _parse_quietly(name: str, argv):
+    """Parses flags (a bad config file, key or value is one line), then keeps absl/Orbax INFO
+    chatter out of the progress output."""
     from absl import logging as absl_logging
 
-    rest = app.parse_flags_with_usage(argv)
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(name, ValueError(f"{e}; see --help"), status=2)
+    except USER_ERRORS as e:  # ml_collections: a key typo, a value of the wrong type
+        text = str(e.args[0] if e.args else e)
+        if text.startswith("'"):  # KeyError's repr inside an AttributeError: unwrap it
+            try:
+                text = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                pass
+        fail(name, ValueError(f"bad --config override: {text}"), status=2)
     absl_logging.set_verbosity(absl_logging.WARNING)
     return rest

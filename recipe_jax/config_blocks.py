@@ -93,6 +93,11 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
         bad_value("train.seed", t.seed, "use an integer >= 0")
     if t.dtype not in ("float32", "bfloat16"):
         bad_value("train.dtype", t.dtype, "use 'float32' or 'bfloat16'")
+    shape = config.mesh.shape
+    if (not isinstance(shape, tuple | list) or len(shape) != 3
+            or not all(isinstance(n, int) and (n >= 1 or n == -1) for n in shape)):
+        bad_value("mesh.shape", shape, "use three integers (data, fsdp, tensor), e.g. (8, 1, 1) "
+                  "or (-1, 1, 1) for all devices on data")
     if config.checkpoint.every_steps < 1:
         bad_value("checkpoint.every_steps", config.checkpoint.every_steps, "use a positive int")
     if config.checkpoint.max_to_keep < 1:

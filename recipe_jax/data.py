@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 SUFFIXES = (".txt", ".tsv", ".csv", ".jsonl")
 # Files that define a vocabulary; tokenizer_config.json alone does not.
-_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
                 "sentencepiece.bpe.model", "tokenizer.model")
 # JSON can escape lone surrogates, which are not text: no tokenizer can encode them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -84,6 +85,17 @@ def read_texts(path: str, *, max_examples: int = 0) -> list[str]:
         raise ValueError(f"{path}: empty, no sentences found (blank lines and rows are skipped); "
                          "pass a file with at least one non-empty sentence")
     return out
+
+
+def texts_sha256(texts) -> str:
+    """The fingerprint of the sentences a run trains on (a streamed TextIndex has its own, of
+    the bytes it read): recorded with the run, so that a resumed run refuses changed data."""
+    if hasattr(texts, "sha256"):
+        return texts.sha256
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\n")
+    return digest.hexdigest()
 
 
 def _lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
@@ -314,8 +326,8 @@ def load_tokenizer(model_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: no such directory; pass a Hugging Face model dir with "
                                 "its tokenizer files")
-    if not any((d / f).is_file() for f in _VOCAB_FILES):
-        raise ValueError(f"{d}: no tokenizer files (looked for {', '.join(_VOCAB_FILES)}); save "
+    if not any((d / f).is_file() for f in VOCAB_FILES):
+        raise ValueError(f"{d}: no tokenizer files (looked for {', '.join(VOCAB_FILES)}); save "
                          "the tokenizer there with tokenizer.save_pretrained(dir)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(d), use_fast=True, local_files_only=True,

@@ -22,7 +22,7 @@ import pathlib
 import sys
 import time
 
-from recipe_jax import attack, cli, diagnose, evaluate, hf, purify, synthetic
+from recipe_jax import attack, cli, diagnose, evaluate, hf, outputs, purify, synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRIGGERS = ("cf", "tq", "mn", "bb", "mb")
@@ -61,7 +61,7 @@ def stage_configs(size: dict, aux_path: pathlib.Path) -> dict:
 
 
 def run(workdir: pathlib.Path, size: dict) -> dict:
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = outputs.claim_dir(workdir, "demo")
     aux_path = workdir / "aux.txt"
     aux_path.write_text("\n".join(synthetic.aux_corpus(size["aux"], seed=0)) + "\n")
     task_train = synthetic.sentiment_task(size["train"], seed=1)
@@ -129,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/demo", help="output dir (default runs/demo)")
     parser.add_argument("--fast", action="store_true", help="seconds-scale smoke run (tests)")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     t0 = time.time()
-    run(pathlib.Path(args.workdir).absolute(), FAST if args.fast else FULL)
+    try:
+        run(pathlib.Path(args.workdir).absolute(), FAST if args.fast else FULL)
+    except cli.USER_ERRORS as e:
+        cli.fail("demo", e)
     print(f"\ndemo: done in {time.time() - t0:.0f} s; report: {args.workdir}/report.md")
     return 0
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from recipe_jax import activations, data, hf, metrics
+from recipe_jax import activations, cli, data, hf, metrics, outputs
 from recipe_jax.model import Transformer
 
 if TYPE_CHECKING:
@@ -253,6 +253,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=128, help="tokens (default 128)")
     parser.add_argument("--batch-size", type=int, default=32, help="forward batch (default 32)")
     parser.add_argument("--top-k", type=int, default=10, help="neurons listed (default 10)")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     return parser.parse_args(argv)
 
 
@@ -269,6 +270,8 @@ def run(*, models: dict[str, str | os.PathLike], aux: str | os.PathLike,
                              ("--top-k", top_k, 1)):
         if value < low:
             raise ValueError(f"{flag}={value}: use an integer >= {low}")
+    workdir = outputs.claim_dir(workdir, "diagnose", inputs=[
+        hf.resolve_model_dir(str(spec)) for spec in models.values()])
     sentences = data.read_texts(aux, max_examples=max_examples)
     results, dirs = {}, {}
     for name, spec in models.items():
@@ -297,9 +300,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(models=_parse_models(args.model), aux=args.aux, triggers=args.triggers.split(","),
             workdir=args.workdir, max_examples=args.max_examples, max_length=args.max_length,
             batch_size=args.batch_size, top_k=args.top_k)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"diagnose: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except cli.USER_ERRORS as e:
+        cli.fail("diagnose", e)
 
 
 if __name__ == "__main__":

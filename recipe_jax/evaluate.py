@@ -216,6 +216,7 @@ def run_evaluation(model_dir: str | os.PathLike, train: Split, test: Split,
         raise ValueError("test data: every label is the same, but ASR(t, y) needs rows whose "
                          "label is not y; use a test set with at least two labels")
     mesh = _start(config)
+    workdir = trainer.claim_workdir(workdir, "run:evaluate", inputs=[model_dir])
     model, host_params = hf.load_pretrained(model_dir, num_labels=num_labels,
                                             seed=config.train.seed)
     trainer.check_max_length(config, model)

@@ -1,6 +1,6 @@
 """Orbax run dir (from `convert`, or a purify/attack workdir) -> Hugging Face model dir.
 
-    python -m recipe_jax.export --ckpt runs/purify --out runs/purify/hf [--verify] [--step N]
+    python -m recipe_jax.export --ckpt runs/purify --out runs/purify_hf [--verify] [--step N]
 
 Writes config.json, model.safetensors (safetensors.numpy; torch not needed) and the source's
 tokenizer files, atomically. `--verify` loads the result with transformers PyTorch and compares
@@ -17,17 +17,23 @@ import sys
 
 import jax
 
-from recipe_jax import checkpoint, hf, parity, sharding
+from recipe_jax import checkpoint, cli, hf, outputs, parity, sharding
 from recipe_jax.model import Transformer
 
 log = logging.getLogger(__name__)
 
 
-def export(run_dir, out_dir, *, step: int | None = None, verify: bool = False) -> int:
-    """Exports the newest (or given) step of `run_dir` to `out_dir`; returns the step."""
+def export(run_dir, out_dir, *, step: int | None = None, verify: bool = False,
+           overwrite: bool = False) -> int:
+    """Exports the newest (or given) step of `run_dir` to `out_dir`; returns the step. `out_dir`
+    must be absent, empty or an export this tool wrote (else `overwrite`), and never inside or
+    above `run_dir`: checked before anything is read."""
+    outputs.check_replace(out_dir, "hf", inputs=[run_dir], overwrite=overwrite)
+    checkpoint.read_source(run_dir)  # a run dir at all, before the checkpoint is read
     model, params, step = checkpoint.restore_params(run_dir, step)
     _, hf_config, source = checkpoint.read_source(run_dir)
-    hf.save_pretrained(model, params, out_dir, tokenizer_from=source, base_config=hf_config)
+    hf.save_pretrained(model, params, out_dir, tokenizer_from=source, base_config=hf_config,
+                       overwrite=overwrite)
     if verify:
         parity.verify(model, params, out_dir, head="classify" if model.cfg.num_labels else "mlm")
     return step
@@ -60,13 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     parser.add_argument("--verify", action="store_true",
                         help="reload with transformers PyTorch and compare logits")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace whatever is at --out (default: only an earlier export)")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        step = export(args.ckpt, args.out, step=args.step, verify=args.verify)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 1
+        step = export(args.ckpt, args.out, step=args.step, verify=args.verify,
+                      overwrite=args.overwrite)
+    except (*cli.USER_ERRORS, RuntimeError) as e:
+        cli.fail("export", e)
     print(f"export: wrote {args.out} from step {step} of {args.ckpt}")
     return 0
 

@@ -27,11 +27,13 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from recipe_jax import faults, weights
+from recipe_jax import faults, outputs, weights
 from recipe_jax.model import ModelConfig, Transformer, abstract_params, init_params
 
 log = logging.getLogger(__name__)
 
+# Fields of config.json / tokenizer_config.json that make transformers import code.
+REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
 # Buffers that HF sometimes serializes; they carry no learned state.
@@ -113,13 +115,19 @@ def resolve_model_dir(init_from: str) -> pathlib.Path:
     return pathlib.Path(init_from)
 
 
+def _check_model_dir(d: pathlib.Path) -> None:
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(f"{d}: is a file, not a directory; pass a Hugging Face model "
+                                 "dir (config.json + model.safetensors or pytorch_model.bin)")
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no such directory; pass a Hugging Face model dir "
+                                "(config.json + model.safetensors or pytorch_model.bin)")
+
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     """config.json of an HF dir, checked: supported type, sane sizes, remote code ignored."""
     d = pathlib.Path(model_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{d}: no such directory; pass a Hugging Face model dir "
-                                "(config.json + model.safetensors or pytorch_model.bin)")
+    _check_model_dir(d)
     path = d / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a Hugging Face model dir needs its config.json")
@@ -225,6 +233,11 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     if mismatched:
         raise ValueError(f"{model_dir}: shape mismatch between config.json and weights: "
                          f"{mismatched[:10]}")
+    non_finite = sorted(hf_name(p, model_type) for p, a in flat.items() if not np.isfinite(a).all())
+    if non_finite:
+        raise ValueError(f"{model_dir}: non-finite (NaN or Inf) values in {len(non_finite)} "
+                         f"tensor(s): {non_finite[:10]}; the checkpoint is corrupt or diverged, "
+                         "use another one")
     if missing:
         log.warning("%s: no %s in the checkpoint; initialized fresh (seed %d)", model_dir,
                     ", ".join(sorted({m.rsplit('.', 1)[0] for m in missing})), seed)
@@ -308,18 +321,25 @@ def hf_state_dict(model: Transformer, params) -> dict[str, np.ndarray]:
 
 def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,
                     tokenizer_from: str | os.PathLike | None = None,
-                    base_config: dict[str, Any] | None = None) -> pathlib.Path:
+                    base_config: dict[str, Any] | None = None,
+                    overwrite: bool = False) -> pathlib.Path:
     """Writes `config.json`, `model.safetensors` and tokenizer files, atomically.
 
     The result is assembled in a sibling temp dir and renamed into place, so `out_dir` is either
-    the previous export or the complete new one, never a half-written dir.
+    the previous export or the complete new one, never a half-written dir. `out_dir` must be
+    absent, empty, or an export this tool wrote with nothing else in it (`outputs.py`), unless
+    `overwrite`; never inside or above `tokenizer_from`. Tokenizer files are copied only when
+    they are regular files inside the source dir, without remote-code fields and never with
+    wider permissions than the source's; every file written gets the same mode.
     """
-    out = pathlib.Path(out_dir)
-    hf = dict(base_config or {})
     src = pathlib.Path(tokenizer_from) if tokenizer_from else None
+    out = outputs.check_replace(out_dir, "hf", inputs=[src] if src else [], overwrite=overwrite,
+                                legacy_files=("config.json", "model.safetensors",
+                                              *TOKENIZER_FILES))
+    hf = dict(base_config or {})
     if not hf and src is not None and (src / "config.json").is_file():
         hf = json.loads((src / "config.json").read_text())
-    for key in ("auto_map", "trust_remote_code", "id2label", "label2id", "_name_or_path"):
+    for key in (*REMOTE_CODE_KEYS, "id2label", "label2id", "_name_or_path"):
         hf.pop(key, None)
     hf.update(model.cfg.to_hf_config())
     hf["architectures"] = architectures(model.cfg)
@@ -335,19 +355,84 @@ def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if src is not None:
-            for name in TOKENIZER_FILES:
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp / name)
+        copied = copy_tokenizer_files(src, tmp) if src is not None else []
         faults.point("export")
         # config.json last: a dir without it is never mistaken for a model.
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        mode = _file_mode()
+        for name in ("model.safetensors", "config.json"):
+            os.chmod(tmp / name, mode)
+        outputs.write_marker(tmp, "hf", ["config.json", "model.safetensors", *copied])
         _fsync_dir(tmp)  # the bytes are on disk before the rename makes them the export
         _replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _file_mode() -> int:
+    """rw-r--r-- less the umask: what a plain file the user creates gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o644 & ~umask
+
+
+def _allowed_root(d: pathlib.Path) -> pathlib.Path:
+    """Where a model dir's files may live: the dir itself, or, for a snapshot of the Hugging Face
+    hub cache (models--ORG--NAME/snapshots/REV, whose files link to ../../blobs), the repo."""
+    d = d.resolve()
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+        return d.parent.parent
+    return d
+
+
+def copy_tokenizer_files(src: pathlib.Path, dst: pathlib.Path) -> list[str]:
+    """Copies the tokenizer files of model dir `src` to `dst`; returns the names copied. Each
+    must be a regular file inside `src` (a link out of it, e.g. to a private key, is refused);
+    remote-code fields are stripped from JSON files; the copy's mode is never wider than the
+    source's (and at most rw-r--r--)."""
+    root, copied = _allowed_root(src), []
+    for name in TOKENIZER_FILES:
+        path = src / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        real = path.resolve()
+        if not real.is_relative_to(root) or not real.is_file():
+            what = (f"links to {real}, outside the model dir" if not real.is_relative_to(root)
+                    else "is not a regular file")
+            raise ValueError(f"{path}: {what}; refusing to copy it into an output (it could "
+                             "publish a private file). Put a real copy of the file there")
+        data = real.read_bytes()
+        if name.endswith(".json"):
+            data = _strip_remote_code(path, data)
+        (dst / name).write_bytes(data)
+        os.chmod(dst / name, real.stat().st_mode & _file_mode())
+        copied.append(name)
+    return copied
+
+
+def _strip_remote_code(path: pathlib.Path, data: bytes) -> bytes:
+    """A tokenizer JSON file without the fields that make `transformers` load code: auto_map,
+    and a tokenizer_class that transformers does not ship."""
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return data  # not ours to judge; the tokenizer loader names a broken file
+    if not isinstance(obj, dict):
+        return data
+    import transformers
+
+    drop = [k for k in REMOTE_CODE_KEYS if k in obj]
+    cls = obj.get("tokenizer_class")
+    if isinstance(cls, str) and not hasattr(transformers, cls):
+        drop.append("tokenizer_class")
+    if not drop:
+        return data
+    log.warning("%s: dropped %s from the copy (recipe_jax never writes fields that make "
+                "transformers run code from a checkpoint)", path, ", ".join(drop))
+    return (json.dumps({k: v for k, v in obj.items() if k not in drop}, indent=2,
+                       ensure_ascii=False) + "\n").encode()
 
 
 def _fsync_dir(d: pathlib.Path) -> None:

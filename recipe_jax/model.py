@@ -85,6 +85,7 @@ class ModelConfig:
         values = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
         if hf.get("classifier_dropout") is None:
             values.pop("classifier_dropout", None)
+        _check_field_types(values)
         return cls(model_type=model_type, **values, **heads)
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -100,6 +101,21 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+
+def _check_field_types(values: dict[str, Any]) -> None:
+    """config.json values of the right kind: numbers where numbers belong, a known activation."""
+    if values.get("hidden_act", "gelu") not in ACTIVATIONS:
+        raise ValueError(f"config.json: hidden_act={values['hidden_act']!r} is not supported; "
+                         f"use one of {', '.join(ACTIVATIONS)}")
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in values or f.name in ("hidden_act", "model_type"):
+            continue
+        value, number = values[f.name], "float" in str(f.type)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if number else int):
+            kind = "a number" if number else "an integer (sizes are positive integers)"
+            raise ValueError(f"config.json: {f.name}={value!r} is not {kind}; fix the file "
+                             "(e.g. layer_norm_eps: 1e-12, num_hidden_layers: 12)")
 
 
 def _dense(features: int, cfg: ModelConfig, axes: tuple[str, str], name: str) -> nn.Dense:

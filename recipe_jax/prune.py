@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import time
 
 import flax.linen as nn
@@ -27,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from recipe_jax import activations, cli, data, hf
+from recipe_jax import activations, checkpoint, cli, data, hf, outputs
 from recipe_jax.model import ModelConfig, Transformer
 
 METHODS = ("fp", "fp_gm", "fp_ga")
@@ -153,8 +152,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The whole prune stage; returns the summary written to DIR/pruned.json."""
     validate(config)
     started = time.perf_counter()
-    workdir = pathlib.Path(workdir).absolute()
     model_dir = hf.resolve_model_dir(config.model.init_from)
+    # A rerun replaces its own hf/ and pruned.json only with the same settings.
+    workdir = outputs.claim_dir(workdir, "run:prune", inputs=[model_dir])
+    checkpoint.check_run_record(workdir, config)
     model, params = hf.load_pretrained(model_dir)
     cfg = model.cfg
     method = config.prune.method

@@ -19,14 +19,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, config_blocks, data, export, losses, masks, streaming, trainer
+from recipe_jax import cli, config_blocks, data, export, hf, losses, masks, streaming, trainer
 from recipe_jax.config_blocks import bad_value
 from recipe_jax.model import Transformer
 
@@ -124,7 +123,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The whole purify stage; returns a summary dict (also written to DIR/summary.json)."""
     validate(config)
     mesh = trainer.start(config)
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = trainer.claim_workdir(workdir, "run:purify",
+                                    inputs=[hf.resolve_model_dir(config.model.init_from)])
     model_dir, texts, model, host_params = trainer.load(config)
     if config.recipe.drop_pooler:
         model, host_params = drop_pooler(model, host_params)
@@ -140,6 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         arrays, masking = prepare_data(config, texts, model_dir, cfg.vocab_size)
     params, step = trainer.fit(config, workdir, mesh, name="purify", model_dir=model_dir,
                                model=model, host_params=host_params, arrays=arrays,
+                               data_sha256=data.texts_sha256(texts),
                                trainable=config.recipe.trainable,
                                loss_fn=make_loss(config, cfg, masking))
     reg = losses.frobenius_penalty(params, config.recipe.regularize, cfg.model_type)

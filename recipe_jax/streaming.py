@@ -21,6 +21,7 @@ import array
 import concurrent.futures
 import csv
 import functools
+import hashlib
 import os
 import pathlib
 from collections.abc import Callable, Sequence
@@ -43,9 +44,11 @@ class TextIndex(Sequence):
         self.kind = self.path.suffix.lower()
         self._column = None  # .tsv: index of the text column
         starts, lengths = array.array("q"), array.array("i")
+        digest = hashlib.sha256()  # of the bytes read: a resumed run must see the same data
         with open(self.path, "rb") as f:
             offset = 0
             for number, raw in enumerate(f, start=1):
+                digest.update(raw)
                 text = self._text(number, raw)
                 if text:
                     starts.append(offset)
@@ -56,6 +59,7 @@ class TextIndex(Sequence):
         if not starts:
             raise ValueError(f"{self.path}: empty, no sentences found (blank lines and rows are "
                              "skipped); pass a file with at least one non-empty sentence")
+        self.sha256 = digest.hexdigest()
         self._starts = np.frombuffer(starts, np.int64)
         self._lengths = np.frombuffer(lengths, np.int32)
 

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from recipe_jax import checkpoint, data, hf, optim, sharding, streaming
+from recipe_jax import checkpoint, data, hf, optim, outputs, sharding, streaming
 from recipe_jax.losses import matches
 from recipe_jax.model import Transformer, abstract_params
 
@@ -143,6 +143,16 @@ def start(config) -> jax.sharding.Mesh:
     return mesh
 
 
+def claim_workdir(workdir, kind: str, inputs=()) -> pathlib.Path:
+    """The stage's --workdir, checked before anything is loaded (`outputs.claim_dir`: absent,
+    empty, or a run of this kind; never a file, a user's dir, or a path inside or above an
+    input), created by process 0 with its marker."""
+    workdir = pathlib.Path(workdir).absolute()
+    outputs.claim_dir(workdir, kind, inputs=inputs, create=jax.process_index() == 0)
+    sharding.barrier("recipe_jax:claim")
+    return workdir
+
+
 def load(config) -> tuple:
     """(model_dir, aux texts, model, host params) of a stage that trains on plain text; the text
     is read first so that bad input fails before any weights are read or anything compiles.
@@ -182,13 +192,14 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
         host_params, arrays: dict[str, np.ndarray] | streaming.RowSource,
         trainable: Sequence[str], loss_fn: LossFn, extras: dict | None = None,
         collate: Callable | None = None, tokens_per_step: int | None = None,
-        fingerprint: dict | None = None):
+        fingerprint: dict | None = None, data_sha256: str | None = None):
     """Trains the params whose HF names match `trainable` on `arrays` (host rows, one per
     example, or a streaming.RowSource that reads them from disk); returns (params, final step).
 
     `extras` (host or global arrays) are replicated onto the mesh unless already global.
     `collate(global_rows)` builds the sharded batch (default: this process's rows, full length);
-    `fingerprint` replaces the config as what a resumed run must match.
+    `fingerprint` replaces the config as what a resumed run must match, and `data_sha256`
+    (the data's digest) joins it.
     """
     cfg = model.cfg
     num_examples = _num_rows(arrays)
@@ -197,11 +208,11 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     # Process 0 writes the run's description; the others check it once it is complete (the
     # workdir is one directory all processes share, e.g. NFS or a gcsfuse mount).
     if jax.process_index() == 0:
-        checkpoint.check_run_record(workdir, config, fingerprint)
+        checkpoint.check_run_record(workdir, config, fingerprint, data_sha256)
         checkpoint.write_source(workdir, cfg, hf.read_config(model_dir), model_dir)
     sharding.barrier("recipe_jax:workdir")
     if jax.process_index() != 0:
-        checkpoint.check_run_record(workdir, config, fingerprint)
+        checkpoint.check_run_record(workdir, config, fingerprint, data_sha256)
     names = [n for n in hf.named_params(host_params, cfg.model_type) if matches(trainable, n)]
     if not names:
         raise ValueError(f"trainable patterns {tuple(trainable)} match no parameter; "

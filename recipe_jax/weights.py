@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import pathlib
+import re
 import struct
 
 import ml_dtypes
@@ -104,10 +105,12 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # Name what it asked for, not torch's advice (which includes rerunning unsafely).
+        asked = re.search(r"(?:Unsupported global|GLOBAL):? *([\w.]+)", str(e))
         raise WeightFileError(
             f"{path}: refused to load: the file asks the unpickler for something other than "
-            f"tensors, which could execute code ({str(e).splitlines()[0]}). Do not trust this "
-            "checkpoint; ask its publisher for a safetensors file") from None
+            f"tensors{f' ({asked.group(1)})' if asked else ''}, which could execute code. Do "
+            "not trust this checkpoint; ask its publisher for a safetensors file") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise WeightFileError(f"{path}: corrupt or truncated PyTorch file ({e})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

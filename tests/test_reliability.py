@@ -512,3 +512,296 @@ def test_export_killed_at_random_points_leaves_previous_or_none(tmp_path):
     hf.save_pretrained(model, params, out)  # the next export cleans up what the kills left
     assert _export_state(out, versions) == "A"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------- 7. never destroy, never publish, one-line errors (#18)
+
+def _user_files(root: pathlib.Path) -> dict:
+    """{path: (bytes, mode)} of every file under root: what must come through untouched."""
+    return {p: (p.read_bytes(), p.stat().st_mode) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def converted(setup, tmp_path_factory):
+    """The shared tiny BERT converted to a run dir (what export reads)."""
+    from recipe_jax import convert
+
+    run = tmp_path_factory.mktemp("converted") / "run"
+    assert convert.main(["--hf", str(setup[0]), "--out", str(run)]) == 0
+    return run
+
+
+def test_export_refuses_a_users_dir_a_file_and_the_run_itself(converted, tmp_path):
+    """Item 1: `--out` holding the user's files, the run dir, its parent, or a regular file."""
+    from recipe_jax import export, outputs
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    (tmp_path / "plain").write_text("y")
+    before = _user_files(tmp_path)
+    for out, match in ((mine, r"holds files recipe_jax did not write \(notes.txt\)"),
+                       (converted, "is the input"), (converted.parent, "holds the input"),
+                       (converted / "checkpoints", "is inside the input"),
+                       (tmp_path / "plain", "is a file")):
+        with pytest.raises(outputs.OutputError, match=match):
+            export.export(converted, out)
+    assert _user_files(tmp_path) == before and (converted / "checkpoints").is_dir()
+    export.export(converted, tmp_path / "hf")
+    export.export(converted, tmp_path / "hf")  # its own export: replaced
+    (tmp_path / "hf" / "notes.txt").write_text("mine now")
+    with pytest.raises(outputs.OutputError, match="besides the export recipe_jax wrote"):
+        export.export(converted, tmp_path / "hf")
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "mine now"
+    export.export(converted, mine, overwrite=True)  # asked for explicitly
+    assert not (mine / "notes.txt").exists() and (mine / "config.json").is_file()
+
+
+def test_prune_refuses_a_foreign_workdir_and_a_changed_config(setup, tmp_path):
+    """Item 2: --workdir pointing at a purify run, or a rerun with another config."""
+    from recipe_jax import outputs, prune
+
+    run = tmp_path / "purified"
+    purify.run(_config(setup, train__num_steps=1), str(run))
+    config = preset("prune", "fp", model__init_from=str(setup[0]))
+    hf_before = _user_files(run)
+    with pytest.raises(outputs.OutputError, match="run:purify output, not a run:prune one"):
+        prune.run(config, str(run))
+    assert _user_files(run) == hf_before
+    prune.run(config, str(tmp_path / "pruned"))
+    prune.run(config, str(tmp_path / "pruned"))  # the same settings: its own output replaced
+    other = preset("prune", "fp_gm", model__init_from=str(setup[0]))
+    with pytest.raises(ValueError, match="another prune.method"):
+        prune.run(other, str(tmp_path / "pruned"))
+
+
+def test_symlinks_out_of_the_model_dir_are_refused_and_modes_never_widen(setup, tmp_path):
+    """Item 3: a tokenizer file linking to a private file is never copied into source/ or an
+    export; copies keep the source's (narrower) mode; every exported file has one mode."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(setup[0], model_dir)
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    secret.chmod(0o600)
+    (model_dir / "special_tokens_map.json").unlink()
+    (model_dir / "special_tokens_map.json").symlink_to(secret)
+    model, params = hf.load_pretrained(model_dir)
+    with pytest.raises(ValueError, match=r"special_tokens_map.json: links to .*id_rsa, outside"):
+        hf.save_pretrained(model, params, tmp_path / "out", tokenizer_from=model_dir)
+    with pytest.raises(ValueError, match="outside the model dir"):
+        checkpoint.write_source(tmp_path / "run", model.cfg, hf.read_config(model_dir), model_dir)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run" / "source").exists()
+    assert not any("PRIVATE" in p.read_text(errors="ignore")
+                   for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()
+                   and p != secret)
+    (model_dir / "special_tokens_map.json").unlink()
+    shutil.copyfile(setup[0] / "special_tokens_map.json", model_dir / "special_tokens_map.json")
+    (model_dir / "vocab.txt").chmod(0o600)
+    out = hf.save_pretrained(model, params, tmp_path / "out", tokenizer_from=model_dir)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes.pop("vocab.txt") == 0o600  # never wider than its source
+    assert len(set(modes.values())) == 1, modes  # model.safetensors like its siblings
+
+
+def test_remote_code_fields_are_stripped_from_every_file_the_export_writes(setup, tmp_path):
+    """Item 4: auto_map and a tokenizer_class transformers does not ship, in
+    tokenizer_config.json, never reach the export (nor does config.json's auto_map)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(setup[0], model_dir)
+    path = model_dir / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": "EvilTok",
+                                "auto_map": {"AutoTokenizer": ["evil.EvilTok", None]}}))
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "x.Y"}}))
+    model, params = hf.load_pretrained(model_dir)
+    out = hf.save_pretrained(model, params, tmp_path / "out", tokenizer_from=model_dir)
+    for f in out.iterdir():
+        if f.suffix == ".json":
+            text = f.read_text()
+            assert "auto_map" not in text and "Evil" not in text, f.name
+    kept = json.loads((out / "tokenizer_config.json").read_text())
+    assert kept["do_lower_case"] == json.loads(
+        (setup[0] / "tokenizer_config.json").read_text())["do_lower_case"]
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class":
+                                "BertTokenizer"}))
+    out = hf.save_pretrained(model, params, tmp_path / "out", tokenizer_from=model_dir)
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "BertTokenizer"  # a class transformers ships is kept
+
+
+def test_resume_refuses_changed_data(setup, tmp_path):
+    """Item 5: the aux file edited at the same path between a run and its resumption."""
+    aux = tmp_path / "aux.txt"
+    aux.write_text(setup[1].read_text())
+    config = _config((setup[0], aux), train__num_steps=2)
+    purify.run(config, str(tmp_path / "run"))
+    purify.run(config, str(tmp_path / "run"))  # unchanged data: resumes (here: already done)
+    aux.write_text(aux.read_text().replace("quick", "slow"))
+    with pytest.raises(ValueError, match="holds a run on other data"):
+        purify.run(config, str(tmp_path / "run"))
+
+
+def test_changed_checkpoint_bytes_fall_back_to_the_previous_step(reference, tmp_path, caplog):
+    """Item 6: bytes overwritten inside the newest checkpoint (no error from Orbax, different
+    weights) are caught by the recorded digests; the previous step is used instead."""
+    from recipe_jax import export
+
+    run = _copy(reference, tmp_path)
+    data_files = sorted((run / "checkpoints" / "60" / "params").rglob("*"),
+                        key=lambda p: p.stat().st_size if p.is_file() else 0)
+    biggest = data_files[-1]
+    raw = bytearray(biggest.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes((b + 1) % 256 for b in raw[middle:middle + 64])
+    biggest.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="recipe_jax.checkpoint"):
+        step = export.export(run, tmp_path / "hf")
+    assert step == 50, "the damaged step 60 was exported"
+    assert "differ from the digests recorded" in caplog.text
+
+
+def test_non_finite_weights_are_refused_on_load(tmp_path):
+    """Item 7: NaN/Inf in a loaded model is an error naming the tensors (every stage loads
+    through hf.load_pretrained; convert says so in one line)."""
+    from safetensors.numpy import save_file
+
+    from recipe_jax import convert
+
+    d = tmp_path / "model"
+    tiny_hf("BertForMaskedLM", d)
+    state = load_file(str(d / "model.safetensors"))
+    state["bert.encoder.layer.1.output.dense.weight"][0, 0] = np.nan
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"non-finite.*bert.encoder.layer.1.output.dense.weight"):
+        hf.load_pretrained(d)
+    with pytest.raises(SystemExit):
+        convert.main(["--hf", str(d), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _bad_configs(model_dir: pathlib.Path, tmp_path: pathlib.Path) -> dict:
+    """Model dirs with a bad config.json value."""
+    out = {}
+    for key, value in (("layer_norm_eps", "abc"), ("hidden_act", "swishy")):
+        d = tmp_path / f"bad_{key}"
+        shutil.copytree(model_dir, d)
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, key: value}))
+        out[key] = d
+    return out
+
+
+def test_named_errors_for_the_inputs_that_gave_tracebacks(setup, tmp_path):
+    """Item 8, in process: config.json values, a plain file as model dir, the pickle refusal's
+    wording, a different model into an existing --out, a convert without tokenizer files."""
+    from recipe_jax import convert
+
+    bad = _bad_configs(setup[0], tmp_path)
+    with pytest.raises(ValueError, match=r"config.json: layer_norm_eps='abc' is not a number"):
+        hf.read_config(bad["layer_norm_eps"])
+    with pytest.raises(ValueError, match=r"hidden_act='swishy' is not supported; use one of"):
+        hf.read_config(bad["hidden_act"])
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        hf.read_config(setup[1])
+    from recipe_jax import outputs
+
+    with pytest.raises(outputs.OutputError, match="cannot be written"):  # root: not file modes
+        outputs.claim_dir("/sys/recipe_jax_workdir", "run:purify")
+    with pytest.raises(outputs.OutputError, match="is a file, not a directory"):
+        outputs.claim_dir(setup[1], "run:purify")
+    d = tmp_path / "pickle"
+    tiny_hf("BertForMaskedLM", d)
+    (d / "model.safetensors").unlink()
+    torch.save({"w": _RunsCode()}, d / "pytorch_model.bin")
+    _RunsCode.marker = tmp_path / "pwned"
+    with pytest.raises(weights.WeightFileError) as e:
+        hf.load_pretrained(d)
+    assert "weights_only" not in str(e.value) and "refused to load" in str(e.value)
+    run = tmp_path / "run"
+    assert convert.main(["--hf", str(setup[0]), "--out", str(run)]) == 0
+    other = tmp_path / "other"
+    tiny_hf("BertForMaskedLM", other, hidden_size=48)
+    with pytest.raises(SystemExit):
+        convert.main(["--hf", str(other), "--out", str(run)])
+    assert convert.main(["--hf", str(other), "--out", str(run), "--overwrite"]) == 0
+
+
+def test_convert_warns_when_the_model_has_no_tokenizer(tmp_path, caplog):
+    from recipe_jax import convert
+
+    d = tmp_path / "model"
+    tiny_hf("BertForMaskedLM", d)
+    with caplog.at_level(logging.WARNING, logger="recipe_jax.convert"):
+        assert convert.main(["--hf", str(d), "--out", str(tmp_path / "run")]) == 0
+    assert "has no tokenizer files" in caplog.text and "source/" in caplog.text
+
+
+_TARGETS = ("a", "b", "mine", "mine/sub", "plain")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(("export", "convert", "prune", "diagnose")),
+                          st.sampled_from(_TARGETS)), min_size=1, max_size=4))
+def test_commands_never_touch_a_file_they_did_not_create(setup, converted, tmp_path_factory,
+                                                         commands):
+    """Property: random sequences of commands over shared paths (export targets, workdirs, a
+    user's dir with a file, a user's plain file): no file the tool did not create is modified
+    or removed, whatever succeeds or is refused."""
+    from recipe_jax import convert, diagnose, export, outputs, prune
+
+    root = tmp_path_factory.mktemp("space")
+    (root / "mine").mkdir()
+    (root / "mine" / "notes.txt").write_text("my notes")
+    (root / "plain").write_text("my file")
+    before = _user_files(root)
+    for command, target in commands:
+        out = root / target
+        try:
+            if command == "export":
+                export.export(converted, out)
+            elif command == "convert":
+                convert._claim_out(str(out), str(setup[0]), overwrite=False)
+            elif command == "prune":
+                prune.run(preset("prune", "fp", model__init_from=str(setup[0])), str(out))
+            else:
+                diagnose.run(models={"m": setup[0]}, aux=setup[1], triggers=["cf"],
+                             workdir=out, max_examples=4, max_length=16)
+        except (outputs.OutputError, ValueError):
+            pass
+        assert {p: v for p, v in _user_files(root).items() if p in before} == before, \
+            (command, target)
+
+
+_ONE_LINE_CASES = {  # command -> arguments that must fail with one line of error
+    "purify": ["--config", "configs/purify.py:tiny", "--workdir", "{file}",
+               "--config.data.aux_path={file}", "--config.model.init_from=minilm"],
+    "attack": ["--config", "configs/attack.py:tiny", "--workdir", "{tmp}/w",
+               "--config.train.batch_sze=8"],
+    "evaluate": ["--config", "configs/nope.py:tiny", "--workdir", "{tmp}/w"],
+    "prune": ["--config", "configs/prune.py:fp", "--workdir", "{tmp}/w",
+              "--config.model.init_from={file}"],
+    "convert": ["--hf", "{file}", "--out", "{tmp}/w"],
+    "export": ["--ckpt", "{tmp}/missing", "--out", "{tmp}/w"],
+    "diagnose": ["--model", "m={tmp}/missing", "--aux", "{file}", "--workdir", "{tmp}/w"],
+    "demo": ["--workdir", "{file}"],
+}
+
+
+@pytest.mark.parametrize("command", [
+    *(pytest.param(c, marks=pytest.mark.slow) for c in _ONE_LINE_CASES if c != "purify"),
+    "purify"])
+def test_every_command_fails_bad_input_in_one_line(command, tmp_path):
+    """Each user-facing command, given a bad path or a bad config: exit non-zero, one line of
+    error, no traceback (unless --verbose or RECIPE_JAX_TRACEBACK=1)."""
+    (tmp_path / "f.txt").write_text("a plain file\n")
+    args = [a.format(file=tmp_path / "f.txt", tmp=tmp_path) for a in _ONE_LINE_CASES[command]]
+    env = {k: v for k, v in ONE_DEVICE.items() if k != "RECIPE_JAX_TRACEBACK"}
+    out = subprocess.run([sys.executable, "-m", f"recipe_jax.{command}", *args], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith(f"{command}: error")]
+    assert out.returncode != 0, out.stdout
+    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    verbose = subprocess.run([sys.executable, "-m", f"recipe_jax.{command}", *args, "--verbose"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr
