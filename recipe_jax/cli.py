@@ -66,15 +66,20 @@ def verbose() -> bool:
     return "--verbose" in sys.argv or os.environ.get("RECIPE_JAX_TRACEBACK") == "1"
 
 
-def fail(name: str, error: BaseException, status: int = 1):
-    """Ends the command on a user error: one line (the traceback with `--verbose`)."""
+def report(name: str, error: BaseException, status: int = 1) -> int:
+    """Prints a user error as one line (re-raises it with `--verbose`); returns `status`."""
     if verbose():
         raise error
     message = " ".join(str(error.args[0] if isinstance(error, (KeyError, AttributeError))
                            and error.args else error).split())
     print(f"{name}: error: {message or type(error).__name__} (--verbose shows the traceback)",
           file=sys.stderr)
-    sys.exit(status)
+    return status
+
+
+def fail(name: str, error: BaseException, status: int = 1):
+    """Ends the command on a user error: one line (the traceback with `--verbose`)."""
+    sys.exit(report(name, error, status))
 
 
 def main_body(name: str, stage: Callable[[], object], argv: list[str]) -> None:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     try:
-        out = _claim_out(args.out, args.hf, args.overwrite)
+        out = _claim_out(args.out, args.hf, args.overwrite, create=False)  # before any loading
         model, params, info = hf.load_pretrained(args.hf, with_info=True)
         if args.verify:
             # A source without an MLM head (e.g. a BertModel): compare encoder states instead.
@@ -45,17 +45,19 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("%s has no tokenizer files (%s): the run converts, but purify, attack and "
                         "evaluate of it need them; copy them into %s/source/", args.hf,
                         ", ".join(data.VOCAB_FILES), out)
+        _claim_out(args.out, args.hf, args.overwrite, create=True)  # nothing written before
         checkpoint.write_source(out, model.cfg, hf.read_config(args.hf), args.hf)
         checkpoint.save_params(out, params)
     except (*cli.USER_ERRORS, RuntimeError) as e:
-        cli.fail("convert", e)
+        return cli.report("convert", e)
     print(f"convert: wrote {args.out} ({hf.summary(model, params)})")
     return 0
 
 
-def _claim_out(out: str, source: str, overwrite: bool) -> pathlib.Path:
+def _claim_out(out: str, source: str, overwrite: bool, create: bool = True) -> pathlib.Path:
     """--out: absent or empty; an earlier conversion is named, not silently reused; with
-    --overwrite anything but a file or a path inside or above the source, removed first."""
+    --overwrite anything but a file or a path inside or above the source, removed first (only
+    with `create`: else it is just checked)."""
     path = pathlib.Path(out).absolute()
     marker = outputs.read_marker(path) if path.is_dir() else None
     if marker is not None and not overwrite:
@@ -64,6 +66,8 @@ def _claim_out(out: str, source: str, overwrite: bool) -> pathlib.Path:
             "checkpoints/); pass a new --out, or add --overwrite to replace it")
     outputs.check_replace(path, "run:convert", inputs=[source], overwrite=overwrite,
                           flag="--out")
+    if not create:
+        return path
     if overwrite and path.is_dir():
         shutil.rmtree(path)
     return outputs.claim_dir(path, "run:convert", inputs=[source], flag="--out")

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         step = export(args.ckpt, args.out, step=args.step, verify=args.verify,
                       overwrite=args.overwrite)
     except (*cli.USER_ERRORS, RuntimeError) as e:
-        cli.fail("export", e)
+        return cli.report("export", e)
     print(f"export: wrote {args.out} from step {step} of {args.ckpt}")
     return 0
 

@@ -49,7 +49,7 @@ def test_convert_refuses_to_mix_models_in_one_dir(tmp_path, capsys):
     tiny_hf("BertForMaskedLM", tmp_path / "b", intermediate_size=41)
     assert convert.main(["--hf", str(tmp_path / "a"), "--out", str(tmp_path / "run")]) == 0
     assert convert.main(["--hf", str(tmp_path / "b"), "--out", str(tmp_path / "run")]) == 1
-    assert "another model" in capsys.readouterr().err
+    assert "already holds a recipe_jax run:convert" in capsys.readouterr().err
 
 
 @pytest.mark.slow
