@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from recipe_jax import faults, hf
+from recipe_jax import faults, hf, outputs
 from recipe_jax.model import ModelConfig, Transformer, abstract_params
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ def write_source(run_dir: str | os.PathLike, cfg: ModelConfig, hf_config: dict[s
     tmp.mkdir()
     try:
         if tokenizer_from is not None:
-            hf.copy_tokenizer_files(pathlib.Path(tokenizer_from), tmp)
+            outputs.copy_model_files(pathlib.Path(tokenizer_from), tmp, hf.TOKENIZER_FILES,
+                                     hf.REMOTE_CODE_KEYS)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -109,6 +110,8 @@ def check_run_record(workdir: pathlib.Path, config, fingerprint: dict | None = N
         if "data_sha256" in now and "data_sha256" not in old:
             log.warning("%s was recorded before data digests: the data is not checked", path)
             old["data_sha256"] = now["data_sha256"]
+        if "data_sha256" not in now:  # a caller that checks the settings only (reproduce.py)
+            old.pop("data_sha256", None)
         diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)
                 and not k.startswith(free) and not _new_key_off(k, old, now)
                 and not (k not in now and k in RETIRED_OFF and old[k] == RETIRED_OFF[k])]

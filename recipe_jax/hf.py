@@ -355,11 +355,12 @@ def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        copied = copy_tokenizer_files(src, tmp) if src is not None else []
+        copied = (outputs.copy_model_files(src, tmp, TOKENIZER_FILES, REMOTE_CODE_KEYS)
+                  if src is not None else [])
         faults.point("export")
         # config.json last: a dir without it is never mistaken for a model.
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        mode = _file_mode()
+        mode = outputs.file_mode()
         for name in ("model.safetensors", "config.json"):
             os.chmod(tmp / name, mode)
         outputs.write_marker(tmp, "hf", ["config.json", "model.safetensors", *copied])
@@ -369,70 +370,6 @@ def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _file_mode() -> int:
-    """rw-r--r-- less the umask: what a plain file the user creates gets."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o644 & ~umask
-
-
-def _allowed_root(d: pathlib.Path) -> pathlib.Path:
-    """Where a model dir's files may live: the dir itself, or, for a snapshot of the Hugging Face
-    hub cache (models--ORG--NAME/snapshots/REV, whose files link to ../../blobs), the repo."""
-    d = d.resolve()
-    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
-        return d.parent.parent
-    return d
-
-
-def copy_tokenizer_files(src: pathlib.Path, dst: pathlib.Path) -> list[str]:
-    """Copies the tokenizer files of model dir `src` to `dst`; returns the names copied. Each
-    must be a regular file inside `src` (a link out of it, e.g. to a private key, is refused);
-    remote-code fields are stripped from JSON files; the copy's mode is never wider than the
-    source's (and at most rw-r--r--)."""
-    root, copied = _allowed_root(src), []
-    for name in TOKENIZER_FILES:
-        path = src / name
-        if not path.exists() and not path.is_symlink():
-            continue
-        real = path.resolve()
-        if not real.is_relative_to(root) or not real.is_file():
-            what = (f"links to {real}, outside the model dir" if not real.is_relative_to(root)
-                    else "is not a regular file")
-            raise ValueError(f"{path}: {what}; refusing to copy it into an output (it could "
-                             "publish a private file). Put a real copy of the file there")
-        data = real.read_bytes()
-        if name.endswith(".json"):
-            data = _strip_remote_code(path, data)
-        (dst / name).write_bytes(data)
-        os.chmod(dst / name, real.stat().st_mode & _file_mode())
-        copied.append(name)
-    return copied
-
-
-def _strip_remote_code(path: pathlib.Path, data: bytes) -> bytes:
-    """A tokenizer JSON file without the fields that make `transformers` load code: auto_map,
-    and a tokenizer_class that transformers does not ship."""
-    try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return data  # not ours to judge; the tokenizer loader names a broken file
-    if not isinstance(obj, dict):
-        return data
-    import transformers
-
-    drop = [k for k in REMOTE_CODE_KEYS if k in obj]
-    cls = obj.get("tokenizer_class")
-    if isinstance(cls, str) and not hasattr(transformers, cls):
-        drop.append("tokenizer_class")
-    if not drop:
-        return data
-    log.warning("%s: dropped %s from the copy (recipe_jax never writes fields that make "
-                "transformers run code from a checkpoint)", path, ", ".join(drop))
-    return (json.dumps({k: v for k, v in obj.items() if k not in drop}, indent=2,
-                       ensure_ascii=False) + "\n").encode()
 
 
 def _fsync_dir(d: pathlib.Path) -> None:

@@ -1,4 +1,5 @@
-"""What the tool may write where: it replaces only what it can prove it wrote itself.
+"""What the tool may write where: it replaces only what it can prove it wrote itself, and copies
+out of a model dir only what is really in it.
 
 Every directory recipe_jax creates holds a marker, `.recipe_jax.json`: the kind of output (`hf`
 for an exported model, `run:purify`, `run:convert`, `diagnose`, `demo`, ...) and, for an export,
@@ -17,9 +18,12 @@ command has it). A target inside or above one of the command's inputs is always 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
+
+log = logging.getLogger(__name__)
 
 MARKER = ".recipe_jax.json"
 
@@ -132,3 +136,74 @@ def check_replace(target: str | os.PathLike, kind: str, *, inputs: Iterable = ()
                           f"{', '.join(foreign[:5])}; move them, pass a new {flag}, or add "
                           "--overwrite to replace it all")
     return target
+
+
+# --------------------------------------------------------- files copied from a model dir
+
+def file_mode() -> int:
+    """rw-r--r-- less the umask: what a plain file the user creates gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o644 & ~umask
+
+
+def _allowed_root(d: pathlib.Path) -> pathlib.Path:
+    """Where a model dir's files may live: the dir itself, or, for a snapshot of the Hugging Face
+    hub cache (models--ORG--NAME/snapshots/REV, whose files link to ../../blobs), the repo."""
+    d = d.resolve()
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+        return d.parent.parent
+    return d
+
+
+def copy_model_files(src: pathlib.Path, dst: pathlib.Path, names: Sequence[str],
+                     remote_code_keys: Sequence[str]) -> list[str]:
+    """Copies the files `names` of model dir `src` that exist to `dst`; returns those copied.
+    Each must be a regular file inside `src` (a link out of it, e.g. to a private key, is
+    refused); `remote_code_keys` are stripped from JSON files; the copy's mode is never wider
+    than the source's (and at most rw-r--r--)."""
+    root, copied = _allowed_root(src), []
+    for name in names:
+        path = src / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        real = path.resolve()
+        if not real.is_relative_to(root) or not real.is_file():
+            what = (f"links to {real}, outside the model dir" if not real.is_relative_to(root)
+                    else "is not a regular file")
+            raise ValueError(f"{path}: {what}; refusing to copy it into an output (it could "
+                             "publish a private file). Put a real copy of the file there")
+        data = real.read_bytes()
+        if name.endswith(".json"):
+            data = _strip_remote_code(path, data, remote_code_keys)
+        write_file(dst / name, data, real.stat().st_mode & file_mode())
+        copied.append(name)
+    return copied
+
+
+def write_file(path: pathlib.Path, data: bytes, mode: int) -> None:
+    path.write_bytes(data)
+    os.chmod(path, mode)
+
+
+def _strip_remote_code(path: pathlib.Path, data: bytes, keys: Sequence[str]) -> bytes:
+    """A tokenizer JSON file without the fields that make `transformers` load code: auto_map,
+    and a tokenizer_class that transformers does not ship."""
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return data  # not ours to judge; the tokenizer loader names a broken file
+    if not isinstance(obj, dict):
+        return data
+    import transformers
+
+    drop = [k for k in keys if k in obj]
+    cls = obj.get("tokenizer_class")
+    if isinstance(cls, str) and not hasattr(transformers, cls):
+        drop.append("tokenizer_class")
+    if not drop:
+        return data
+    log.warning("%s: dropped %s from the copy (recipe_jax never writes fields that make "
+                "transformers run code from a checkpoint)", path, ", ".join(drop))
+    return (json.dumps({k: v for k, v in obj.items() if k not in drop}, indent=2,
+                       ensure_ascii=False) + "\n").encode()

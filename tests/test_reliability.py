@@ -24,7 +24,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from recipe_jax import attack, checkpoint, data, evaluate, hf, metrics, purify, trainer, weights
+from recipe_jax import (
+    attack,
+    checkpoint,
+    data,
+    evaluate,
+    hf,
+    metrics,
+    outputs,
+    purify,
+    trainer,
+    weights,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -454,7 +465,7 @@ def test_export_error_at_any_point_keeps_previous(tiny_bert_mlm, tmp_path, monke
             boom()
         monkeypatch.setattr(hf, "save_file", half_written)
     elif fail == "copyfile":
-        monkeypatch.setattr(hf.shutil, "copyfile", boom)
+        monkeypatch.setattr(outputs, "write_file", boom)
     elif fail == "config":
         monkeypatch.setattr(hf.json, "dumps", boom)
     else:
