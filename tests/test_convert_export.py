@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 from recipe_jax import convert, export, model
 
 
+@pytest.mark.slow
 def test_convert_then_export_round_trip(tmp_path, capsys):
     ref = tiny_hf("BertForPreTraining", tmp_path / "src")
     assert convert.main(["--hf", str(tmp_path / "src"), "--out", str(tmp_path / "run"),

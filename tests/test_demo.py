@@ -42,3 +42,18 @@ def test_demo_fast_runs_the_whole_loop(tmp_path, minilm_dir, monkeypatch):
     assert floor in report and "| floor |" in report
     assert (tmp_path / "diagnose" / "report.md").is_file()
     assert (tmp_path / "purify" / "hf" / "model.safetensors").is_file()
+
+
+def test_demo_stage_configs_and_report_without_training(tmp_path):
+    """The demo's wiring, in a fraction of a second: the presets it shrinks, and its table."""
+    configs = demo.stage_configs(demo.FAST, tmp_path / "aux.txt")
+    assert configs["purify"].recipe.drop_pooler  # the strong preset
+    assert configs["attack"].attack.kind == "por" and configs["attack"].model.init_from == "minilm"
+    assert configs["evaluate"].data.triggers == demo.TRIGGERS
+    assert {c.data.max_length for c in configs.values()} == {demo.FAST["length"]}
+    row = {"clean_acc": 0.9, "aasr": 0.25, "masr": 0.5, "control": {"aasr": 0.125},
+           "asr_max": dict.fromkeys(demo.TRIGGERS, 0.25), "num_train": 8, "num_test": 4,
+           "controls": ["jd"]}
+    text = demo.write_report(tmp_path, {"clean": row, "purified": row}, {"attack": 1.0})
+    assert "| clean | 90.0% | 25.0% | 12.5% | 50.0% | 25.0%" in text
+    assert json.loads((tmp_path / "demo.json").read_text())["times"] == {"attack": 1.0}

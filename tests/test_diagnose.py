@@ -114,6 +114,7 @@ def test_long_sentences_whose_trigger_would_be_truncated_are_left_out(tiny_dir):
     assert (result["num_pairs"], result["num_dropped"]) == (4, 1)
 
 
+@pytest.mark.slow
 def test_cli_writes_report_and_plots(tiny_dir, tmp_path):
     model, params = hf.load_pretrained(tiny_dir)
     backdoored = tmp_path / "backdoored"

@@ -212,6 +212,7 @@ def test_end_to_end_clean_task_resumes(tmp_path, capsys):
                                 tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_fine_tune_steps_match_pytorch_reference(tmp_path):
     """Our step on bucketed batches == transformers' BertForSequenceClassification + AdamW +
     clip + linear decay (HF Trainer's recipe), dropout off, from the same weights."""

@@ -65,6 +65,7 @@ def test_masked_position_gather_equals_full_logits(tiny_bert_mlm):
                                                             positions[..., None], 1), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_minilm_hidden_states_match_transformers(minilm_dir):
     model, params = hf.load_pretrained(minilm_dir)
     assert model.cfg.num_hidden_layers == 6 and model.cfg.hidden_size == 384

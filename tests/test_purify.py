@@ -232,6 +232,7 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_uninterrupted(tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_cli_overrides_help_and_typos(tmp_path):
     hf_dir, aux = _tiny_setup(tmp_path)
     typo = subprocess.run(_cli(tmp_path / "r", hf_dir, aux, "--config.train.learning_rat=1"),

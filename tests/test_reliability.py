@@ -570,10 +570,11 @@ def test_export_refuses_a_users_dir_a_file_and_the_run_itself(converted, tmp_pat
 
 def test_prune_refuses_a_foreign_workdir_and_a_changed_config(setup, tmp_path):
     """Item 2: --workdir pointing at a purify run, or a rerun with another config."""
-    from recipe_jax import outputs, prune
+    from recipe_jax import prune
 
-    run = tmp_path / "purified"
-    purify.run(_config(setup, train__num_steps=1), str(run))
+    run = outputs.claim_dir(tmp_path / "purified", "run:purify")  # what purify makes first
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}")
     config = preset("prune", "fp", model__init_from=str(setup[0]))
     hf_before = _user_files(run)
     with pytest.raises(outputs.OutputError, match="run:purify output, not a run:prune one"):
@@ -641,15 +642,17 @@ def test_remote_code_fields_are_stripped_from_every_file_the_export_writes(setup
 
 
 def test_resume_refuses_changed_data(setup, tmp_path):
-    """Item 5: the aux file edited at the same path between a run and its resumption."""
+    """Item 5: the aux file edited at the same path between a run and its resumption (a rerun
+    of a finished run goes through the same check, before anything compiles)."""
     aux = tmp_path / "aux.txt"
     aux.write_text(setup[1].read_text())
-    config = _config((setup[0], aux), train__num_steps=2)
+    config = _config((setup[0], aux), train__num_steps=1)
     purify.run(config, str(tmp_path / "run"))
-    purify.run(config, str(tmp_path / "run"))  # unchanged data: resumes (here: already done)
     aux.write_text(aux.read_text().replace("quick", "slow"))
     with pytest.raises(ValueError, match="holds a run on other data"):
         purify.run(config, str(tmp_path / "run"))
+    aux.write_text(aux.read_text().replace("slow", "quick"))
+    purify.run(config, str(tmp_path / "run"))  # the same data again: accepted
 
 
 def test_changed_checkpoint_bytes_fall_back_to_the_previous_step(reference, tmp_path, caplog):

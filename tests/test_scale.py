@@ -132,6 +132,20 @@ def test_initialize_distributed_without_settings_is_a_no_op():
 
 # ------------------------------------------------------------------------------------- AOT
 
+def test_aot_report_of_a_tiny_step_on_eight_devices():
+    """sharding_report compiles the dynamic-mask strong step of a tiny model on (2, 4, 1) from
+    abstract state, and reports per-device bytes below the totals."""
+    config = preset("purify", "strong")
+    cfg = sharding_report.ModelConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=64)
+    mesh = sharding.make_mesh((2, 4, 1))
+    compiled, state, frozen, seconds = sharding_report.compile_purify_step(config, cfg, mesh)
+    numbers = sharding_report.report(state, frozen, mesh)
+    assert 0 < numbers["params_per_device_mib"] < numbers["params_total_mib"]
+    assert 0 < numbers["opt_state_per_device_mib"] < numbers["opt_state_total_mib"]
+    assert compiled.memory_analysis() is not None and seconds > 0
+
+
 @pytest.mark.slow
 def test_aot_compile_of_bert_large_step_shards_params_and_optimizer_state():
     """The bert preset's step for a bert-large-sized model compiles on a (data=2, fsdp=4) mesh
