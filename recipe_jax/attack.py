@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, config_blocks, data, export, hf, losses, masks, trainer
+from recipe_jax import cli, config_blocks, data, export, losses, masks, trainer
 from recipe_jax.model import Transformer
 
 KINDS = ("por", "neuba", "badpre")
@@ -181,9 +181,7 @@ def loss_fn(params, batch, rng, extras, *, model, attack, dropout: bool):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the attack; returns a summary (also in DIR/summary.json); model in DIR/hf/."""
     validate(config)
-    mesh = trainer.start(config)
-    workdir = trainer.claim_workdir(workdir, "run:attack",
-                                    inputs=[hf.resolve_model_dir(config.model.init_from)])
+    mesh, workdir = trainer.start(config, workdir, "run:attack")
     model_dir, texts, model, host_params = trainer.load(config)
     cfg = model.cfg
     if config.attack.target == "pooler" and config.attack.kind != "badpre" and not cfg.pooler:

@@ -153,13 +153,13 @@ def predict(step_fn, params, enc: dict[str, np.ndarray], batch_size: int, max_le
 
 # -------------------------------------------------------------------------------- the stage
 
-def _start(config) -> jax.sharding.Mesh:
-    mesh = trainer.start(config)  # joins the processes; checks train.batch_size against the mesh
+def _start(config, workdir, model_dir) -> tuple[jax.sharding.Mesh, pathlib.Path]:
+    mesh, workdir = trainer.start(config, workdir, "run:evaluate", inputs=[model_dir])
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.eval.batch_size % shards or config.eval.batch_size % jax.process_count():
         raise ValueError(f"eval.batch_size={config.eval.batch_size} must divide evenly over "
                          f"data*fsdp={shards} mesh devices and {jax.process_count()} processes")
-    return mesh
+    return mesh, workdir
 
 
 def fine_tune(config, workdir: pathlib.Path, model_dir, model: Transformer, host_params, enc,
@@ -215,8 +215,7 @@ def run_evaluation(model_dir: str | os.PathLike, train: Split, test: Split,
     if len(set(test[1])) < 2:  # fail before fine-tuning, not after
         raise ValueError("test data: every label is the same, but ASR(t, y) needs rows whose "
                          "label is not y; use a test set with at least two labels")
-    mesh = _start(config)
-    workdir = trainer.claim_workdir(workdir, "run:evaluate", inputs=[model_dir])
+    mesh, workdir = _start(config, workdir, model_dir)
     model, host_params = hf.load_pretrained(model_dir, num_labels=num_labels,
                                             seed=config.train.seed)
     trainer.check_max_length(config, model)

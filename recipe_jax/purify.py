@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, config_blocks, data, export, hf, losses, masks, streaming, trainer
+from recipe_jax import cli, config_blocks, data, export, losses, masks, streaming, trainer
 from recipe_jax.config_blocks import bad_value
 from recipe_jax.model import Transformer
 
@@ -122,9 +122,7 @@ def drop_pooler(model: Transformer, params: dict) -> tuple[Transformer, dict]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The whole purify stage; returns a summary dict (also written to DIR/summary.json)."""
     validate(config)
-    mesh = trainer.start(config)
-    workdir = trainer.claim_workdir(workdir, "run:purify",
-                                    inputs=[hf.resolve_model_dir(config.model.init_from)])
+    mesh, workdir = trainer.start(config, workdir, "run:purify")
     model_dir, texts, model, host_params = trainer.load(config)
     if config.recipe.drop_pooler:
         model, host_params = drop_pooler(model, host_params)

@@ -2,7 +2,7 @@
 
 A stage supplies a pure loss and its data; the trainer owns everything else:
 
-    mesh = trainer.start(config)                          # processes joined, mesh built
+    mesh, workdir = trainer.start(config, workdir, "run:purify")  # mesh built, workdir claimed
     model_dir, texts, model, host_params = trainer.load(config)   # bad input fails first
     loss = functools.partial(loss_fn, model=trainer.compute_model(config, model.cfg), ...)
     params, step = trainer.fit(config, workdir, mesh, name="purify", model_dir=model_dir,
@@ -132,25 +132,24 @@ def _replicated_step(step: int, like) -> jax.Array:
 
 # ------------------------------------------------------------------------ setting up a stage
 
-def start(config) -> jax.sharding.Mesh:
-    """Joins the other processes (if any) and builds the mesh the global batch divides over."""
+def start(config, workdir, kind: str, inputs=None) -> tuple[jax.sharding.Mesh, pathlib.Path]:
+    """(mesh, absolute workdir): joins the other processes (if any), builds the mesh the global
+    batch divides over, and claims the stage's --workdir before anything is loaded
+    (`outputs.claim_dir`: absent, empty, or a run of this `kind`; never a file, a user's dir,
+    or a path inside or above `inputs`, by default the model dir). Every process checks;
+    process 0 creates it with its marker."""
     sharding.initialize_distributed(config.distributed)
     mesh = sharding.make_mesh(config.mesh.shape)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train.batch_size % shards or config.train.batch_size % jax.process_count():
         raise ValueError(f"train.batch_size={config.train.batch_size} must divide evenly over "
                          f"data*fsdp={shards} mesh devices and {jax.process_count()} processes")
-    return mesh
-
-
-def claim_workdir(workdir, kind: str, inputs=()) -> pathlib.Path:
-    """The stage's --workdir, checked before anything is loaded (`outputs.claim_dir`: absent,
-    empty, or a run of this kind; never a file, a user's dir, or a path inside or above an
-    input), created by process 0 with its marker."""
     workdir = pathlib.Path(workdir).absolute()
+    if inputs is None:
+        inputs = [hf.resolve_model_dir(config.model.init_from)]
     outputs.claim_dir(workdir, kind, inputs=inputs, create=jax.process_index() == 0)
     sharding.barrier("recipe_jax:claim")
-    return workdir
+    return mesh, workdir
 
 
 def load(config) -> tuple:
