@@ -233,11 +233,7 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     if mismatched:
         raise ValueError(f"{model_dir}: shape mismatch between config.json and weights: "
                          f"{mismatched[:10]}")
-    non_finite = sorted(hf_name(p, model_type) for p, a in flat.items() if not np.isfinite(a).all())
-    if non_finite:
-        raise ValueError(f"{model_dir}: non-finite (NaN or Inf) values in {len(non_finite)} "
-                         f"tensor(s): {non_finite[:10]}; the checkpoint is corrupt or diverged, "
-                         "use another one")
+    _check_finite(flat, model_type, model_dir)
     if missing:
         log.warning("%s: no %s in the checkpoint; initialized fresh (seed %d)", model_dir,
                     ", ".join(sorted({m.rsplit('.', 1)[0] for m in missing})), seed)
@@ -248,6 +244,14 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     if with_info:
         return Transformer(cfg), _unflatten(flat), {"files": files, "fresh": missing}
     return Transformer(cfg), _unflatten(flat)
+
+
+def _check_finite(flat: dict, model_type: str, model_dir) -> None:
+    bad = sorted(hf_name(p, model_type) for p, a in flat.items() if not np.isfinite(a).all())
+    if bad:
+        raise ValueError(f"{model_dir}: non-finite (NaN or Inf) values in {len(bad)} "
+                         f"tensor(s): {bad[:10]}; the checkpoint is corrupt or diverged, "
+                         "use another one")
 
 
 def summary(model: Transformer, params) -> str:
@@ -350,7 +354,7 @@ def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,
         raise ValueError(f"refusing to export non-finite weights: {bad[:5]}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
+    outputs.remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -364,46 +368,9 @@ def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,
         for name in ("model.safetensors", "config.json"):
             os.chmod(tmp / name, mode)
         outputs.write_marker(tmp, "hf", ["config.json", "model.safetensors", *copied])
-        _fsync_dir(tmp)  # the bytes are on disk before the rename makes them the export
-        _replace_dir(tmp, out)
+        outputs.fsync_dir(tmp)  # the bytes are on disk before the rename makes them the export
+        outputs.replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _fsync_dir(d: pathlib.Path) -> None:
-    for path in [*d.iterdir(), d]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove_stale(target: pathlib.Path) -> None:
-    """Removes temp/old dirs a killed export of `target` left beside it (never `target`)."""
-    for stale in target.parent.glob(f".{target.name}.*-*"):
-        if stale.is_dir() and re.fullmatch(rf"\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{8}}",
-                                           stale.name):
-            log.warning("removing %s, left by an export that was killed", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _replace_dir(new: pathlib.Path, target: pathlib.Path) -> None:
-    """Renames `new` onto `target`; an existing target is moved aside first, then removed. An
-    error puts it back; a kill between the two renames leaves no `target` (never a partial
-    one), and the next export removes the leftovers."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-        faults.point("export_swap")
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if old is not None:  # put the previous export back
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -21,7 +21,12 @@ import json
 import logging
 import os
 import pathlib
+import re
+import shutil
+import uuid
 from collections.abc import Iterable, Sequence
+
+from recipe_jax import faults
 
 log = logging.getLogger(__name__)
 
@@ -207,3 +212,42 @@ def _strip_remote_code(path: pathlib.Path, data: bytes, keys: Sequence[str]) -> 
                 "transformers run code from a checkpoint)", path, ", ".join(drop))
     return (json.dumps({k: v for k, v in obj.items() if k not in drop}, indent=2,
                        ensure_ascii=False) + "\n").encode()
+
+
+# -------------------------------------------------------------- atomic replacement of a dir
+
+def fsync_dir(d: pathlib.Path) -> None:
+    for path in [*d.iterdir(), d]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale(target: pathlib.Path) -> None:
+    """Removes temp/old dirs a killed export of `target` left beside it (never `target`)."""
+    for stale in target.parent.glob(f".{target.name}.*-*"):
+        if stale.is_dir() and re.fullmatch(rf"\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{8}}",
+                                           stale.name):
+            log.warning("removing %s, left by an export that was killed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def replace_dir(new: pathlib.Path, target: pathlib.Path) -> None:
+    """Renames `new` onto `target`; an existing target is moved aside first, then removed. An
+    error puts it back; a kill between the two renames leaves no `target` (never a partial
+    one), and the next export removes the leftovers."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        faults.point("export_swap")
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:  # put the previous export back
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

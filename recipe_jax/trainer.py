@@ -8,19 +8,17 @@ A stage supplies a pure loss and its data; the trainer owns everything else:
     params, step = trainer.fit(config, workdir, mesh, name="purify", model_dir=model_dir,
                                model=model, host_params=host_params, arrays=arrays,
                                trainable=patterns, loss_fn=loss, extras={"reference": ...})
-    export.write_hf(workdir, "purify", model, params, verify=True, summary={})
+    export.write_hf(workdir, "purify", model, params, verify=True, summary={})  # DIR/hf/
 
-`loss_fn(params, batch, rng, extras) -> (loss, metrics)` is pure: `params` is the whole model
-(trainable and frozen merged), `rng` is folded from (train.seed, step), `extras` a dict of frozen
-arrays the loss reads (a reference copy of the model, attack targets), sharded and passed to the
-jitted step as arguments, never baked in as constants. `train_step` below is the whole update:
-gradients are taken only w.r.t. the trainable subset (`split_params`), so XLA never computes
-weight gradients that would be thrown away and the optimizer state exists only for trainable
-parameters; frozen parameters pass through untouched (bitwise).
+`loss_fn(params, batch, rng, extras) -> (loss, metrics)` is pure: `params` is the whole model,
+`rng` is folded from (train.seed, step), `extras` a dict of frozen arrays the loss reads (a
+reference copy of the model, attack targets), sharded and passed to the jitted step as
+arguments. `train_step` below is the whole update: gradients only w.r.t. the trainable subset
+(`split_params`), so XLA computes no weight gradient that is thrown away and the optimizer state
+exists only for trainable parameters; frozen parameters pass through untouched (bitwise).
 
-`fit` writes DIR/config.json (what a resumed run must match), DIR/source/ (model description and
-tokenizer), DIR/checkpoints/ (Orbax, resumable: rerun the same command) and DIR/metrics.jsonl;
-SIGTERM saves a checkpoint and exits 143; the stage then writes DIR/hf/ (`export.write_hf`).
+`fit` writes DIR/config.json (the run record), DIR/source/, DIR/checkpoints/ (resumable: rerun
+the same command; SIGTERM saves and exits 143) and DIR/metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -204,14 +202,7 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     num_examples = _num_rows(arrays)
     per_epoch = data.steps_per_epoch(num_examples, config.train.batch_size)
     num_steps = config.train.num_steps or per_epoch * config.train.num_epochs
-    # Process 0 writes the run's description; the others check it once it is complete (the
-    # workdir is one directory all processes share, e.g. NFS or a gcsfuse mount).
-    if jax.process_index() == 0:
-        checkpoint.check_run_record(workdir, config, fingerprint, data_sha256)
-        checkpoint.write_source(workdir, cfg, hf.read_config(model_dir), model_dir)
-    sharding.barrier("recipe_jax:workdir")
-    if jax.process_index() != 0:
-        checkpoint.check_run_record(workdir, config, fingerprint, data_sha256)
+    _record_run(workdir, config, cfg, model_dir, fingerprint, data_sha256)
     names = [n for n in hf.named_params(host_params, cfg.model_type) if matches(trainable, n)]
     if not names:
         raise ValueError(f"trainable patterns {tuple(trainable)} match no parameter; "
@@ -250,6 +241,18 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     finally:
         close()
     return merge_params(state.trainable, frozen), int(jax.device_get(state.step))
+
+
+def _record_run(workdir, config, cfg, model_dir, fingerprint, data_sha256) -> None:
+    """Process 0 writes the run's description (or checks it on a rerun); the others check it
+    once it is complete (the workdir is one directory all processes share, e.g. NFS or a
+    gcsfuse mount)."""
+    if jax.process_index() == 0:
+        checkpoint.check_run_record(workdir, config, fingerprint, data_sha256)
+        checkpoint.write_source(workdir, cfg, hf.read_config(model_dir), model_dir)
+    sharding.barrier("recipe_jax:workdir")
+    if jax.process_index() != 0:
+        checkpoint.check_run_record(workdir, config, fingerprint, data_sha256)
 
 
 def _num_rows(arrays) -> int:
