@@ -174,9 +174,7 @@ def _digests(tree):
     probability); computed where the arrays live, on any mesh."""
     def digest(x):
         words = jnp.atleast_1d(x)
-        if words.dtype.itemsize == 8:
-            words = jax.lax.bitcast_convert_type(words, jnp.uint32)  # [..., 2]
-        elif words.dtype.itemsize == 4:
+        if words.dtype.itemsize >= 4:  # 8-byte words become [..., 2] uint32
             words = jax.lax.bitcast_convert_type(words, jnp.uint32)
         else:
             words = jax.lax.bitcast_convert_type(words, jnp.uint16 if words.dtype.itemsize == 2

@@ -29,9 +29,8 @@ def export(run_dir, out_dir, *, step: int | None = None, verify: bool = False,
     must be absent, empty or an export this tool wrote (else `overwrite`), and never inside or
     above `run_dir`: checked before anything is read."""
     outputs.check_replace(out_dir, "hf", inputs=[run_dir], overwrite=overwrite)
-    checkpoint.read_source(run_dir)  # a run dir at all, before the checkpoint is read
+    _, hf_config, source = checkpoint.read_source(run_dir)  # a run dir, before any restore
     model, params, step = checkpoint.restore_params(run_dir, step)
-    _, hf_config, source = checkpoint.read_source(run_dir)
     hf.save_pretrained(model, params, out_dir, tokenizer_from=source, base_config=hf_config,
                        overwrite=overwrite)
     if verify:
