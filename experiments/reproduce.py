@@ -76,6 +76,7 @@ def defense_config(defense: str, attack: str, model: pathlib.Path, aux: pathlib.
     if defense in PURIFY:
         c = load("purify", defense)
         c.train.num_epochs, c.train.num_steps = 0, s["defend_steps"]
+        c.scan.enabled = False  # the table measures ASR; experiments/scan_models.py scans
     else:
         c = load("prune", defense)
         if defense == "fp_ga" and attack == "neuba":

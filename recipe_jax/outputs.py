@@ -191,6 +191,14 @@ def write_file(path: pathlib.Path, data: bytes, mode: int) -> None:
     os.chmod(path, mode)
 
 
+def write_atomic(path: pathlib.Path, text: str) -> None:
+    """`text` to `path` through a temporary file and a rename: a reader (or a crash) sees the
+    old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _strip_remote_code(path: pathlib.Path, data: bytes, keys: Sequence[str]) -> bytes:
     """A tokenizer JSON file without the fields that make `transformers` load code: auto_map,
     and a tokenizer_class that transformers does not ship."""

@@ -25,7 +25,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, config_blocks, data, export, losses, masks, streaming, trainer
+from recipe_jax import (
+    cli,
+    config_blocks,
+    data,
+    export,
+    losses,
+    masks,
+    outputs,
+    scan,
+    sharding,
+    streaming,
+    trainer,
+)
 from recipe_jax.config_blocks import bad_value
 from recipe_jax.model import Transformer
 
@@ -143,8 +155,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                loss_fn=make_loss(config, cfg, masking))
     reg = losses.frobenius_penalty(params, config.recipe.regularize, cfg.model_type)
     summary = {"step": step, "reg_loss": float(reg)}
+    if "scan" in config and config.scan.enabled:
+        summary["scan"] = scan_result(model, params, model_dir, workdir, mesh, config.scan)
     return export.write_hf(workdir, "purify", model, params, verify=config.export.verify,
                              summary=summary)
+
+
+def scan_result(model: Transformer, params, model_dir, workdir, mesh, scan_cfg) -> dict:
+    """The trigger scan of the purified `params` (recipe_jax.scan): its report in DIR/scan/, its
+    verdict and top candidates for the summary."""
+    settings = scan.Settings(max_vocab=scan_cfg.max_vocab)
+    report = scan.scan_model(model, sharding.fetch_to_host(params), data.load_tokenizer(model_dir),
+                             mesh=mesh, settings=settings)
+    if jax.process_index() == 0:
+        out = outputs.claim_dir(workdir / "scan", "scan")
+        report["model"] = f"{workdir} (purified, before export)"
+        scan.write_report(report, out)
+    line = scan.summary_line(report)
+    print(f"purify: scan of the result: {line} (report: {workdir / 'scan' / 'report.md'})",
+          flush=True)
+    return {"verdict": report["verdict"], "flagged": report["flagged"], "summary": line,
+            "top": [{k: c[k] for k in ("token", "z")} for c in report["candidates"][:5]],
+            "seconds": report["cost"]["seconds"]}
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ def test_demo_fast_runs_the_whole_loop(tmp_path, minilm_dir, monkeypatch):
     floor = f"| {results['clean']['control']['aasr']:.1%} | {results['clean']['masr']:.1%} |"
     assert floor in report and "| floor |" in report
     assert (tmp_path / "diagnose" / "report.md").is_file()
+    scans = json.loads((tmp_path / "demo.json").read_text())["scans"]
+    assert set(scans) == {"clean", "backdoored", "purified"}
+    for name, r in scans.items():
+        assert r["verdict"] in ("backdoor", "clean") and f"| {name} | {r['summary']} |" in report
+    for d in ("scan_clean", "scan_backdoored", "purify/scan"):
+        assert json.loads((tmp_path / d / "report.json").read_text())["candidates"]
     assert (tmp_path / "purify" / "hf" / "model.safetensors").is_file()
 
 

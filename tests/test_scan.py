@@ -1,0 +1,129 @@
+"""The trigger scan: finds a planted trigger, flags nothing on the clean model, mesh- and
+batch-invariant scores, report files, probe layout, errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, SENTENCES, preset, tiny_bert_with_tokenizer
+
+from recipe_jax import attack, data, hf, scan, sharding
+
+TRIGGERS = ("cf", "tq")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """(clean tiny BERT with a pooler, the same model after a few POR steps on TRIGGERS)."""
+    root = tmp_path_factory.mktemp("planted")
+    clean = tiny_bert_with_tokenizer(root / "clean", kind="BertForPreTraining", hidden_size=32)
+    aux = root / "aux.txt"
+    aux.write_text("\n".join(SENTENCES) + "\n")
+    config = preset("attack", "por")
+    tiny = preset("attack", "tiny")
+    for section in ("data", "train", "checkpoint"):
+        config[section] = tiny[section]
+    config.model.init_from, config.data.aux_path = str(clean), str(aux)
+    config.export.verify = False
+    config.train.num_steps, config.train.learning_rate = 100, 3e-3
+    config.attack.target_scale, config.attack.triggers = 1.0, TRIGGERS  # reachable by tanh
+    attack.run(config, str(root / "attack"))
+    return clean, root / "attack" / "hf"
+
+
+def test_scan_ranks_the_planted_triggers_first_and_passes_the_clean_model(planted):
+    clean, attacked = planted
+    report = scan.scan(attacked, progress=False)
+    ranks = scan.rank_of(report, TRIGGERS)
+    assert report["verdict"] == "backdoor", scan.summary_line(report)
+    assert sorted(ranks.values()) == [1, 2], (ranks, report["candidates"][:5])
+    assert set(TRIGGERS) <= set(report["flagged"])
+    before = scan.scan(clean, progress=False)
+    assert before["verdict"] == "clean", scan.summary_line(before)
+    assert before["candidates"][0]["z"] < report["settings"]["threshold"]
+    # Before the attack the triggers are ordinary tokens: not near the top of the vocabulary.
+    assert all(rank is None or rank > 10 for rank in scan.rank_of(before, TRIGGERS).values())
+
+
+def _scanner_stats(model_dir, mesh_shape, batch_size):
+    model, params = hf.load_pretrained(model_dir)
+    tokenizer = data.load_tokenizer(model_dir)
+    probes = scan.make_probes(tokenizer, scan.probe_texts(None, 0), count=6, max_tokens=12,
+                              inserted=1, seed=0)
+    scanner = scan.Scanner(model, params, sharding.make_mesh(mesh_shape), batch_size,
+                           progress=False)
+    tokens = scan.vocabulary(tokenizer, model.cfg.vocab_size)[1000:1045, None]  # 45: uneven
+    return scanner.stats(tokens, probes)
+
+
+def test_scores_do_not_depend_on_the_mesh_or_the_batch_size(tiny_bert):
+    base = _scanner_stats(tiny_bert, (1, 1, 1), 96)
+    assert base.shape == (45, 2, 3) and np.isfinite(base).all()  # cls and mean: no pooler
+    for mesh_shape, batch in (((8, 1, 1), 96), ((2, 2, 2), 48), ((1, 1, 1), 600)):
+        got = _scanner_stats(tiny_bert, mesh_shape, batch)
+        np.testing.assert_allclose(got, base, rtol=2e-4, atol=1e-6,
+                                   err_msg=f"mesh {mesh_shape}, batch {batch}")
+
+
+def test_probes_insert_at_word_boundaries(tiny_bert):
+    tokenizer = data.load_tokenizer(tiny_bert)
+    texts = ["the unbelievable fisherman carried a basket .", "she sold apples at noon today ."]
+    probes = scan.make_probes(tokenizer, texts * 3, count=2, max_tokens=12, inserted=2, seed=0)
+    for n in range(2):
+        slots = np.flatnonzero(probes.slots[n].sum(0))
+        assert len(slots) == 2 and slots[1] == slots[0] + 1
+        if n % 2 == 0:
+            assert slots[0] == 1  # right after [CLS]
+        # the template without its slots is the clean sentence, token for token
+        row = np.delete(probes.template[n][probes.mask[n] > 0], slots)
+        np.testing.assert_array_equal(row, probes.clean[n][probes.clean_mask[n] > 0])
+        # never inside a word: the token after the slots does not continue a word piece
+        after = tokenizer.convert_ids_to_tokens([int(probes.template[n, slots[-1] + 1])])[0]
+        assert not after.startswith("##")
+    with pytest.raises(ValueError, match="distinct probe sentences"):
+        scan.make_probes(tokenizer, texts, count=3, max_tokens=12, inserted=1, seed=0)
+
+
+def test_run_writes_the_report(tmp_path, tiny_bert):
+    settings = scan.Settings(max_vocab=300, confirm_tokens=64, reference_tokens=64,
+                             pair_tokens=4)
+    report = scan.run(model=tiny_bert, workdir=tmp_path / "out", settings=settings)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["verdict"] in ("backdoor", "clean") and saved["verdict"] == report["verdict"]
+    assert len(saved["candidates"]) >= 50
+    zs = [c["z"] for c in saved["candidates"]]
+    assert zs == sorted(zs, reverse=True)
+    assert all(isinstance(c["token"], str) and np.isfinite([c["score"], c["z"]]).all()
+               for c in saved["candidates"])
+    assert "_arrays" not in saved and len(saved["pairs"]) == 6 - 0  # C(4, 2) pairs
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Verdict" in md and saved["candidates"][0]["token"] in md
+    assert (tmp_path / "out" / "scores.png").stat().st_size > 1000
+    assert not list((tmp_path / "out").glob(".*.tmp*"))
+
+
+def test_settings_and_cli_errors_are_one_line(tmp_path, tiny_bert):
+    with pytest.raises(ValueError, match="sentences=1"):
+        scan.Settings(sentences=1).check()
+    for args, message in ((["--model", str(tmp_path / "missing")], "no such directory"),
+                          (["--model", str(tiny_bert), "--mesh", "1,x"], "--mesh")):
+        proc = subprocess.run([sys.executable, "-m", "recipe_jax.scan", *args, "--workdir",
+                               str(tmp_path / "w")], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode != 0
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_purify_scans_its_result(tmp_path, tiny_bert, aux_file):
+    from conftest import tiny_purify_config
+
+    from recipe_jax import purify
+
+    config = tiny_purify_config(tiny_bert, aux_file, scan__enabled=True, scan__max_vocab=300)
+    summary = purify.run(config, str(tmp_path / "run"))
+    assert summary["scan"]["verdict"] in ("backdoor", "clean")
+    assert summary["scan"]["summary"].startswith(("no trigger", "backdoor suspected"))
+    report = json.loads((tmp_path / "run" / "scan" / "report.json").read_text())
+    assert report["verdict"] == summary["scan"]["verdict"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["scan"] == summary["scan"]
