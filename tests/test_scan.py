@@ -127,3 +127,40 @@ def test_purify_scans_its_result(tmp_path, tiny_bert, aux_file):
     report = json.loads((tmp_path / "run" / "scan" / "report.json").read_text())
     assert report["verdict"] == summary["scan"]["verdict"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["scan"] == summary["scan"]
+
+
+def _roberta_with_bpe(out_dir):
+    """A tiny random RoBERTa with a byte-level BPE tokenizer trained here (RoBERTa's kind of
+    vocabulary: word-initial pieces carry a leading Ġ)."""
+    from conftest import tiny_hf
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from recipe_jax import synthetic
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(SENTENCES + synthetic.aux_corpus(400, seed=17), vocab_size=400,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe._tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", cls_token="<s>",
+        sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    tiny_hf("RobertaForMaskedLM", out_dir, vocab_size=len(tokenizer), pad_token_id=1)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def test_scan_runs_on_roberta_with_a_byte_level_bpe_tokenizer(tmp_path):
+    model_dir = _roberta_with_bpe(tmp_path / "roberta")
+    tokenizer = data.load_tokenizer(model_dir)
+    probes = scan.make_probes(tokenizer, scan.probe_texts(None, 0), count=8, max_tokens=24,
+                              inserted=1, seed=1)
+    for n in range(8):
+        at = int(np.flatnonzero(probes.slots[n, 0])[0])
+        after = tokenizer.convert_ids_to_tokens([int(probes.template[n, at + 1])])[0]
+        assert at == 1 if n % 2 == 0 else after.startswith("Ġ")  # a word starts after the slot
+    settings = scan.Settings(confirm_tokens=64, reference_tokens=64, pair_tokens=4)
+    report = scan.scan(model_dir, settings=settings, progress=False)
+    assert report["outputs"] == ["cls", "mean"]  # RobertaForMaskedLM has no pooler
+    assert report["verdict"] in ("backdoor", "clean") and len(report["candidates"]) >= 50
+    assert report["cost"]["vocabulary"] == len(tokenizer) - 5  # the 5 special tokens skipped
