@@ -79,6 +79,7 @@ def main(argv=None) -> int:
         tokenizer = data.load_tokenizer(hf.resolve_model_dir(path))
         ids = dict(zip(triggers, tokenizer.convert_tokens_to_ids(triggers), strict=True))
         alts = alternative_ranks(report["_arrays"], ids)
+        np.savez(workdir / name / "stats.npz", **report["_arrays"])  # for re-scoring later
         row = {"name": name, "model": path, "verdict": report["verdict"],
                "flagged": report["flagged"], "ranks": scan.rank_of(report, triggers),
                "screen_ranks": {t: v["screen_rank"] for t, v in

@@ -42,7 +42,7 @@ def test_scan_ranks_the_planted_triggers_first_and_passes_the_clean_model(plante
     assert set(TRIGGERS) <= set(report["flagged"])
     before = scan.scan(clean, progress=False)
     assert before["verdict"] == "clean", scan.summary_line(before)
-    assert before["candidates"][0]["z"] < report["settings"]["threshold"]
+    assert not scan.is_flagged(before["candidates"][0], scan.Settings())
     # Before the attack the triggers are ordinary tokens: not near the top of the vocabulary.
     assert all(rank is None or rank > 10 for rank in scan.rank_of(before, TRIGGERS).values())
 
