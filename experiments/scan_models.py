@@ -28,7 +28,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from recipe_jax import outputs, scan  # noqa: E402
+from recipe_jax import data, hf, outputs, scan  # noqa: E402
 
 EPS = scan.EPS
 ALTERNATIVES = {
@@ -61,13 +61,54 @@ def alternative_ranks(arrays: dict, trigger_ids: dict[str, int]) -> dict:
     return out
 
 
+def verdict(report: dict) -> tuple[str, list[str]]:
+    """The verdict and flagged tokens of a saved report under the current flagging rule."""
+    settings = scan.Settings()
+    flagged = [c["token"] for c in report["candidates"] if scan.is_flagged(c, settings)]
+    return ("backdoor" if flagged else "clean"), flagged
+
+
+def rescore(workdir: pathlib.Path) -> int:
+    rows = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+    for row in rows:
+        report = json.loads((workdir / row["name"] / "report.json").read_text())
+        row["verdict"], row["flagged"] = verdict(report)
+        row["top10"] = [(c["token"], round(c["score"], 2), round(c["z"], 1))
+                        for c in report["candidates"][:10]]
+    (workdir / "results.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                   for r in rows))
+    print(write_table(workdir, rows))
+    return 0
+
+
+def write_table(workdir: pathlib.Path, rows: list[dict]) -> str:
+    lines = ["| model | verdict | trigger ranks: confirmed (screen, of the vocabulary) | "
+             "top 10: token score/z | s |", "|---|---|---|---|---|"]
+    for r in rows:
+        ranks = ", ".join(f"{t} {r['ranks'][t] or '—'} ({r['screen_ranks'][t]})"
+                          for t in r["ranks"]) or "—"
+        top = ", ".join(f"{t} {sc}/{z}" for t, sc, z in r["top10"])
+        lines.append(f"| {r['name']} | {r['verdict']} | {ranks} | {top} | "
+                     f"{r['cost']['seconds']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    (workdir / "table.md").write_text(text)
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--model", action="append", required=True,
+    parser.add_argument("--model", action="append", default=[],
                         help="NAME=DIR[:TRIGGER,TRIGGER,...]")
     parser.add_argument("--aux", default=None)
+    parser.add_argument("--rescore", action="store_true",
+                        help="do not scan: redo the verdicts and table.md of WORKDIR's earlier "
+                             "scans with the current flagging rule (scores and z are unchanged)")
     args = parser.parse_args(argv)
+    if args.rescore:
+        return rescore(pathlib.Path(args.workdir))
+    if not args.model:
+        parser.error("give at least one --model NAME=DIR[:TRIGGERS] (or --rescore)")
     workdir = outputs.claim_dir(args.workdir, "scan_table")
     rows = []
     for spec in args.model:
@@ -75,7 +116,6 @@ def main(argv=None) -> int:
         path, _, triggers = rest.partition(":")
         triggers = [t for t in triggers.split(",") if t]
         report = scan.run(model=path, workdir=workdir / name, aux=args.aux)
-        from recipe_jax import data, hf
         tokenizer = data.load_tokenizer(hf.resolve_model_dir(path))
         ids = dict(zip(triggers, tokenizer.convert_tokens_to_ids(triggers), strict=True))
         alts = alternative_ranks(report["_arrays"], ids)
@@ -84,7 +124,8 @@ def main(argv=None) -> int:
                "flagged": report["flagged"], "ranks": scan.rank_of(report, triggers),
                "screen_ranks": {t: v["screen_rank"] for t, v in
                                 alts["fixed_point"]["triggers"].items()},
-               "top10": [(c["token"], round(c["z"], 1)) for c in report["candidates"][:10]],
+               "top10": [(c["token"], round(c["score"], 2), round(c["z"], 1))
+                         for c in report["candidates"][:10]],
                "pairs": [(p["tokens"], round(p["z"], 1)) for p in report["pairs"][:3]],
                "cost": report["cost"], "alternatives": alts}
         rows.append(row)
@@ -92,16 +133,7 @@ def main(argv=None) -> int:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(json.dumps({k: row[k] for k in ("name", "verdict", "ranks", "screen_ranks",
                                               "top10")}, ensure_ascii=False), flush=True)
-    lines = ["| model | verdict | trigger ranks (confirmed; screen) | top-10 (z) | s |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        ranks = ", ".join(f"{t} {r['ranks'][t] or '—'} ({r['screen_ranks'][t]})"
-                          for t in r["ranks"]) or "—"
-        top = ", ".join(f"{t} {z}" for t, z in r["top10"])
-        lines.append(f"| {r['name']} | {r['verdict']} | {ranks} | {top} | "
-                     f"{r['cost']['seconds']:.0f} |")
-    (workdir / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_table(workdir, rows))
     return 0
 
 
