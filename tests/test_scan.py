@@ -104,6 +104,7 @@ def test_run_writes_the_report(tmp_path, tiny_bert):
     assert not list((tmp_path / "out").glob(".*.tmp*"))
 
 
+@pytest.mark.slow
 def test_settings_and_cli_errors_are_one_line(tmp_path, tiny_bert):
     with pytest.raises(ValueError, match="sentences=1"):
         scan.Settings(sentences=1).check()
@@ -115,6 +116,7 @@ def test_settings_and_cli_errors_are_one_line(tmp_path, tiny_bert):
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_purify_scans_its_result(tmp_path, tiny_bert, aux_file):
     from conftest import tiny_purify_config
 
@@ -150,6 +152,7 @@ def _roberta_with_bpe(out_dir):
     return out_dir
 
 
+@pytest.mark.slow
 def test_scan_runs_on_roberta_with_a_byte_level_bpe_tokenizer(tmp_path):
     model_dir = _roberta_with_bpe(tmp_path / "roberta")
     tokenizer = data.load_tokenizer(model_dir)
