@@ -297,6 +297,12 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
                          max_tokens=s.screen_max_tokens, inserted=1, seed=s.seed)
     confirm = make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
                           inserted=1, seed=s.seed + 1, skip=s.screen_sentences)
+    for probes in (screen, confirm):
+        if probes.clean.max() >= model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer gives ids up to {int(probes.clean.max())} but the "
+                             f"model has vocab_size={model.cfg.vocab_size}: the tokenizer files "
+                             "in the model dir do not belong to this model; save its own "
+                             "tokenizer there")
     if progress:
         print(f"scan: {len(vocab):,} tokens x {s.screen_sentences} probes (screen), then "
               f"{s.confirm_tokens} + {s.reference_tokens} reference x {s.sentences} probes; "

@@ -167,3 +167,12 @@ def test_scan_runs_on_roberta_with_a_byte_level_bpe_tokenizer(tmp_path):
     assert report["outputs"] == ["cls", "mean"]  # RobertaForMaskedLM has no pooler
     assert report["verdict"] in ("backdoor", "clean") and len(report["candidates"]) >= 50
     assert report["cost"]["vocabulary"] == len(tokenizer) - 5  # the 5 special tokens skipped
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
+    from conftest import tiny_hf
+
+    model_dir = tiny_bert_with_tokenizer(tmp_path / "m")
+    tiny_hf("BertForMaskedLM", model_dir)  # vocab_size 99 next to a 30,522-token tokenizer
+    with pytest.raises(ValueError, match="vocab_size=99.*save its own tokenizer"):
+        scan.scan(model_dir, settings=scan.Settings(max_vocab=50), progress=False)
