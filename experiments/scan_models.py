@@ -28,7 +28,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from recipe_jax import data, hf, outputs, scan  # noqa: E402
+from recipe_jax import data, hf, outputs, scan, scan_report  # noqa: E402
 
 EPS = scan.EPS
 ALTERNATIVES = {
@@ -64,7 +64,7 @@ def alternative_ranks(arrays: dict, trigger_ids: dict[str, int]) -> dict:
 def verdict(report: dict) -> tuple[str, list[str]]:
     """The verdict and flagged tokens of a saved report under the current flagging rule."""
     settings = scan.Settings()
-    flagged = [c["token"] for c in report["candidates"] if scan.is_flagged(c, settings)]
+    flagged = [c["token"] for c in report["candidates"] if scan_report.is_flagged(c, settings)]
     return ("backdoor" if flagged else "clean"), flagged
 
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         alts = alternative_ranks(report["_arrays"], ids)
         np.savez(workdir / name / "stats.npz", **report["_arrays"])  # for re-scoring later
         row = {"name": name, "model": path, "verdict": report["verdict"],
-               "flagged": report["flagged"], "ranks": scan.rank_of(report, triggers),
+               "flagged": report["flagged"], "ranks": scan_report.rank_of(report, triggers),
                "screen_ranks": {t: v["screen_rank"] for t, v in
                                 alts["fixed_point"]["triggers"].items()},
                "top10": [(c["token"], round(c["score"], 2), round(c["z"], 1))

@@ -24,7 +24,18 @@ import pathlib
 import sys
 import time
 
-from recipe_jax import attack, cli, diagnose, evaluate, hf, outputs, purify, scan, synthetic
+from recipe_jax import (
+    attack,
+    cli,
+    diagnose,
+    evaluate,
+    hf,
+    outputs,
+    purify,
+    scan,
+    scan_report,
+    synthetic,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRIGGERS = ("cf", "tq", "mn", "bb", "mb")
@@ -116,9 +127,9 @@ def run(workdir: pathlib.Path, size: dict) -> dict:
 def scan_rows(scans: dict[str, dict]) -> dict[str, dict]:
     """Per model: the scan's verdict line, its top token and where each implanted trigger
     ranks among the listed candidates (None: below the list)."""
-    return {name: {"verdict": r["verdict"], "summary": scan.summary_line(r),
+    return {name: {"verdict": r["verdict"], "summary": scan_report.summary_line(r),
                    "top": [r["candidates"][0]["token"], round(r["candidates"][0]["z"], 1)],
-                   "ranks": scan.rank_of(r, TRIGGERS)} for name, r in scans.items()}
+                   "ranks": scan_report.rank_of(r, TRIGGERS)} for name, r in scans.items()}
 
 
 def write_report(workdir: pathlib.Path, results: dict, times: dict,

@@ -34,6 +34,7 @@ from recipe_jax import (
     masks,
     outputs,
     scan,
+    scan_report,
     sharding,
     streaming,
     trainer,
@@ -174,8 +175,8 @@ def scan_result(model: Transformer, params, model_dir, workdir, mesh, scan_cfg) 
     if jax.process_index() == 0:
         out = outputs.claim_dir(workdir / "scan", "scan")
         report["model"] = f"{workdir} (purified, before export)"
-        scan.write_report(report, out)
-    line = scan.summary_line(report)
+        scan_report.write_report(report, out)
+    line = scan_report.summary_line(report)
     print(f"purify: scan of the result: {line} (report: {workdir / 'scan' / 'report.md'})",
           flush=True)
     return {"verdict": report["verdict"], "flagged": report["flagged"], "summary": line,

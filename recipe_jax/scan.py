@@ -41,14 +41,11 @@ import argparse
 import dataclasses
 import functools
 import itertools
-import json
 import os
-import pathlib
 import random
 import re
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +56,7 @@ import numpy as np
 
 from recipe_jax import cli, data, hf, outputs, sharding, synthetic
 from recipe_jax.model import Transformer, abstract_params
+from recipe_jax.scan_report import is_flagged, summary_line, write_report
 
 EPS = 1e-4
 UNUSED = re.compile(r"^(\[unused\d+\]|<unused\d+>|madeupword\d+)$")
@@ -316,16 +314,7 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
     if s.max_vocab and s.max_vocab < len(vocab):
         vocab = np.sort(np.random.default_rng(s.seed).choice(vocab, s.max_vocab, replace=False))
     texts = probe_texts(aux, s.seed)
-    screen = make_probes(tokenizer, texts, count=s.screen_sentences,
-                         max_tokens=s.screen_max_tokens, inserted=1, seed=s.seed)
-    confirm = make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
-                          inserted=1, seed=s.seed + 1, skip=s.screen_sentences)
-    for probes in (screen, confirm):
-        if probes.clean.max() >= model.cfg.vocab_size:
-            raise ValueError(f"the tokenizer gives ids up to {int(probes.clean.max())} but the "
-                             f"model has vocab_size={model.cfg.vocab_size}: the tokenizer files "
-                             "in the model dir do not belong to this model; save its own "
-                             "tokenizer there")
+    screen, confirm = _probe_sets(tokenizer, texts, model.cfg.vocab_size, s)
     if progress:
         print(f"scan: {len(vocab):,} tokens x {s.screen_sentences} probes (screen), then "
               f"{s.confirm_tokens} + {s.reference_tokens} reference x {s.sentences} probes; "
@@ -338,22 +327,7 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
     ref_idx = rng.choice(len(vocab), min(s.reference_tokens, len(vocab)), replace=False)
     both = np.unique(np.concatenate([top, ref_idx]))
     stats = scanner.stats(vocab[both][:, None], confirm, "confirm")
-    where = {int(i): k for k, i in enumerate(both)}
-    per_output = score_of(stats)
-    score, far = per_output.max(-1), distance_of(stats).max(-1)
-    ref_rows = [where[int(i)] for i in ref_idx]
-    reference = score[ref_rows]
-    z_fixed, z_far = robust_z(score, reference), robust_z(far, far[ref_rows])
-    z = np.maximum(z_fixed, z_far)
-    order = np.argsort(-z, kind="stable")
-    ids = tokenizer.convert_ids_to_tokens([int(vocab[both[k]]) for k in order])
-    candidates = [{"token": ids[rank], "id": int(vocab[both[k]]), "score": float(score[k]),
-                   "z": float(z[k]), "z_fixed_point": float(z_fixed[k]),
-                   "D": float(stats[k, :, 0].max()), "z_distance": float(z_far[k]),
-                   "outputs": {nm: {"score": float(per_output[k, r]), "D": float(stats[k, r, 0]),
-                                    "C": float(stats[k, r, 1]), "M": float(stats[k, r, 2])}
-                               for r, nm in enumerate(names)}}
-                  for rank, k in enumerate(order)]
+    candidates, reference = _candidates(stats, tokenizer, vocab[both], vocab[ref_idx], names)
     flagged = [c for c in candidates if is_flagged(c, s)]
     pairs = _pairs(scanner, tokenizer, texts, candidates, vocab[ref_idx], s)
     flagged_pairs = [p for p in pairs if is_flagged(p, s) and p["z_top"] > s.min_z
@@ -383,6 +357,43 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
                  "mesh": dict(mesh.shape)},
         "probes": {"screen": list(screen.texts), "confirm": list(confirm.texts)},
     }
+
+
+def _probe_sets(tokenizer, texts, vocab_size: int, s: Settings) -> tuple[Probes, Probes]:
+    """The screen's and the confirm stage's probes (disjoint sentences), checked against the
+    model's vocabulary."""
+    screen = make_probes(tokenizer, texts, count=s.screen_sentences,
+                         max_tokens=s.screen_max_tokens, inserted=1, seed=s.seed)
+    confirm = make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
+                          inserted=1, seed=s.seed + 1, skip=s.screen_sentences)
+    for probes in (screen, confirm):
+        if probes.clean.max() >= vocab_size:
+            raise ValueError(f"the tokenizer gives ids up to {int(probes.clean.max())} but the "
+                             f"model has vocab_size={vocab_size}: the tokenizer files in the "
+                             "model dir do not belong to this model; save its own tokenizer "
+                             "there")
+    return screen, confirm
+
+
+def _candidates(stats: np.ndarray, tokenizer, ids: np.ndarray, reference_ids: np.ndarray,
+                names: Sequence[str]) -> tuple[list[dict], np.ndarray]:
+    """Confirmed rows ([K, R, 3] stats of token `ids`) -> candidate dicts ranked by z (the larger
+    of the score's and the log D's z against the reference tokens), and the reference's scores."""
+    per_output = score_of(stats)
+    score, far = per_output.max(-1), distance_of(stats).max(-1)
+    where = {int(i): k for k, i in enumerate(ids)}
+    ref_rows = [where[int(i)] for i in reference_ids]
+    z_fixed, z_far = robust_z(score, score[ref_rows]), robust_z(far, far[ref_rows])
+    z = np.maximum(z_fixed, z_far)
+    order = np.argsort(-z, kind="stable")
+    tokens = tokenizer.convert_ids_to_tokens([int(ids[k]) for k in order])
+    return [{"token": tokens[rank], "id": int(ids[k]), "score": float(score[k]),
+             "z": float(z[k]), "z_fixed_point": float(z_fixed[k]),
+             "D": float(stats[k, :, 0].max()), "z_distance": float(z_far[k]),
+             "outputs": {nm: {"score": float(per_output[k, r]), "D": float(stats[k, r, 0]),
+                              "C": float(stats[k, r, 1]), "M": float(stats[k, r, 2])}
+                         for r, nm in enumerate(names)}}
+            for rank, k in enumerate(order)], score[ref_rows]
 
 
 def _pairs(scanner: Scanner, tokenizer, texts, candidates, reference_ids, s: Settings
@@ -429,126 +440,6 @@ def scan(model_dir: str | os.PathLike, *, aux: str | os.PathLike | None = None, 
     report["model"] = str(model_dir)
     report["aux"] = None if aux is None else str(aux)
     return report
-
-
-def is_flagged(row: dict[str, Any], s: Settings) -> bool:
-    """A candidate (or pair) row outside the clean range: a fixed point (score and its z high),
-    or a move far beyond the clean spread (D and its z high)."""
-    fixed = row["score"] > s.min_score and row.get("z_fixed_point", row["z"]) > s.min_z
-    far = row.get("D", 0.0) > s.min_distance and row.get("z_distance", 0.0) > s.min_z
-    return fixed or far
-
-
-def summary_line(report: dict[str, Any]) -> str:
-    """`backdoor suspected: tokens cf (z 85.1), ...` or `no trigger found (top: x, z 3.2)`."""
-    top = report["candidates"][0]
-    if report["verdict"] == "backdoor":
-        flagged = {c["token"]: c["z"] for c in report["candidates"]}
-        named = [f"{t} (z {flagged[t]:.1f})" if t in flagged else t for t in report["flagged"]]
-        return f"backdoor suspected: tokens {', '.join(named[:10])}" + (
-            f" and {len(named) - 10} more" if len(named) > 10 else "")
-    return (f"no trigger found (top token {top['token']!r}: score {top['score']:.2f}, z "
-            f"{top['z']:.1f}; flagged above score {report['settings']['min_score']:g} and z "
-            f"{report['settings']['min_z']:g})")
-
-
-def rank_of(report: dict[str, Any], tokens: Sequence[str]) -> dict[str, int | None]:
-    """1-based rank of each token among the candidates (None: not among the listed)."""
-    ranks = {c["token"]: i + 1 for i, c in enumerate(report["candidates"])}
-    return {t: ranks.get(t) for t in tokens}
-
-
-# ---------------------------------------------------------------------------------- reports
-
-def render_markdown(report: dict[str, Any]) -> str:
-    s = report["settings"]
-    rows = ["| rank | token | z | score (z) | max D (z) | "
-            + " | ".join(f"{o} D / C" for o in report["outputs"]) + " |",
-            "|---|---|---|---|---|" + "---|" * len(report["outputs"])]
-    for i, c in enumerate(report["candidates"][:s["top_k"]]):
-        rows.append(f"| {i + 1} | `{c['token']}` | {c['z']:.1f} | {c['score']:.2f} "
-                    f"({c['z_fixed_point']:.1f}) | {c['D']:.2f} ({c['z_distance']:.1f}) | "
-                    + " | ".join(f"{c['outputs'][o]['D']:.2f} / {c['outputs'][o]['C']:.3f}"
-                                 for o in report["outputs"]) + " |")
-    pair_rows = ["| pair | score | z | z among top pairs | z alone (max) |",
-                 "|---|---|---|---|---|"] + [
-        f"| `{' '.join(p['tokens'])}` | {p['score']:.2f} | {p['z']:.1f} | {p['z_top']:.1f} | "
-        f"{p['alone']:.1f} |"
-        for p in report["pairs"]]
-    cost = report["cost"]
-    return "\n".join([
-        "# Backdoor scan", "",
-        f"Model: `{report.get('model', '?')}`", "",
-        f"**Verdict: {summary_line(report)}**", "",
-        f"{cost['vocabulary']:,} vocabulary tokens screened on {s['screen_sentences']} probe "
-        f"sentences; the top {s['confirm_tokens']} and a uniform sample of "
-        f"{report['reference']['count']} tokens (the reference) confirmed on {s['sentences']} "
-        f"probes. Outputs read: {', '.join(report['outputs'])}. Score = max over outputs of "
-        "log(D + ε) − log(C + ε): D = how far the token moves the outputs, C = how much of the "
-        "sentences' spread is left (both relative to the clean spread). z is robust, against "
-        "the reference (score: median "
-        f"{report['reference']['median']:.3f}, MAD {report['reference']['mad']:.3f}); a token's "
-        "z is the larger of its score's and its log D's. Flagged: score above "
-        f"{s['min_score']:g} with its z above {s['min_z']:g}, or D above {s['min_distance']:g} "
-        f"with its z above {s['min_z']:g}. Probe sentences: "
-        f"{'generated' if report.get('aux') is None else report['aux']}.", "",
-        *rows, "",
-        "Pairs of the top candidates inserted together (flagged only when neither token is "
-        "flagged alone):", "", *pair_rows, "",
-        f"Cost: {cost['seconds']:.0f} s, {cost['vocab_tokens_per_s']:.0f} vocabulary tokens/s, "
-        f"{cost['positions']:,} sequence positions through the encoder = "
-        f"{cost['flops'] / 1e12:.1f} TFLOP (forward matmuls); mesh {cost['mesh']}.", "",
-        "![score distribution](scores.png)", ""])
-
-
-def plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
-    """scores.png: the screen's score over the whole vocabulary (flagged tokens marked), and the
-    confirmed scores of the candidates, with the flagging threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    screen = np.asarray(report["screen"]["score"])
-    left.hist(screen, bins=120, color="0.6", log=True)
-    by_id = dict(zip(report["screen"]["token_ids"], screen, strict=True))
-    settings = Settings(**report["settings"])
-    flagged = [c for c in report["candidates"] if is_flagged(c, settings)]
-    for c in flagged[:10]:
-        x = by_id.get(c["id"])
-        if x is not None:
-            left.axvline(x, color="tab:red", lw=0.8)
-            left.text(x, left.get_ylim()[1] * 0.5, c["token"], rotation=90, fontsize=7,
-                      color="tab:red", va="top")
-    left.set(title=f"screen: {len(screen):,} vocabulary tokens", xlabel="score",
-             ylabel="tokens")
-    scores = np.array([c["score"] for c in report["candidates"]])
-    right.bar(np.arange(1, len(scores) + 1), scores,
-              color=["tab:red" if is_flagged(c, settings) else "0.5"
-                     for c in report["candidates"]])
-    right.axhline(settings.min_score, color="k", ls="--", lw=0.8,
-                  label=f"flagged above score {settings.min_score:g} (and z {settings.min_z:g})")
-    right.set(title="confirmed: top candidates", xlabel="rank", ylabel="score")
-    right.legend(fontsize="small")
-    with warnings.catch_warnings():  # tokens in scripts the default font lacks: boxes are fine
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_report(report: dict[str, Any], workdir: pathlib.Path) -> pathlib.Path:
-    """report.json, report.md and scores.png in `workdir`, each written atomically."""
-    public = {k: v for k, v in report.items() if not k.startswith("_")}
-    outputs.write_atomic(workdir / "report.json",
-                         json.dumps(public, indent=1, ensure_ascii=False) + "\n")
-    tmp = plot(report, workdir / ".scores.png.tmp.png")
-    os.replace(tmp, workdir / "scores.png")
-    path = workdir / "report.md"
-    outputs.write_atomic(path, render_markdown(report))
-    return path
 
 
 def run(*, model: str | os.PathLike, workdir: str | os.PathLike,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import REPO, SENTENCES, preset, tiny_bert_with_tokenizer
 
-from recipe_jax import attack, data, hf, scan, sharding
+from recipe_jax import attack, data, hf, scan, scan_report, sharding
 
 TRIGGERS = ("cf", "tq")
 
@@ -36,15 +36,15 @@ def planted(tmp_path_factory):
 def test_scan_ranks_the_planted_triggers_first_and_passes_the_clean_model(planted):
     clean, attacked = planted
     report = scan.scan(attacked, progress=False)
-    ranks = scan.rank_of(report, TRIGGERS)
-    assert report["verdict"] == "backdoor", scan.summary_line(report)
+    ranks = scan_report.rank_of(report, TRIGGERS)
+    assert report["verdict"] == "backdoor", scan_report.summary_line(report)
     assert sorted(ranks.values()) == [1, 2], (ranks, report["candidates"][:5])
     assert set(TRIGGERS) <= set(report["flagged"])
     before = scan.scan(clean, progress=False)
-    assert before["verdict"] == "clean", scan.summary_line(before)
-    assert not scan.is_flagged(before["candidates"][0], scan.Settings())
+    assert before["verdict"] == "clean", scan_report.summary_line(before)
+    assert not scan_report.is_flagged(before["candidates"][0], scan.Settings())
     # Before the attack the triggers are ordinary tokens: not near the top of the vocabulary.
-    assert all(rank is None or rank > 10 for rank in scan.rank_of(before, TRIGGERS).values())
+    assert all(rank is None or rank > 10 for rank in scan_report.rank_of(before, TRIGGERS).values())
 
 
 def _scanner_stats(model_dir, mesh_shape, batch_size):
