@@ -40,7 +40,7 @@ from recipe_jax import (
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRIGGERS = ("cf", "tq", "mn", "bb", "mb")
 
-# Sizes of the full demo (about 20 minutes on 2 CPU cores) and of --fast. scan_vocab: tokens
+# Sizes of the full demo (about 25 minutes on 2 CPU cores) and of --fast. scan_vocab: tokens
 # scanned (0 = the whole vocabulary; --fast scans a sample and its verdicts mean nothing).
 FULL = dict(aux=3000, train=600, test=400, length=32, attack_steps=300, purify_steps=300,
             finetune_epochs=3, diagnose=200, scan_vocab=0)
