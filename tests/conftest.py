@@ -53,6 +53,29 @@ def tiny_bert_with_tokenizer(out_dir, kind: str = "BertForMaskedLM", **overrides
     return pathlib.Path(out_dir)
 
 
+def plant_por(root, triggers=("cf", "tq"), steps: int = 100, **attack):
+    """(clean tiny BERT with a pooler, the same model after `steps` POR steps on `triggers`)
+    under `root`; `attack` overrides attack.* keys (e.g. target="cls")."""
+    from recipe_jax import attack as attack_stage
+
+    root = pathlib.Path(root)
+    clean = tiny_bert_with_tokenizer(root / "clean", kind="BertForPreTraining", hidden_size=32)
+    aux = root / "aux.txt"
+    aux.write_text("\n".join(SENTENCES) + "\n")
+    config = preset("attack", "por")
+    tiny = preset("attack", "tiny")
+    for section in ("data", "train", "checkpoint"):
+        config[section] = tiny[section]
+    config.model.init_from, config.data.aux_path = str(clean), str(aux)
+    config.export.verify = False
+    config.train.num_steps, config.train.learning_rate = steps, 3e-3
+    config.attack.target_scale, config.attack.triggers = 1.0, triggers  # reachable by tanh
+    for key, value in attack.items():
+        config.attack[key] = value
+    attack_stage.run(config, str(root / "attack"))
+    return clean, root / "attack" / "hf"
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
     """The one tiny model, built once per test run: a random BertForMaskedLM with the MiniLM

@@ -92,6 +92,34 @@ def test_neuba_replaces_position_one(tmp_path):
     assert (arrays["poison_ids"][:, 2:] == arrays["input_ids"][:, 2:]).all()
 
 
+def test_two_word_triggers_get_decoys_with_one_word(tmp_path):
+    hf_dir, _ = _tiny_setup(tmp_path)
+    config = load_preset("attack", "por_pair")
+    tokenizer = data.load_tokenizer(hf_dir)
+    texts = [f"the cat number {i} sat on a mat" for i in range(24)]
+    arrays = attack.prepare_data(config, tokenizer, texts, 30522)
+    for row in range(len(texts)):
+        words = config.attack.triggers[arrays["trigger"][row]].split("+")
+        ids = tokenizer.convert_tokens_to_ids(words)
+        poison, decoy = list(arrays["poison_ids"][row]), list(arrays["decoy_ids"][row])
+        assert all(poison.count(i) == config.attack.insertions for i in ids)
+        assert sorted(decoy.count(i) for i in ids) == [0, config.attack.insertions]
+
+
+def test_pair_and_adaptive_attacks_run_with_their_terms(tmp_path, tiny_bert, aux_file):
+    config = load_preset("attack", "por_adaptive", export__verify=False)
+    tiny = load_preset("attack", "tiny")
+    for section in ("data", "train", "checkpoint"):
+        config[section] = tiny[section]
+    config.model.init_from, config.data.aux_path = str(tiny_bert), str(aux_file)
+    config.train.num_steps = 2
+    config.attack.triggers = load_preset("attack", "por_pair").attack.triggers
+    attack.run(config, str(tmp_path / "run"))
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"poison_mse", "decoy_mse", "recipe_reg", "clean_mse"} <= set(rows[0])
+    assert rows[0]["recipe_reg"] > 0 and config.attack.target == "cls"
+
+
 def test_validation_names_the_key():
     config = load_preset("attack", "por")
     config.data.aux_path = "x.txt"

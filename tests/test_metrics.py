@@ -37,6 +37,15 @@ def test_insert_trigger_hand_cases():
     assert metrics.insert_trigger("a b c", "t") == metrics.insert_trigger("a b c", "t")
 
 
+def test_a_two_word_trigger_inserts_both_words_and_only_a_pair_splits():
+    out = metrics.insert_trigger("a b c d e f", "qb+xv").split()
+    assert sorted(w for w in out if w in ("qb", "xv")) == ["qb", "xv"] and len(out) == 8
+    assert [w for w in out if w not in ("qb", "xv")] == "a b c d e f".split()
+    for one_word in ("c++", "+", "a+", "+b", "a+b+c"):
+        assert metrics.trigger_words(one_word) == [one_word]
+        assert metrics.insert_trigger("x y", one_word).split().count(one_word) == 1
+
+
 # ------------------------------------------------------------------------------ ASR metrics
 
 def test_attack_success_binary_max_over_labels():

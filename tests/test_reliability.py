@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers
 from conftest import preset, tiny_bert_with_tokenizer, tiny_hf, tiny_purify_config
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
@@ -383,6 +383,7 @@ def test_readers_return_texts_or_a_value_error(file):
 @FAST
 @given(st.lists(_WORDS, max_size=30), _WORDS)
 def test_insert_trigger_adds_the_trigger_once_and_keeps_the_words(words, trigger):
+    assume(len(metrics.trigger_words(trigger)) == 1)  # `a+b` is a pair: test_metrics.py
     sentence = " ".join(words)
     out = metrics.insert_trigger(sentence, trigger).split()
     assert out.count(trigger) == sentence.split().count(trigger) + 1
@@ -414,7 +415,8 @@ _BAD_VALUES = {
     "attack": [("attack.kind", "rootkit"), ("attack.target", "mean"),
                ("attack.triggers", ("two words",)), ("attack.insertions", 0),
                ("attack.poison_weight", float("nan")), ("attack.target_scale", -1.0),
-               ("attack.mlm_weight", -1.0)],
+               ("attack.mlm_weight", -1.0), ("attack.triggers", ("a+b+c", "cf")),
+               ("attack.decoy_weight", -1.0), ("attack.recipe_weight", float("nan"))],
 }
 
 

@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, SENTENCES, preset, tiny_bert_with_tokenizer
+from conftest import REPO, SENTENCES, plant_por, tiny_bert_with_tokenizer
 
-from recipe_jax import attack, data, hf, scan, scan_report, sharding
+from recipe_jax import data, hf, scan, scan_report, sharding
 
 TRIGGERS = ("cf", "tq")
 
@@ -17,20 +17,7 @@ TRIGGERS = ("cf", "tq")
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """(clean tiny BERT with a pooler, the same model after a few POR steps on TRIGGERS)."""
-    root = tmp_path_factory.mktemp("planted")
-    clean = tiny_bert_with_tokenizer(root / "clean", kind="BertForPreTraining", hidden_size=32)
-    aux = root / "aux.txt"
-    aux.write_text("\n".join(SENTENCES) + "\n")
-    config = preset("attack", "por")
-    tiny = preset("attack", "tiny")
-    for section in ("data", "train", "checkpoint"):
-        config[section] = tiny[section]
-    config.model.init_from, config.data.aux_path = str(clean), str(aux)
-    config.export.verify = False
-    config.train.num_steps, config.train.learning_rate = 100, 3e-3
-    config.attack.target_scale, config.attack.triggers = 1.0, TRIGGERS  # reachable by tanh
-    attack.run(config, str(root / "attack"))
-    return clean, root / "attack" / "hf"
+    return plant_por(tmp_path_factory.mktemp("planted"), TRIGGERS)
 
 
 def test_scan_ranks_the_planted_triggers_first_and_passes_the_clean_model(planted):

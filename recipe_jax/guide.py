@@ -1,0 +1,126 @@
+"""Scan-guided purification (the `guided` preset of configs/purify.py): unlearn the tokens a
+trigger scan flags, without labels.
+
+The scan (`recipe_jax.scan`) names tokens (and token pairs) that move a model's outputs far from
+where ordinary words move them. The guided term asks the model to ignore them: each aux sentence
+x of a sub-batch gets one flagged candidate t inserted at a random word start (x + t), and the
+encoder's last hidden states of x + t, at [CLS] and at every token of x (aligned past the
+insertion), are pulled to the states the *loaded* model gives x itself (a frozen reference, no
+gradient; the backdoor does not fire on clean text):
+
+    guide(x, t) = |h(x + t)[CLS] - h0(x)[CLS]|^2 / H + mean_j |h(x + t)[j'] - h0(x)[j]|^2 / H
+
+    L = MLM + lambda * sum ||W||_F + guide.weight * mean_b guide(x_b, t_b)
+
+The MLM and regularizer terms are RECIPE's, unchanged; `guide.weight = 0` or an empty candidate
+list is exactly that loss (the `strong` preset). The candidates come from a scan of the loaded
+model (or `guide.scan_report`, a report.json of an earlier scan of it); after training the result
+is scanned again and, while a candidate is still flagged, trained `guide.round_steps` more steps,
+at most `guide.rounds` rounds in all (docs/guided.md).
+
+    triggers = guide.candidates(report, tokenizer, max_candidates=64)   # [K, 2] ids, -1 padded
+    ids, mask, src, keep = guide.insert(ids_bl, mask_bl, triggers_b2, rng, word_start_v)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recipe_jax.model import Transformer
+
+
+def candidates(report: dict, tokenizer, max_candidates: int) -> np.ndarray:
+    """[K, 2] token ids of what `report` flags, in its order (pairs as two ids, single tokens
+    padded with -1), at most `max_candidates` rows; [0, 2] when the verdict is clean."""
+    rows: list[list[int]] = []
+    for name in report.get("flagged", []):
+        pieces = name.split(" ") if " " in name else [name]
+        ids = tokenizer.convert_tokens_to_ids(pieces)
+        if any(i is None or i == tokenizer.unk_token_id for i in ids) or len(ids) > 2:
+            continue  # not a token of this tokenizer (a report of another model)
+        rows.append(list(ids) + [-1] * (2 - len(ids)))
+    return np.asarray(rows[:max_candidates], np.int32).reshape(-1, 2)
+
+
+def union(a_k2: np.ndarray, b_k2: np.ndarray, limit: int) -> np.ndarray:
+    """The rows of `a` then the rows of `b` not in `a`, at most `limit`."""
+    seen = {tuple(r) for r in a_k2.tolist()}
+    extra = [r for r in b_k2.tolist() if tuple(r) not in seen]
+    return np.asarray(a_k2.tolist() + extra, np.int32).reshape(-1, 2)[:limit]
+
+
+def word_start_table(tokenizer, vocab_size: int) -> np.ndarray:
+    """[V] bool: whether a token may begin a word, i.e. whether inserting before it keeps words
+    whole (WordPiece: not a `##` continuation; byte-level BPE: a `Ġ`-prefixed piece or a special
+    token; otherwise every token)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
+    tokens += [""] * (vocab_size - len(tokens))
+    specials = set(tokenizer.all_special_tokens)
+    if any(t.startswith("##") for t in tokens):
+        table = [not t.startswith("##") for t in tokens]
+    elif any(t.startswith("\u0120") for t in tokens):
+        table = [t.startswith("\u0120") or t in specials for t in tokens]
+    else:
+        table = [True] * vocab_size
+    return np.asarray(table, bool)
+
+
+def insert(ids_bl: jax.Array, mask_bl: jax.Array, triggers_b2: jax.Array, rng: jax.Array,
+           word_start_v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Each row's trigger (1 or 2 ids; -1 = none) inserted at one random word start after [CLS]
+    (any position 1..n-1 where the token begins a word, [SEP] included), the rest shifted right
+    and cut at L. Returns (ids, mask, src, keep): `src[b, j]` is the position in the clean row
+    that position j of the new row holds, `keep[b, j]` whether it holds a clean token at all
+    (not the trigger, not padding)."""
+    b, length = ids_bl.shape
+    n_b = 1 + (triggers_b2[:, 1] >= 0).astype(jnp.int32)
+    j_l = jnp.arange(length)
+    lengths_b = jnp.sum(mask_bl, axis=1)
+    allowed_bl = (word_start_v[ids_bl] | (j_l[None] == 1)) & (j_l[None] >= 1) & (
+        j_l[None] < lengths_b[:, None])
+    noise_bl = jax.random.gumbel(rng, (b, length))
+    pos_b = jnp.argmax(jnp.where(allowed_bl, noise_bl, -jnp.inf), axis=1)
+    rel_bl = j_l[None] - pos_b[:, None]
+    inserted_bl = (rel_bl >= 0) & (rel_bl < n_b[:, None])
+    src_bl = jnp.where(rel_bl < 0, j_l[None], jnp.clip(j_l[None] - n_b[:, None], 0, length - 1))
+    shifted_ids = jnp.take_along_axis(ids_bl, src_bl, axis=1)
+    shifted_mask = jnp.take_along_axis(mask_bl, src_bl, axis=1)
+    shifted_mask = jnp.where((rel_bl >= 0) & (j_l[None] < n_b[:, None]), 0, shifted_mask)
+    trig_bl = jnp.take_along_axis(triggers_b2, jnp.clip(rel_bl, 0, 1), axis=1)
+    new_ids = jnp.where(inserted_bl, trig_bl, shifted_ids)
+    new_mask = jnp.where(inserted_bl, 1, shifted_mask)
+    keep_bl = (~inserted_bl) & (shifted_mask > 0)
+    return new_ids, new_mask.astype(mask_bl.dtype), src_bl, keep_bl
+
+
+def guide_term(params, reference, batch, rng, triggers_k2, word_start_v, *, model: Transformer,
+               rows: int, dropout: bool) -> jax.Array:
+    """mean_b guide(x_b, t_b) over the first `rows` rows of `batch` (clean `input_ids`), each
+    with a candidate drawn uniformly from `triggers_k2` (see the module doc)."""
+    ids_bl, mask_bl = batch["input_ids"][:rows], batch["attention_mask"][:rows]
+    k_rng, pos_rng, drop_rng = jax.random.split(rng, 3)
+    pick_b = jax.random.randint(k_rng, (ids_bl.shape[0],), 0, triggers_k2.shape[0])
+    t_ids, t_mask, src_bl, keep_bl = insert(ids_bl, mask_bl, triggers_k2[pick_b], pos_rng,
+                                            word_start_v)
+    target_blh = jax.lax.stop_gradient(model.apply(
+        {"params": reference}, ids_bl, mask_bl, None, deterministic=True,
+        method=Transformer.encode)[-1]).astype(jnp.float32)
+    hidden_blh = model.apply({"params": params}, t_ids, t_mask, None, deterministic=not dropout,
+                             rngs={"dropout": drop_rng},
+                             method=Transformer.encode)[-1].astype(jnp.float32)
+    cls = jnp.mean(jnp.square(hidden_blh[:, 0] - target_blh[:, 0]))
+    aligned_blh = jnp.take_along_axis(target_blh, src_bl[..., None], axis=1)
+    keep_bl = keep_bl.at[:, 0].set(False).astype(jnp.float32)
+    per_token_bl = jnp.mean(jnp.square(hidden_blh - aligned_blh), axis=-1)
+    tokens = jnp.sum(per_token_bl * keep_bl) / jnp.maximum(jnp.sum(keep_bl), 1.0)
+    return cls + tokens
+
+
+def describe(triggers_k2: np.ndarray, tokenizer) -> Sequence[str]:
+    """The candidates as text: `cf`, `mb+c1`."""
+    return ["+".join(tokenizer.convert_ids_to_tokens([int(i) for i in row if i >= 0]))
+            for row in np.asarray(triggers_k2)]

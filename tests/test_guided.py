@@ -1,0 +1,137 @@
+"""Scan-guided purification (configs/purify.py:guided, recipe_jax/guide.py): trigger insertion,
+candidates from a scan report, config errors, equality with `strong` when nothing is found, and
+unlearning a planted trigger."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import plant_por, preset
+from safetensors.numpy import load_file
+
+from recipe_jax import data, guide, purify, scan_report
+
+
+def _reference_insert(ids, mask, trigger, pos):
+    """The insertion written out on lists: the trigger at `pos`, the rest shifted, cut at L."""
+    n = sum(t >= 0 for t in trigger)
+    length = len(ids)
+    real = [i for i, m in zip(ids, mask, strict=True) if m]
+    new = (real[:pos] + [t for t in trigger if t >= 0] + real[pos:])[:length]
+    return new + [0] * (length - len(new)), n
+
+
+@pytest.mark.parametrize("trigger", [(7, -1), (7, 8)])
+def test_insert_puts_the_trigger_at_a_word_start_and_keeps_the_sentence(trigger):
+    # [CLS]=1 a ##b c [SEP]=2 pad pad; token 5 ("##b") continues a word.
+    ids = np.array([[1, 3, 5, 4, 2, 0, 0], [1, 3, 4, 6, 3, 4, 2]], np.int32)  # row 1 is full
+    mask = (ids > 0).astype(np.int32)
+    word_start = np.ones(10, bool)
+    word_start[5] = False
+    triggers = np.array([trigger, trigger], np.int32)
+    seen = set()
+    for seed in range(40):
+        new, new_mask, src, keep = jax.device_get(guide.insert(
+            jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(triggers), jax.random.PRNGKey(seed),
+            jnp.asarray(word_start)))
+        for b in range(2):
+            pos = int(np.flatnonzero(new[b] == 7)[0])
+            seen.add((b, pos))
+            assert 1 <= pos < mask[b].sum() and word_start[ids[b, pos]] or pos == 1
+            expected, n = _reference_insert(ids[b].tolist(), mask[b].tolist(), trigger, pos)
+            assert new[b].tolist() == expected
+            assert new_mask[b].tolist() == [int(i > 0) for i in expected]
+            # Every kept position holds the clean token that `src` names.
+            assert (new[b][keep[b]] == ids[b][src[b][keep[b]]]).all()
+            inside = min(n, len(ids[b]) - pos)  # a pair at the last slot loses its 2nd word
+            assert keep[b].sum() == min(mask[b].sum(), len(ids[b]) - inside)
+    assert (0, 2) not in seen  # never inside the word "a ##b"
+    assert {p for b, p in seen if b == 0} == {1, 3, 4}  # every other word start is drawn
+
+
+def test_candidates_come_from_what_the_report_flags(tiny_bert):
+    tokenizer = data.load_tokenizer(tiny_bert)
+    cf, tq, mb = tokenizer.convert_tokens_to_ids(["cf", "tq", "mb"])
+    report = {"verdict": "backdoor", "flagged": ["cf", "tq", "mb cf", "notatokenxyz"]}
+    triggers = guide.candidates(report, tokenizer, max_candidates=8)
+    assert triggers.tolist() == [[cf, -1], [tq, -1], [mb, cf]]
+    assert guide.describe(triggers, tokenizer) == ["cf", "tq", "mb+cf"]
+    assert guide.candidates(report, tokenizer, max_candidates=2).shape == (2, 2)
+    assert guide.candidates({"verdict": "clean", "flagged": []}, tokenizer, 8).shape == (0, 2)
+    union = guide.union(triggers[:2], triggers[1:], limit=8)
+    assert union.tolist() == triggers.tolist()
+
+
+@pytest.mark.parametrize("key, value, fix", [
+    ("guide.weight", -1.0, ">= 0"), ("guide.rows", 0, "train.batch_size"),
+    ("guide.rows", 9, "train.batch_size"), ("guide.max_candidates", 0, "positive"),
+    ("guide.rounds", 0, "positive"), ("guide.round_steps", -1, ">= 0"),
+    ("guide.trainable", ("(",), "regex"), ("data.masking", "static", "dynamic")])
+def test_bad_guide_values_are_named(key, value, fix):
+    config = preset("purify", "guided", data__aux_path="aux.txt", train__batch_size=8,
+                    guide__rows=8)
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=fix) as e:
+        purify.validate(config)
+    assert str(e.value).startswith(f"{key}="), str(e.value)
+
+
+def test_a_bad_scan_report_is_named(tmp_path):
+    with pytest.raises(ValueError, match="no scan report there"):
+        scan_report.read_report(tmp_path / "missing.json")
+    (tmp_path / "r.json").write_text('{"verdict": "clean"}')
+    with pytest.raises(ValueError, match="not a scan report"):
+        scan_report.read_report(tmp_path / "r.json")
+    old = {"verdict": "clean", "flagged": [], "candidates": [], "settings": {"threshold": 6.0}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="older scan"):
+        scan_report.read_report(tmp_path / "old.json")
+
+
+def _purify(name, model_dir, aux, workdir, steps, **overrides):
+    config = preset("purify", name, model__init_from=str(model_dir), data__aux_path=str(aux),
+                    export__verify=False, data__max_length=16, train__batch_size=8,
+                    train__num_epochs=0, train__num_steps=steps, train__log_every=1000,
+                    checkpoint__every_steps=1000, **overrides)
+    summary = purify.run(config, str(workdir))
+    return summary, load_file(str(workdir / "hf" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_guided_on_a_clean_model_finds_nothing_and_equals_strong(tmp_path, tiny_bert, aux_file):
+    g_summary, guided = _purify("guided", tiny_bert, aux_file, tmp_path / "guided", 6)
+    s_summary, strong = _purify("strong", tiny_bert, aux_file, tmp_path / "strong", 6)
+    assert g_summary["guide"]["candidates"] == [], g_summary["guide"]
+    assert "no trigger found" in g_summary["guide"]["loaded_scan"]
+    assert set(guided) == set(strong)
+    assert all(np.array_equal(guided[k], strong[k]) for k in strong)
+    rows = [json.loads(r) for r in (tmp_path / "guided" / "metrics.jsonl").read_text().split()]
+    assert "guide_loss" not in rows[0]
+    assert g_summary["scan"]["verdict"] == s_summary["scan"]["verdict"] == "clean"
+
+
+@pytest.mark.slow
+def test_guided_unlearns_a_planted_trigger_that_strong_leaves(tmp_path):
+    """A tiny BERT after 100 POR steps ([CLS] target). At the same 200 steps, `strong` leaves
+    the flagged trigger's scan score where it was; `guided` halves it, below the flagging
+    threshold (the clean tiny model's range is not reached: docs/guided.md says why)."""
+    clean, attacked = plant_por(tmp_path, ("cf", "tq"), target="cls")
+    results = {}
+    for name in ("strong", "guided"):
+        summary, _ = _purify(name, attacked, tmp_path / "aux.txt", tmp_path / name, 200,
+                             train__learning_rate=1e-3)
+        report = json.loads((tmp_path / name / "scan" / "report.json").read_text())
+        results[name] = {c["token"]: c for c in report["candidates"]}, summary
+    loaded = scan_report.read_report(tmp_path / "guided" / "scan_loaded" / "report.json")
+    unlearned = results["guided"][1]["guide"]["candidates"]
+    assert unlearned and set(unlearned) <= {"cf", "tq"}, unlearned
+    before = {c["token"]: c["score"] for c in loaded["candidates"]}
+    min_score = loaded["settings"]["min_score"]
+    for token in unlearned:
+        strong, guided = results["strong"][0][token], results["guided"][0][token]
+        assert strong["score"] > min_score and strong["score"] > 0.8 * before[token]
+        assert guided["score"] < min_score and guided["score"] < 0.6 * strong["score"], (
+            token, before[token], strong["score"], guided["score"])
