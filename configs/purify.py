@@ -65,7 +65,7 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.guide = ml_collections.ConfigDict()
     c.guide.enabled = False  # scan the loaded model, then unlearn what it flags (`guided`)
     c.guide.weight = 1.0  # weight of the guided term (mean squared state difference per dim)
-    c.guide.rows = 16  # sentences of each batch that get a candidate inserted for the term
+    c.guide.rows = 16  # sentences of each batch (at most all) that get a candidate inserted
     c.guide.max_candidates = 64  # flagged tokens/pairs unlearned at most (in the scan's order)
     c.guide.rounds = 1  # train, scan; while something is flagged, train again (rounds in all)
     c.guide.round_steps = 0  # steps of each round after the first (0 = half of the first's)

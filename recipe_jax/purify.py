@@ -70,8 +70,8 @@ def validate_guide(config: ml_collections.ConfigDict) -> None:
         return
     if not 0 <= g.weight < float("inf"):
         bad_value("guide.weight", g.weight, "use a finite number >= 0")
-    if not 1 <= g.rows <= config.train.batch_size:
-        bad_value("guide.rows", g.rows, f"use 1..train.batch_size={config.train.batch_size}")
+    if g.rows < 1:
+        bad_value("guide.rows", g.rows, "use a positive count (at most train.batch_size are used)")
     for key in ("max_candidates", "rounds"):
         if g[key] < 1:
             bad_value(f"guide.{key}", g[key], "use a positive count")
@@ -118,7 +118,8 @@ def loss_fn(params, batch, rng, extras, *, model: Transformer, recipe, dropout: 
     if guide_cfg is not None and "triggers" in extras:
         g = guide.guide_term(params, extras["reference"], batch, jax.random.fold_in(rng, 3),
                              extras["triggers"], extras["word_start"], model=model,
-                             rows=guide_cfg.rows, dropout=dropout)
+                             rows=min(guide_cfg.rows, batch["input_ids"].shape[0]),
+                             dropout=dropout)
     else:
         g = None
     if masking is not None:

@@ -65,13 +65,12 @@ def test_candidates_come_from_what_the_report_flags(tiny_bert):
 
 
 @pytest.mark.parametrize("key, value, fix", [
-    ("guide.weight", -1.0, ">= 0"), ("guide.rows", 0, "train.batch_size"),
-    ("guide.rows", 9, "train.batch_size"), ("guide.max_candidates", 0, "positive"),
+    ("guide.weight", -1.0, ">= 0"), ("guide.rows", 0, "positive"),
+    ("guide.max_candidates", 0, "positive"),
     ("guide.rounds", 0, "positive"), ("guide.round_steps", -1, ">= 0"),
     ("guide.trainable", ("(",), "regex"), ("data.masking", "static", "dynamic")])
 def test_bad_guide_values_are_named(key, value, fix):
-    config = preset("purify", "guided", data__aux_path="aux.txt", train__batch_size=8,
-                    guide__rows=8)
+    config = preset("purify", "guided", data__aux_path="aux.txt", train__batch_size=8)
     section, name = key.split(".")
     config[section][name] = value
     with pytest.raises(ValueError, match=fix) as e:
@@ -108,7 +107,7 @@ def test_guided_on_a_clean_model_finds_nothing_and_equals_strong(tmp_path, tiny_
     assert "no trigger found" in g_summary["guide"]["loaded_scan"]
     assert set(guided) == set(strong)
     assert all(np.array_equal(guided[k], strong[k]) for k in strong)
-    rows = [json.loads(r) for r in (tmp_path / "guided" / "metrics.jsonl").read_text().split()]
+    rows = [json.loads(r) for r in (tmp_path / "guided" / "metrics.jsonl").read_text().splitlines()]
     assert "guide_loss" not in rows[0]
     assert g_summary["scan"]["verdict"] == s_summary["scan"]["verdict"] == "clean"
 
