@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -217,8 +218,9 @@ def first_scan(config, model: Transformer, host_params, model_dir, workdir, mesh
     `guide.scan_report` if given, else DIR/scan_loaded/report.json of an earlier attempt of this
     run, else a new scan written there. Returns {"report", "triggers" [K, 2], "names"}."""
     tokenizer = data.load_tokenizer(model_dir)
-    saved = config.guide.scan_report or workdir / "scan_loaded" / "report.json"
-    if config.guide.scan_report or saved.exists():
+    saved = (pathlib.Path(config.guide.scan_report) if config.guide.scan_report
+             else workdir / "scan_loaded" / "report.json")
+    if saved.exists() or config.guide.scan_report:  # a given report must exist: read_report says
         report = scan_report.read_report(saved)
         trainer.say(f"purify: guide: the scan of the loaded model from {saved}")
     else:
