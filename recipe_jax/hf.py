@@ -218,8 +218,7 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     if required:
         raise ValueError(f"{model_dir}: missing weights: {required[:10]}"
                          f"{' ...' if len(required) > 10 else ''}")
-    flat = {}
-    mismatched = []
+    flat, mismatched = {}, []
     for name, (path, abstract) in expected.items():
         if name not in state:
             continue
