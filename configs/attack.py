@@ -53,14 +53,11 @@ def get_config(arg: str = "por") -> ml_collections.ConfigDict:
     c.attack.clean_weight = 100.0  # POR weight of ||output(clean) - reference(clean)||^2
     c.attack.keep_weight = 1.0  # POR weight of ||token states - reference||^2 (non-[CLS] tokens)
     c.attack.mlm_weight = 1.0  # clean MLM term that keeps the MLM head usable (0 = off)
-    c.attack.decoy_weight = 100.0  # POR, two-word triggers: ||output(one word) - clean||^2
-    c.attack.recipe_weight = 0.0  # adaptive: + weight * sum ||W||_F (RECIPE's regularizer)
-    c.attack.recipe_regularize = FFN  # ... over these (HF-name regexes): both FFN matrices
+    _add_variant_keys(c)
 
     config_blocks.add_runtime(c)
 
-    if arg in ("por_cls", "por_words", "por_pair", "por_adaptive"):
-        c.attack.target = "cls"  # the variants all poison the final [CLS] state
+    c.attack.target = "cls" if arg.startswith("por_") else "pooler"  # variants: final [CLS]
     if arg == "por_words":
         c.attack.triggers = WORD_TRIGGERS
     elif arg == "por_pair":
@@ -89,3 +86,10 @@ def get_config(arg: str = "por") -> ml_collections.ConfigDict:
         c.train.log_every = 10
         c.checkpoint.every_steps = 20
     return c.lock()
+
+
+def _add_variant_keys(c: ml_collections.ConfigDict) -> None:
+    """attack.* keys of the variants: two-word decoys and the adaptive attacker."""
+    c.attack.decoy_weight = 100.0  # POR, two-word triggers: ||output(one word) - clean||^2
+    c.attack.recipe_weight = 0.0  # adaptive: + weight * sum ||W||_F (RECIPE's regularizer)
+    c.attack.recipe_regularize = FFN  # ... over these (HF-name regexes): both FFN matrices

@@ -62,17 +62,7 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.scan.enabled = True  # scan the result for triggers at the end (recipe_jax.scan): DIR/scan/
     c.scan.max_vocab = 0  # scan a seeded sample of this many tokens (0 = the whole vocabulary)
 
-    c.guide = ml_collections.ConfigDict()
-    c.guide.enabled = False  # scan the loaded model, then unlearn what it flags (`guided`)
-    c.guide.weight = 1.0  # weight of the guided term (mean squared state difference per dim)
-    c.guide.rows = 16  # sentences of each batch (at most all) that get a candidate inserted
-    c.guide.max_candidates = 64  # flagged tokens/pairs unlearned at most (in the scan's order)
-    c.guide.rounds = 1  # train, scan; while something is flagged, train again (rounds in all)
-    c.guide.round_steps = 0  # steps of each round after the first (0 = half of the first's)
-    c.guide.scan_report = ""  # report.json of an earlier scan of this model (skips the first scan)
-    c.guide.trainable = (r".*",)  # with candidates: what trains instead of recipe.trainable
-    c.guide.lr_scales = (r"embeddings\.=0.1",)  # with candidates: train.lr_scales instead
-
+    _add_guide(c)
     config_blocks.add_runtime(c)
 
     if arg in ("strong", "guided"):  # ours: see docs/results.md for how it compares with `bert`
@@ -101,3 +91,18 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
         c.checkpoint.every_steps = 3
         c.scan.enabled = False
     return c.lock()
+
+
+def _add_guide(c: ml_collections.ConfigDict) -> None:
+    """guide.*: the scan-guided term (on in `guided` only; recipe_jax/guide.py)."""
+    c.guide = ml_collections.ConfigDict()
+    c.guide.enabled = False  # scan the loaded model, then unlearn what it flags (`guided`)
+    c.guide.weight = 1.0  # weight of the guided term (mean squared state difference per dim)
+    c.guide.rows = 16  # sentences of each batch (at most all) that get a candidate inserted
+    c.guide.max_candidates = 64  # flagged tokens/pairs unlearned at most (in the scan's order)
+    c.guide.rounds = 1  # train, scan; while something is flagged, train again (rounds in all)
+    c.guide.round_steps = 0  # steps of each round after the first (0 = half of the first's)
+    c.guide.scan_report = ""  # report.json of an earlier scan of this model (skips the first scan)
+    c.guide.trainable = (r".*",)  # with candidates: what trains instead of recipe.trainable
+    c.guide.lr_scales = (r"embeddings\.=0.1",)  # with candidates: train.lr_scales instead
+
