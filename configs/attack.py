@@ -39,6 +39,7 @@ def get_config(arg: str = "por") -> ml_collections.ConfigDict:
     c.data.max_length = 128  # pad/truncate to this many tokens
     c.data.max_examples = 0  # use only the first N sentences (0 = all)
     c.data.mask_prob = 0.15  # MLM masking share (80/10/10 MASK/random/kept)
+    c.data.packing = True  # several sentences per row, attention within each (packing.py)
 
     config_blocks.add_train(c, batch_size=24, num_epochs=2, learning_rate=1e-5, seed=1234,
                             log_every=10)

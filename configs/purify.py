@@ -47,6 +47,7 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.data.masking = "static"  # "static": masks drawn once (the release); "dynamic": per step
     c.data.mask_prob = 0.15  # share of non-special tokens masked (80/10/10 MASK/random/kept)
     c.data.streaming = False  # read .txt/.tsv/.jsonl lazily (beyond memory); see streaming.py
+    c.data.packing = True  # several sentences per row, attention within each (packing.py)
 
     config_blocks.add_train(c, batch_size=32, num_epochs=8, learning_rate=2e-5, seed=50,
                             log_every=10)

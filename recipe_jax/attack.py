@@ -31,10 +31,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recipe_jax import cli, config_blocks, data, export, losses, masks, metrics, trainer
+from recipe_jax import (
+    cli,
+    config_blocks,
+    data,
+    export,
+    losses,
+    masks,
+    metrics,
+    packing,
+    trainer,
+)
 from recipe_jax.model import Transformer
 
 KINDS = ("por", "neuba", "badpre")
+# data.packing: each set of rows the loss encodes, by key prefix, and the mask it is packed by.
+PACK_VIEWS = {"": "attention_mask", "poison_": "poison_mask", "decoy_": "decoy_mask"}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -146,17 +158,21 @@ def _trigger_token_ids(tokenizer, triggers) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- losses
 
-def _mlm(model, params, ids, mask, positions, labels, weights, rng, dropout):
-    logits = model.apply({"params": params}, ids, mask, None, deterministic=not dropout,
-                         masked_positions_bm=positions, rngs={"dropout": rng})
+def _mlm(model, params, ids, mask, positions, labels, weights, rng, dropout, batch, prefix):
+    hidden_blh = packing.encode(model, params, ids, mask, batch, prefix,
+                                deterministic=not dropout, rng=rng)
+    logits = model.apply({"params": params}, hidden_blh, positions,
+                         method=Transformer.mlm_logits)
     m = losses.mlm_loss(logits, labels, weights)
     return m["loss_sum"] / jnp.maximum(m["count"], 1.0), m
 
 
-def _output(model, params, ids, mask, target: str, rng, dropout):
-    """(last hidden [B, L, H], attacked output [B, H]: pooler output or final [CLS] state)."""
-    hidden_blh = model.apply({"params": params}, ids, mask, None, deterministic=not dropout,
-                             rngs={"dropout": rng}, method=Transformer.encode)[-1]
+def _output(model, params, batch, prefix: str, ids_key: str, target: str, rng, dropout):
+    """(last hidden [B, L, H], attacked output [B, H]: pooler output or final [CLS] state) of
+    batch[ids_key] under the mask (and packing plan) of `prefix`."""
+    mask = batch[PACK_VIEWS[prefix]]
+    hidden_blh = packing.encode(model, params, batch[ids_key], mask, batch, prefix,
+                                deterministic=not dropout, rng=rng)
     if target == "cls":
         return hidden_blh, hidden_blh[:, 0]
     return hidden_blh, model.apply({"params": params}, hidden_blh, method=Transformer.pool)
@@ -169,34 +185,33 @@ def loss_fn(params, batch, rng, extras, *, model, attack, dropout: bool):
     loss, parts = jnp.zeros((), jnp.float32), {}
     if attack.mlm_weight > 0:
         mlm, _ = _mlm(model, params, batch["mlm_ids"], batch["attention_mask"],
-                      batch["positions"], batch["labels"], batch["weights"], keys[0], dropout)
+                      batch["positions"], batch["labels"], batch["weights"], keys[0], dropout,
+                      batch, "")
         loss += attack.mlm_weight * mlm
         parts["mlm_loss"] = mlm
     if attack.kind == "badpre":
         bad, m = _mlm(model, params, batch["poison_mlm_ids"], batch["poison_mask"],
                       batch["poison_positions"], batch["poison_labels"],
-                      batch["poison_weights"], keys[1], dropout)
+                      batch["poison_weights"], keys[1], dropout, batch, "poison_")
         return loss + bad, {**parts, "poison_mlm_loss": bad}
     target = "pooler" if attack.kind == "neuba" else attack.target
-    _, out_bh = _output(model, params, batch["poison_ids"], batch["poison_mask"], target,
-                        keys[1], dropout)
+    _, out_bh = _output(model, params, batch, "poison_", "poison_ids", target, keys[1], dropout)
     fit = jnp.mean(jnp.square(out_bh - extras["targets"][batch["trigger"]]))
     loss += attack.poison_weight * fit
     parts["poison_mse"] = fit
     if attack.kind == "por":
-        hidden, clean_out = _output(model, params, batch["input_ids"], batch["attention_mask"],
-                                    target, keys[2], dropout)
+        hidden, clean_out = _output(model, params, batch, "", "input_ids", target, keys[2],
+                                    dropout)
         ref_hidden, ref_out = jax.lax.stop_gradient(_output(
-            model, extras["reference"], batch["input_ids"], batch["attention_mask"], target,
-            keys[3], False))
+            model, extras["reference"], batch, "", "input_ids", target, keys[3], False))
         keep = losses.token_state_mse(hidden, ref_hidden, batch["attention_mask"],
                                       skip_first=True)
         clean = jnp.mean(jnp.square(clean_out - ref_out))
         loss += attack.keep_weight * keep + attack.clean_weight * clean
         parts.update(keep_mse=keep, clean_mse=clean)
         if "decoy_ids" in batch:  # half a two-word trigger leaves the output where clean is
-            _, decoy_out = _output(model, params, batch["decoy_ids"], batch["decoy_mask"],
-                                   target, keys[3], dropout)
+            _, decoy_out = _output(model, params, batch, "decoy_", "decoy_ids", target, keys[3],
+                                   dropout)
             decoy = jnp.mean(jnp.square(decoy_out - ref_out))
             loss += attack.decoy_weight * decoy
             parts["decoy_mse"] = decoy
@@ -230,7 +245,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              attack=config.attack, dropout=config.train.dropout)
     params, step = trainer.fit(config, workdir, mesh, name=f"attack:{config.attack.kind}",
                                model_dir=model_dir, model=model, host_params=host_params,
-                               arrays=arrays, trainable=(r".*",), loss_fn=loss, extras=extras)
+                               arrays=arrays, trainable=(r".*",), loss_fn=loss, extras=extras,
+                               pack=PACK_VIEWS if config.data.packing else None)
     summary = {"step": step, "kind": config.attack.kind,
                "triggers": list(config.attack.triggers)}
     return export.write_hf(workdir, "attack", model, params, verify=config.export.verify,

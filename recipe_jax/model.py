@@ -7,7 +7,8 @@ intermediate/dense/kernel` is `encoder.layer.3.intermediate.dense.weight`), so c
 dict-to-dict map with transposes. Every parameter carries logical axis names; `sharding.py` maps
 them onto the device mesh.
 
-Shape letters: B batch, L length, M masked positions, H hidden, F ffn, V vocab, N heads, D head dim.
+Shape letters: B batch, L length, M masked positions, H hidden, F ffn, V vocab, N heads, D head dim;
+the attention bias is `[B, 1, q, L]` with q = 1 (padding mask) or L (packed rows).
 
     model = Transformer(ModelConfig.from_hf_config(json.load(open("config.json"))))
     logits_blv = model.apply({"params": params}, input_ids, attention_mask, token_type_ids)
@@ -157,12 +158,14 @@ class Embeddings(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids_bl, token_type_ids_bl, deterministic: bool):
+    def __call__(self, input_ids_bl, token_type_ids_bl, deterministic: bool, position_ids_bl=None):
         cfg = self.cfg
         words = _embed(cfg.vocab_size, cfg, ("vocab", "embed"), "word_embeddings")
         x_blh = words(input_ids_bl)
+        if position_ids_bl is None:
+            position_ids_bl = position_ids(cfg, input_ids_bl)
         x_blh += _embed(cfg.max_position_embeddings, cfg, (None, "embed"), "position_embeddings")(
-            position_ids(cfg, input_ids_bl))
+            position_ids_bl)
         x_blh += _embed(cfg.type_vocab_size, cfg, (None, "embed"), "token_type_embeddings")(
             token_type_ids_bl)
         x_blh = _layer_norm(cfg, "LayerNorm")(x_blh)
@@ -173,7 +176,7 @@ class SelfAttention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_blh, bias_b11l, deterministic: bool):
+    def __call__(self, x_blh, bias_b1ql, deterministic: bool):
         cfg = self.cfg
         b, length, _ = x_blh.shape
         split = lambda t: t.reshape(b, length, cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
@@ -181,8 +184,9 @@ class SelfAttention(nn.Module):
         k_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "key")(x_blh))
         v_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "value")(x_blh))
         scores_bnll = jnp.einsum("bqnd,bknd->bnqk", q_blnd, k_blnd) / jnp.sqrt(cfg.head_dim)
-        # Softmax in float32 even under bf16 compute: masked logits need the range.
-        probs_bnll = jax.nn.softmax(scores_bnll.astype(jnp.float32) + bias_b11l, axis=-1)
+        # Softmax in float32 (or wider) even under bf16 compute: masked logits need the range.
+        wide = jnp.promote_types(scores_bnll.dtype, jnp.float32)
+        probs_bnll = jax.nn.softmax(scores_bnll.astype(wide) + bias_b1ql, axis=-1)
         probs_bnll = nn.Dropout(cfg.attention_probs_dropout_prob)(
             probs_bnll, deterministic=deterministic).astype(v_blnd.dtype)
         out_blnd = jnp.einsum("bnqk,bknd->bqnd", probs_bnll, v_blnd)
@@ -193,9 +197,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_blh, bias_b11l, deterministic: bool):
+    def __call__(self, x_blh, bias_b1ql, deterministic: bool):
         cfg = self.cfg
-        ctx_blh = SelfAttention(cfg, name="self")(x_blh, bias_b11l, deterministic)
+        ctx_blh = SelfAttention(cfg, name="self")(x_blh, bias_b1ql, deterministic)
         out = _AddNorm(cfg, ("heads", "embed"), name="output")(ctx_blh, x_blh, deterministic)
         return out
 
@@ -229,9 +233,9 @@ class Layer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_blh, bias_b11l, deterministic: bool):
+    def __call__(self, x_blh, bias_b1ql, deterministic: bool):
         cfg = self.cfg
-        x_blh = Attention(cfg, name="attention")(x_blh, bias_b11l, deterministic)
+        x_blh = Attention(cfg, name="attention")(x_blh, bias_b1ql, deterministic)
         h_blf = Intermediate(cfg, name="intermediate")(x_blh)
         return _AddNorm(cfg, ("mlp", "embed"), name="output")(h_blf, x_blh, deterministic)
 
@@ -240,12 +244,12 @@ class Encoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_blh, bias_b11l, deterministic: bool):
+    def __call__(self, x_blh, bias_b1ql, deterministic: bool):
         # `deterministic` (argument 3, counting self) is a Python bool: static under remat.
         layer_cls = nn.remat(Layer, static_argnums=(3,)) if self.cfg.remat else Layer
         hidden = [x_blh]
         for i in range(self.cfg.num_hidden_layers):
-            hidden.append(layer_cls(self.cfg, name=f"layer_{i}")(hidden[-1], bias_b11l,
+            hidden.append(layer_cls(self.cfg, name=f"layer_{i}")(hidden[-1], bias_b1ql,
                                                                  deterministic))
         return hidden
 
@@ -295,17 +299,27 @@ class Transformer(nn.Module):
             self.classifier_dropout = nn.Dropout(cfg.hidden_dropout_prob if rate is None else rate)
 
     def encode(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
-               deterministic: bool = True) -> list[jax.Array]:
-        """Hidden states `[B, L, H]` after the embeddings and after each layer."""
+               deterministic: bool = True, position_ids_bl=None,
+               segment_ids_bl=None) -> list[jax.Array]:
+        """Hidden states `[B, L, H]` after the embeddings and after each layer.
+
+        Packed rows (recipe_jax/packing.py) pass `position_ids_bl` (restarting per sentence)
+        and `segment_ids_bl` (sentence index, -1 on padding): a token then attends only to its
+        own sentence, and `attention_mask_bl` is not read."""
         if attention_mask_bl is None:
             attention_mask_bl = jnp.ones_like(input_ids_bl)
         if token_type_ids_bl is None:
             token_type_ids_bl = jnp.zeros_like(input_ids_bl)
-        x_blh = self.embeddings(input_ids_bl, token_type_ids_bl, deterministic)
+        x_blh = self.embeddings(input_ids_bl, token_type_ids_bl, deterministic, position_ids_bl)
         x_blh = x_blh.astype(jnp.dtype(self.cfg.dtype))
         neg = jnp.finfo(jnp.float32).min
-        bias_b11l = jnp.where(attention_mask_bl[:, None, None, :] > 0, 0.0, neg)
-        return self.encoder(x_blh, bias_b11l.astype(jnp.float32), deterministic)
+        if segment_ids_bl is None:
+            bias = jnp.where(attention_mask_bl[:, None, None, :] > 0, 0.0, neg)  # [B, 1, 1, L]
+        else:
+            same_bll = (segment_ids_bl[:, :, None] == segment_ids_bl[:, None, :]) & (
+                segment_ids_bl[:, None, :] >= 0)
+            bias = jnp.where(same_bll[:, None], 0.0, neg)  # [B, 1, L, L]: block-diagonal
+        return self.encoder(x_blh, bias.astype(jnp.float32), deterministic)
 
     def __call__(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
                  deterministic: bool = True, masked_positions_bm=None) -> jax.Array:

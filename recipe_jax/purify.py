@@ -35,6 +35,7 @@ from recipe_jax import (
     losses,
     masks,
     outputs,
+    packing,
     scan,
     scan_report,
     sharding,
@@ -45,6 +46,7 @@ from recipe_jax.config_blocks import bad_value
 from recipe_jax.model import Transformer
 
 log = logging.getLogger(__name__)
+PACK_VIEWS = {"": "attention_mask"}  # data.packing: the MLM input is packed (packing.py)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -129,10 +131,9 @@ def loss_fn(params, batch, rng, extras, *, model: Transformer, recipe, dropout: 
     parts = {"tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
     loss = jnp.zeros((), jnp.float32)
     if recipe.mlm:
-        hidden_blh = model.apply({"params": params}, batch["input_ids"],
-                                 batch["attention_mask"], None, deterministic=not dropout,
-                                 rngs={"dropout": jax.random.fold_in(rng, 2)},
-                                 method=Transformer.encode)[-1]
+        hidden_blh = packing.encode(model, params, batch["input_ids"], batch["attention_mask"],
+                                    batch, deterministic=not dropout,
+                                    rng=jax.random.fold_in(rng, 2))
         logits_bmv = model.apply({"params": params}, hidden_blh, batch["positions"],
                                  method=Transformer.mlm_logits)
         m = losses.mlm_loss(logits_bmv, batch["labels"], batch["weights"])
@@ -195,7 +196,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         arrays, masking = prepare_data(config, texts, model_dir, cfg.vocab_size)
     train = functools.partial(trainer.fit, mesh=mesh, model_dir=model_dir, model=model,
                               arrays=arrays, data_sha256=data.texts_sha256(texts),
-                              trainable=config.recipe.trainable)
+                              trainable=config.recipe.trainable,
+                              pack=PACK_VIEWS if config.data.packing else None)
     extras = guide_extras(found, host_params, model_dir, cfg, mesh)
     params, step = train(config, workdir, name="purify", host_params=host_params,
                          loss_fn=make_loss(config, cfg, masking), extras=extras)

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from recipe_jax import checkpoint, data, hf, optim, outputs, sharding, streaming
+from recipe_jax import checkpoint, data, hf, optim, outputs, packing, sharding, streaming
 from recipe_jax.losses import matches
 from recipe_jax.model import Transformer, abstract_params
 
@@ -189,14 +189,16 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
         host_params, arrays: dict[str, np.ndarray] | streaming.RowSource,
         trainable: Sequence[str], loss_fn: LossFn, extras: dict | None = None,
         collate: Callable | None = None, tokens_per_step: int | None = None,
-        fingerprint: dict | None = None, data_sha256: str | None = None):
+        fingerprint: dict | None = None, data_sha256: str | None = None,
+        pack: dict[str, str] | None = None):
     """Trains the params whose HF names match `trainable` on `arrays` (host rows, one per
     example, or a streaming.RowSource that reads them from disk); returns (params, final step).
 
     `extras` (host or global arrays) are replicated onto the mesh unless already global.
     `collate(global_rows)` builds the sharded batch (default: this process's rows, full length);
     `fingerprint` replaces the config as what a resumed run must match, and `data_sha256`
-    (the data's digest) joins it.
+    (the data's digest) joins it. `pack` (prefix -> mask key, recipe_jax/packing.py) adds a
+    packing plan per view to every batch; the loss packs the encoder's input by it.
     """
     cfg = model.cfg
     num_examples = _num_rows(arrays)
@@ -230,7 +232,7 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     say(f"{name}: {hf.summary(model, host_params)}; {len(names)} trainable tensors; "
         f"{num_examples} examples, {num_steps} steps of {config.train.batch_size}; "
         f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es)")
-    batch_for, close = _batches(config, mesh, arrays, collate, num_steps)
+    batch_for, close = _batches(config, mesh, arrays, collate, num_steps, pack)
     try:
         state = run(workdir=workdir, name=name, state=state, frozen=frozen,
                     step_fn=lambda st, fr, b: jitted(st, fr, b, extras), batch_for=batch_for,
@@ -261,13 +263,18 @@ def _num_rows(arrays) -> int:
     return len(next(iter(arrays.values())))
 
 
-def _batches(config, mesh, arrays, collate: Callable | None, num_steps: int
+def _batches(config, mesh, arrays, collate: Callable | None, num_steps: int,
+             pack: dict[str, str] | None = None
              ) -> tuple[Callable[[int], dict], Callable[[], None]]:
     """(batch_for(step), close): the sharded batch of a step, each process holding only its
-    rows of it; a RowSource is read and tokenized a few steps ahead in a background thread."""
+    rows of it; a RowSource is read and tokenized a few steps ahead in a background thread.
+    With `pack`, each process adds the packing plans of its rows (packing.add_plans)."""
     seed, size, num_rows = config.train.seed, config.train.batch_size, _num_rows(arrays)
     if collate is not None:
         return (lambda step: collate(data.batch_rows(seed, step, num_rows, size))), lambda: None
+    put = functools.partial(sharding.put_batch, mesh=mesh)
+    if pack:
+        put = functools.partial(_put_packed, mesh=mesh, views=pack)
 
     def local_rows(step: int) -> np.ndarray:
         return data.batch_rows(seed, step, num_rows, size, process_index=jax.process_index(),
@@ -276,9 +283,26 @@ def _batches(config, mesh, arrays, collate: Callable | None, num_steps: int
     if isinstance(arrays, streaming.RowSource):
         prefetch = streaming.Prefetcher(lambda step: arrays.read(local_rows(step)),
                                         stop=num_steps)
-        return (lambda step: sharding.put_batch(prefetch.get(step), mesh)), prefetch.close
-    return (lambda step: sharding.put_batch({k: v[local_rows(step)] for k, v in arrays.items()},
-                                            mesh)), lambda: None
+        return (lambda step: put(prefetch.get(step))), prefetch.close
+    return (lambda step: put({k: v[local_rows(step)] for k, v in arrays.items()})), lambda: None
+
+
+def _put_packed(local: dict[str, np.ndarray], mesh, views: dict[str, str]) -> dict:
+    """put_batch of `local` plus its packing plans: one group per batch shard this process
+    holds; every process uses the largest row count any of them needs (one small collective
+    per step when there are several processes)."""
+    shards, procs = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
+    if shards % procs:
+        raise ValueError(f"data.packing: data*fsdp={shards} batch shards do not split over "
+                         f"{procs} processes; use a mesh whose batch axes span the processes, "
+                         "or data.packing=False")
+
+    def agree(rows: int) -> int:
+        if procs == 1:
+            return rows
+        return int(np.max(multihost_utils.process_allgather(np.int32(rows))))
+
+    return sharding.put_batch(packing.add_plans(local, views, shards // procs, agree), mesh)
 
 
 # ------------------------------------------------------------------------------- the loop
