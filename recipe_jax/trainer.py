@@ -274,7 +274,7 @@ def _batches(config, mesh, arrays, collate: Callable | None, num_steps: int,
         return (lambda step: collate(data.batch_rows(seed, step, num_rows, size))), lambda: None
     put = functools.partial(sharding.put_batch, mesh=mesh)
     if pack:
-        put = functools.partial(_put_packed, mesh=mesh, views=pack)
+        put = functools.partial(_put_packed, mesh=mesh, views=pack, seen=set())
 
     def local_rows(step: int) -> np.ndarray:
         return data.batch_rows(seed, step, num_rows, size, process_index=jax.process_index(),
@@ -287,10 +287,11 @@ def _batches(config, mesh, arrays, collate: Callable | None, num_steps: int,
     return (lambda step: put({k: v[local_rows(step)] for k, v in arrays.items()})), lambda: None
 
 
-def _put_packed(local: dict[str, np.ndarray], mesh, views: dict[str, str]) -> dict:
+def _put_packed(local: dict[str, np.ndarray], mesh, views: dict[str, str], seen: set) -> dict:
     """put_batch of `local` plus its packing plans: one group per batch shard this process
     holds; every process uses the largest row count any of them needs (one small collective
-    per step when there are several processes)."""
+    per step when there are several processes). Each new set of row counts (`seen`) means one
+    more compiled step (at most packing.MAX_PROGRAMS per view); it is logged."""
     shards, procs = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
     if shards % procs:
         raise ValueError(f"data.packing: data*fsdp={shards} batch shards do not split over "
@@ -302,7 +303,14 @@ def _put_packed(local: dict[str, np.ndarray], mesh, views: dict[str, str]) -> di
             return rows
         return int(np.max(multihost_utils.process_allgather(np.int32(rows))))
 
-    return sharding.put_batch(packing.add_plans(local, views, shards // procs, agree), mesh)
+    planned = packing.add_plans(local, views, shards // procs, agree)
+    rows = tuple(v.shape[0] * v.shape[1] for k, v in planned.items() if k.endswith("pack_src"))
+    if rows not in seen:
+        seen.add(rows)
+        sentences = len(next(iter(local.values())))
+        say(f"packing: {' + '.join(map(str, rows))} packed rows for {sentences} sentences a "
+            f"process: step program {len(seen)} (compiles once)")
+    return sharding.put_batch(planned, mesh)
 
 
 # ------------------------------------------------------------------------------- the loop
