@@ -293,6 +293,8 @@ def main(argv=None) -> dict:
 
     from recipe_jax import data, hf, packing
 
+    VIEWS = {"": ("attention_mask", packing.weights_count("weights"))}  # noqa: N806
+
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
     steps = args.steps
     n = args.batch * steps
@@ -310,7 +312,7 @@ def main(argv=None) -> dict:
         batches = {"jax": plain}
         if args.aux:
             batches = {"jax": [{k: jax.device_put(v) for k, v in packing.add_plans(
-                c, {"": "attention_mask"}, 1).items()} for c in chunks], "jax_unpacked": plain}
+                c, VIEWS, 1).items()} for c in chunks], "jax_unpacked": plain}
         sides = {name: JaxSide(model, params, dtype, dropout=True) for name in batches}
         out = {"mode": "aux" if args.aux else "random", "aux": args.aux or None,
                "size": args.size, "batch": args.batch, "seq": args.seq, "dtype": args.dtype}

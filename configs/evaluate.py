@@ -37,6 +37,7 @@ def get_config(arg: str = "sst2") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.init_from = ""  # HF dir of the PTM to fine-tune ("minilm" = the packaged MiniLM)
+    c.model.drop_extra_heads = False  # leave out task heads that are not BERT/RoBERTa's
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "sst2"  # file layout: sst2 | hsol | agnews | custom (sentence/text + label)

@@ -45,8 +45,11 @@ from recipe_jax import (
 from recipe_jax.model import Transformer
 
 KINDS = ("por", "neuba", "badpre")
-# data.packing: each set of rows the loss encodes, by key prefix, and the mask it is packed by.
-PACK_VIEWS = {"": "attention_mask", "poison_": "poison_mask", "decoy_": "decoy_mask"}
+# data.packing: each set of rows the loss encodes, by key prefix: the mask it is packed by, and
+# where its masked-LM labels are (packing.py).
+PACK_VIEWS = {"": ("attention_mask", packing.weights_count("weights")),
+              "poison_": ("poison_mask", packing.weights_count("poison_weights")),
+              "decoy_": ("decoy_mask", None)}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -161,8 +164,9 @@ def _trigger_token_ids(tokenizer, triggers) -> np.ndarray:
 def _mlm(model, params, ids, mask, positions, labels, weights, rng, dropout, batch, prefix):
     hidden_blh = packing.encode(model, params, ids, mask, batch, prefix,
                                 deterministic=not dropout, rng=rng)
-    logits = model.apply({"params": params}, hidden_blh, positions,
-                         method=Transformer.mlm_logits)
+    states, labels, weights = packing.masked_states(hidden_blh, positions, labels, weights,
+                                                    batch, prefix)
+    logits = model.apply({"params": params}, states, method=Transformer.mlm_logits)
     m = losses.mlm_loss(logits, labels, weights)
     return m["loss_sum"] / jnp.maximum(m["count"], 1.0), m
 
@@ -170,7 +174,7 @@ def _mlm(model, params, ids, mask, positions, labels, weights, rng, dropout, bat
 def _output(model, params, batch, prefix: str, ids_key: str, target: str, rng, dropout):
     """(last hidden [B, L, H], attacked output [B, H]: pooler output or final [CLS] state) of
     batch[ids_key] under the mask (and packing plan) of `prefix`."""
-    mask = batch[PACK_VIEWS[prefix]]
+    mask = batch[PACK_VIEWS[prefix][0]]
     hidden_blh = packing.encode(model, params, batch[ids_key], mask, batch, prefix,
                                 deterministic=not dropout, rng=rng)
     if target == "cls":

@@ -29,13 +29,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare logits with transformers PyTorch (needs torch)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier conversion (or whatever) at --out")
+    parser.add_argument("--drop-extra-heads", action="store_true",
+                        help="leave out task heads that are not BERT/RoBERTa's (named in a "
+                        "warning); unknown tensors inside the encoder stay an error")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     try:
         out = _claim_out(args.out, args.hf, args.overwrite, create=False)  # before any loading
-        model, params, info = hf.load_pretrained(args.hf, with_info=True)
+        model, params, info = hf.load_pretrained(args.hf, with_info=True,
+                                                 drop_extra_heads=args.drop_extra_heads)
         if args.verify:
             # A source without an MLM head (e.g. a BertModel): compare encoder states instead.
             fresh_mlm = any(k.startswith(("cls.predictions.", "lm_head.")) for k in info["fresh"])

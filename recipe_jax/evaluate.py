@@ -217,7 +217,8 @@ def run_evaluation(model_dir: str | os.PathLike, train: Split, test: Split,
                          "label is not y; use a test set with at least two labels")
     mesh, workdir = _start(config, workdir, model_dir)
     model, host_params = hf.load_pretrained(model_dir, num_labels=num_labels,
-                                            seed=config.train.seed)
+                                            seed=config.train.seed,
+                                            drop_extra_heads=config.model.drop_extra_heads)
     trainer.check_max_length(config, model)
     tokenizer = data.load_tokenizer(model_dir)
     digest = hashlib.sha256(json.dumps(train).encode()).hexdigest()

@@ -21,7 +21,7 @@ def mlm_loss(logits_bmv: jax.Array, labels_bm: jax.Array, weights_bm: jax.Array
              ) -> dict[str, jax.Array]:
     """Sums over the masked slots: `loss_sum`, `correct`, `count` (weights sum)."""
     per_token_bm = optax.softmax_cross_entropy_with_integer_labels(
-        logits_bmv.astype(jnp.float32), labels_bm)
+        logits_bmv.astype(jnp.promote_types(logits_bmv.dtype, jnp.float32)), labels_bm)
     correct_bm = (jnp.argmax(logits_bmv, axis=-1) == labels_bm).astype(jnp.float32)
     return {"loss_sum": jnp.sum(per_token_bm * weights_bm),
             "correct": jnp.sum(correct_bm * weights_bm),
@@ -37,8 +37,8 @@ def token_state_mse(hidden_blh: jax.Array, reference_blh: jax.Array, attention_m
     tokens_bl = attention_mask_bl.astype(jnp.float32)
     if skip_first:
         tokens_bl = tokens_bl.at[:, 0].set(0.0)
-    diff_bl = jnp.mean(jnp.square(hidden_blh.astype(jnp.float32)
-                                  - reference_blh.astype(jnp.float32)), axis=-1)
+    wide = jnp.promote_types(hidden_blh.dtype, jnp.float32)
+    diff_bl = jnp.mean(jnp.square(hidden_blh.astype(wide) - reference_blh.astype(wide)), axis=-1)
     return jnp.sum(diff_bl * tokens_bl) / jnp.maximum(jnp.sum(tokens_bl), 1.0)
 
 

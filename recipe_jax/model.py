@@ -119,6 +119,11 @@ def _check_field_types(values: dict[str, Any]) -> None:
                              "(e.g. layer_norm_eps: 1e-12, num_hidden_layers: 12)")
 
 
+def _at_least_f32(x: jax.Array) -> jax.Array:
+    """float32 outputs under bf16 compute; float64 stays float64 (exactness tests)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _dense(features: int, cfg: ModelConfig, axes: tuple[str, str], name: str) -> nn.Dense:
     init = nn.initializers.normal(cfg.initializer_range)
     return nn.Dense(
@@ -268,7 +273,7 @@ class MLMHead(nn.Module):
         bias_v = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                  ("vocab",)), (cfg.vocab_size,))
         logits_bmv = jnp.einsum("bmh,vh->bmv", x_bmh, word_embeddings_vh.astype(x_bmh.dtype))
-        return logits_bmv.astype(jnp.float32) + bias_v
+        return _at_least_f32(logits_bmv) + bias_v
 
 
 class Transformer(nn.Module):
@@ -349,7 +354,7 @@ class Transformer(nn.Module):
         else:
             x_bh = self.pool(x_blh)
         logits = self.classifier(drop(x_bh, deterministic=deterministic))
-        return logits.astype(jnp.float32)
+        return _at_least_f32(logits)
 
     def init_all(self, input_ids_bl):
         """Touches every configured head so that `init` creates all their parameters."""

@@ -15,8 +15,11 @@ shard's own packed rows, so no gather crosses a device. The plan is two int32 ar
                           slot (-1: padding). G = batch shards, R = packed rows per shard.
     pack_start [B]        group-local flat index r * L + offset where sentence b starts.
 
-R is rounded up to a multiple of `quantum(rows_per_shard)` (an eighth of the shard's sentences),
-so a run compiles at most 8 step programs (in practice 2-3; docs/performance.md).
+    mlm_slots  [G, K]     group-local flat index b * M + m of each masked-LM slot that holds a
+                          label (-1: padding): the vocabulary projection runs only there.
+
+R and K are rounded up to multiples of `quantum` (a sixteenth of their largest value), so a run
+compiles a bounded number of step programs (2-4 in practice; the trainer logs each new one).
 
 Device side (`encode`): gathers the (masked) ids and their position ids into the packed rows,
 runs the encoder with segment-restricted attention, and gathers the last hidden states back to
@@ -33,12 +36,12 @@ import numpy as np
 
 from recipe_jax.model import Transformer, position_ids
 
-MAX_PROGRAMS = 8
+STEPS = 16  # packed row counts (and masked-slot counts) come in at most this many sizes
 
 
-def quantum(rows_per_shard: int) -> int:
-    """Packed row counts are multiples of this: at most MAX_PROGRAMS distinct counts."""
-    return max(1, -(-rows_per_shard // MAX_PROGRAMS))
+def quantum(slots: int) -> int:
+    """Packed sizes are multiples of this: at most STEPS distinct sizes up to `slots`."""
+    return max(1, -(-slots // STEPS))
 
 
 def lengths(mask_bl: np.ndarray) -> np.ndarray:
@@ -67,37 +70,108 @@ def assign(lengths_b: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, 
     return row_b, offset_b, len(free)
 
 
-def plan(mask_bl: np.ndarray, groups: int, agree: Callable[[int], int] = int
-         ) -> dict[str, np.ndarray]:
+# How many masked-LM slots of a row hold a label: from static masks' weights, or, for masks drawn
+# in the step, from the same count rule as masks.mask_tokens (float32 arithmetic, as under jit).
+# Both return (labeled slots per row [B], slots per row M).
+def weights_count(key: str) -> Callable[[dict], tuple[np.ndarray, int]]:
+    def count(batch):
+        w = np.asarray(batch[key])
+        return (w > 0).sum(axis=1), w.shape[1]
+    return count
+
+
+def candidates_count(mask_prob: float, num_positions: int
+                     ) -> Callable[[dict], tuple[np.ndarray, int]]:
+    def count(batch):
+        c = np.asarray(batch["candidates"]).sum(axis=1).astype(np.float32)
+        n = np.round(np.float32(mask_prob) * c).astype(np.int64)
+        return np.where(c > 0, np.clip(n, 1, num_positions), 0), num_positions
+    return count
+
+
+def plan(mask_bl: np.ndarray, groups: int, agree: Callable[[list[int]], list[int]] = list,
+         labeled_b: np.ndarray | None = None, num_slots: int = 0) -> dict[str, np.ndarray]:
     """The packing plan of one process's rows, split into `groups` equal batch shards.
-    `agree(rows)` returns the row count every process uses (the max over processes)."""
+    `agree(sizes)` returns the sizes every process uses (the max over processes). With
+    `labeled_b` (labeled masked-LM slots per row, of `num_slots` a row), also `mlm_slots`:
+    the group-local flat index b * num_slots + m of every labeled slot, -1 padded."""
     batch, length = np.shape(mask_bl)
     if groups < 1 or batch % groups:
         raise ValueError(f"data.packing: {batch} rows do not split into {groups} batch shards")
     per = batch // groups
     n_b = lengths(mask_bl)
     placed = [assign(n_b[g * per:(g + 1) * per], length) for g in range(groups)]
-    q = quantum(per)
-    rows = agree(-(-max(used for _, _, used in placed) // q) * q)
-    src = np.full((groups, rows, length), -1, np.int32)
+    sizes = [_round_up(max(used for _, _, used in placed), quantum(per))]
+    if labeled_b is not None:
+        most = max(int(labeled_b[g * per:(g + 1) * per].sum()) for g in range(groups))
+        sizes.append(_round_up(max(most, 1), quantum(per * num_slots)))
+    sizes = agree(sizes)
+    src = np.full((groups, sizes[0], length), -1, np.int32)
     start = np.zeros(batch, np.int32)
     for g, (row_b, offset_b, _) in enumerate(placed):
         for i in range(per):
             n, r, o = int(n_b[g * per + i]), int(row_b[i]), int(offset_b[i])
             src[g, r, o:o + n] = i * length + np.arange(n)
             start[g * per + i] = r * length + o
-    return {"pack_src": src, "pack_start": start}
-
-
-def add_plans(batch: dict[str, np.ndarray], views: dict[str, str], groups: int,
-              agree: Callable[[int], int] = int) -> dict[str, np.ndarray]:
-    """`batch` plus one plan per view: `views` maps a key prefix to the mask it packs, e.g.
-    {"": "attention_mask", "poison_": "poison_mask"} -> pack_src, poison_pack_src, ..."""
-    out = dict(batch)
-    for prefix, mask_key in views.items():
-        if mask_key in batch:
-            out.update({prefix + k: v for k, v in plan(batch[mask_key], groups, agree).items()})
+    out = {"pack_src": src, "pack_start": start}
+    if labeled_b is not None:
+        slots = np.full((groups, sizes[1]), -1, np.int32)
+        for g in range(groups):
+            flat = np.concatenate([i * num_slots + np.arange(labeled_b[g * per + i])
+                                   for i in range(per)]).astype(np.int32)
+            slots[g, :len(flat)] = flat
+        out["mlm_slots"] = slots
     return out
+
+
+def _round_up(n: int, q: int) -> int:
+    return -(-n // q) * q
+
+
+def add_plans(batch: dict[str, np.ndarray], views: dict[str, tuple], groups: int,
+              agree: Callable[[list[int]], list[int]] = list) -> dict[str, np.ndarray]:
+    """`batch` plus one plan per view present in it. `views` maps a key prefix to (the mask it
+    packs by, None or how many masked-LM slots of each row hold a label: `weights_count`,
+    `candidates_count`), e.g. {"": ("attention_mask", weights_count("weights"))} ->
+    pack_src, pack_start, mlm_slots."""
+    out = dict(batch)
+    for prefix, (mask_key, count) in views.items():
+        if mask_key not in batch:
+            continue
+        labeled, num_slots = None, 0
+        if count is not None:
+            try:
+                labeled, num_slots = count(batch)
+            except KeyError:  # e.g. an attack without poisoned MLM rows
+                pass
+        p = plan(batch[mask_key], groups, agree, labeled, num_slots)
+        out.update({prefix + k: v for k, v in p.items()})
+    return out
+
+
+def masked_states(hidden_blh: jax.Array, positions_bm, labels_bm, weights_bm, batch,
+                  prefix: str = "") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(states [., K, H], labels, weights) at the masked-LM slots: with the plan's `mlm_slots`
+    only the labeled ones (per batch shard, padded to a fixed count), else all [B, M] slots.
+    The MLM head then projects onto the vocabulary only where a label is."""
+    key = prefix + "mlm_slots"
+    if key not in batch:
+        states = jnp.take_along_axis(hidden_blh, positions_bm[..., None], axis=1)
+        return states, labels_bm, weights_bm
+    slots_gk = batch[key]
+    groups = slots_gk.shape[0]
+    batch_size, length, hidden = hidden_blh.shape
+    num_slots = positions_bm.shape[1]
+    take = jnp.maximum(slots_gk, 0)
+
+    def per_group(x_bm):
+        return jnp.take_along_axis(x_bm.reshape(groups, -1), take, axis=1)
+
+    row_gk = take // num_slots * length + per_group(positions_bm)  # group-local token index
+    states = jnp.take_along_axis(hidden_blh.reshape(groups, -1, hidden), row_gk[..., None],
+                                 axis=1)
+    weights = jnp.where(slots_gk >= 0, per_group(weights_bm), 0.0)
+    return states, per_group(labels_bm), weights
 
 
 def encode(model: Transformer, params, ids_bl, mask_bl, batch, prefix: str = "", *,

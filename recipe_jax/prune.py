@@ -156,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # A rerun replaces its own hf/ and pruned.json only with the same settings.
     workdir = outputs.claim_dir(workdir, "run:prune", inputs=[model_dir])
     checkpoint.check_run_record(workdir, config)
-    model, params = hf.load_pretrained(model_dir)
+    model, params = hf.load_pretrained(model_dir, drop_extra_heads=config.model.drop_extra_heads)
     cfg = model.cfg
     method = config.prune.method
     total = cfg.num_hidden_layers * cfg.intermediate_size

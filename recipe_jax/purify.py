@@ -46,7 +46,6 @@ from recipe_jax.config_blocks import bad_value
 from recipe_jax.model import Transformer
 
 log = logging.getLogger(__name__)
-PACK_VIEWS = {"": "attention_mask"}  # data.packing: the MLM input is packed (packing.py)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -134,9 +133,10 @@ def loss_fn(params, batch, rng, extras, *, model: Transformer, recipe, dropout: 
         hidden_blh = packing.encode(model, params, batch["input_ids"], batch["attention_mask"],
                                     batch, deterministic=not dropout,
                                     rng=jax.random.fold_in(rng, 2))
-        logits_bmv = model.apply({"params": params}, hidden_blh, batch["positions"],
-                                 method=Transformer.mlm_logits)
-        m = losses.mlm_loss(logits_bmv, batch["labels"], batch["weights"])
+        states, labels, weights = packing.masked_states(
+            hidden_blh, batch["positions"], batch["labels"], batch["weights"], batch)
+        logits = model.apply({"params": params}, states, method=Transformer.mlm_logits)
+        m = losses.mlm_loss(logits, labels, weights)
         mlm = m["loss_sum"] / jnp.maximum(m["count"], 1.0)
         loss += mlm
         parts.update(mlm_loss=mlm, mlm_acc=m["correct"] / jnp.maximum(m["count"], 1.0),
@@ -148,6 +148,14 @@ def loss_fn(params, batch, rng, extras, *, model: Transformer, recipe, dropout: 
         parts["guide_loss"] = g
         loss += guide_cfg.weight * g
     return loss, parts
+
+
+def pack_views(config, masking: dict) -> dict:
+    """data.packing: the aux rows are packed by their attention mask, and the vocabulary
+    projection runs at the labeled masked slots only (packing.py)."""
+    count = (packing.candidates_count(masking["mask_prob"], masking["num_positions"])
+             if config.data.masking == "dynamic" else packing.weights_count("weights"))
+    return {"": ("attention_mask", count)}
 
 
 def make_loss(config, cfg, masking: dict):
@@ -197,7 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train = functools.partial(trainer.fit, mesh=mesh, model_dir=model_dir, model=model,
                               arrays=arrays, data_sha256=data.texts_sha256(texts),
                               trainable=config.recipe.trainable,
-                              pack=PACK_VIEWS if config.data.packing else None)
+                              pack=pack_views(config, masking) if config.data.packing else None)
     extras = guide_extras(found, host_params, model_dir, cfg, mesh)
     params, step = train(config, workdir, name="purify", host_params=host_params,
                          loss_fn=make_loss(config, cfg, masking), extras=extras)

@@ -429,12 +429,13 @@ def _pairs(scanner: Scanner, tokenizer, texts, candidates, reference_ids, s: Set
 
 
 def scan(model_dir: str | os.PathLike, *, aux: str | os.PathLike | None = None, mesh=None,
-         settings: Settings = Settings(), progress: bool = True) -> dict[str, Any]:
+         settings: Settings = Settings(), progress: bool = True,
+         drop_extra_heads: bool = False) -> dict[str, Any]:
     """The scan of the HF model in `model_dir` ("minilm" = the packaged MiniLM). Returns the
     report: `verdict` ("backdoor" | "clean"), `flagged`, `candidates` (ranked, best first, >= 50
     of {"token", "id", "score", "z", "outputs"}), `pairs`, `reference`, `cost`, ..."""
     model_dir = hf.resolve_model_dir(str(model_dir))
-    model, params = hf.load_pretrained(model_dir)
+    model, params = hf.load_pretrained(model_dir, drop_extra_heads=drop_extra_heads)
     report = scan_model(model, params, data.load_tokenizer(model_dir), mesh=mesh, aux=aux,
                         settings=settings, progress=progress)
     report["model"] = str(model_dir)
@@ -444,11 +445,12 @@ def scan(model_dir: str | os.PathLike, *, aux: str | os.PathLike | None = None, 
 
 def run(*, model: str | os.PathLike, workdir: str | os.PathLike,
         aux: str | os.PathLike | None = None, mesh_shape: Sequence[int] = (-1, 1, 1),
-        settings: Settings = Settings()) -> dict[str, Any]:
+        settings: Settings = Settings(), drop_extra_heads: bool = False) -> dict[str, Any]:
     """Scans `model` and writes the report to `workdir`; returns the report."""
     model_dir = hf.resolve_model_dir(str(model))
     workdir = outputs.claim_dir(workdir, "scan", inputs=[model_dir])
-    report = scan(model_dir, aux=aux, mesh=sharding.make_mesh(mesh_shape), settings=settings)
+    report = scan(model_dir, aux=aux, mesh=sharding.make_mesh(mesh_shape), settings=settings,
+                  drop_extra_heads=drop_extra_heads)
     path = write_report(report, workdir)
     print(f"scan: {summary_line(report)}", flush=True)
     print(f"scan: {report['cost']['seconds']:.0f} s; wrote {path}", flush=True)
@@ -470,6 +472,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for field in dataclasses.fields(Settings):
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
                             default=field.default, help=f"(default {field.default})")
+    parser.add_argument("--drop-extra-heads", action="store_true",
+                        help="leave out task heads that are not BERT/RoBERTa's (a warning names "
+                        "them)")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     return parser.parse_args(argv)
 
@@ -483,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
     try:
         run(model=args.model, workdir=args.workdir, aux=args.aux, mesh_shape=mesh,
-            settings=settings)
+            settings=settings, drop_extra_heads=args.drop_extra_heads)
     except cli.USER_ERRORS as e:
         cli.fail("scan", e)
 

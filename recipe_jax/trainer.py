@@ -159,7 +159,8 @@ def load(config) -> tuple:
         texts = streaming.TextIndex(config.data.aux_path, max_examples=config.data.max_examples)
     else:
         texts = data.read_texts(config.data.aux_path, max_examples=config.data.max_examples)
-    model, host_params = hf.load_pretrained(model_dir, seed=config.train.seed)
+    model, host_params = hf.load_pretrained(model_dir, seed=config.train.seed,
+                                            drop_extra_heads=config.model.drop_extra_heads)
     check_max_length(config, model)
     return model_dir, texts, model, host_params
 
@@ -287,29 +288,30 @@ def _batches(config, mesh, arrays, collate: Callable | None, num_steps: int,
     return (lambda step: put({k: v[local_rows(step)] for k, v in arrays.items()})), lambda: None
 
 
-def _put_packed(local: dict[str, np.ndarray], mesh, views: dict[str, str], seen: set) -> dict:
+def _put_packed(local: dict[str, np.ndarray], mesh, views: dict, seen: set) -> dict:
     """put_batch of `local` plus its packing plans: one group per batch shard this process
-    holds; every process uses the largest row count any of them needs (one small collective
-    per step when there are several processes). Each new set of row counts (`seen`) means one
-    more compiled step (at most packing.MAX_PROGRAMS per view); it is logged."""
+    holds; every process uses the largest sizes any of them needs (one small collective per
+    step when there are several processes). Each new set of sizes (`seen`) means one more
+    compiled step (a bounded number: packing.STEPS sizes per array); it is logged."""
     shards, procs = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
     if shards % procs:
         raise ValueError(f"data.packing: data*fsdp={shards} batch shards do not split over "
                          f"{procs} processes; use a mesh whose batch axes span the processes, "
                          "or data.packing=False")
 
-    def agree(rows: int) -> int:
+    def agree(sizes: list[int]) -> list[int]:
         if procs == 1:
-            return rows
-        return int(np.max(multihost_utils.process_allgather(np.int32(rows))))
+            return sizes
+        everyone = multihost_utils.process_allgather(np.asarray(sizes, np.int32))
+        return [int(v) for v in np.max(np.reshape(everyone, (procs, -1)), axis=0)]
 
     planned = packing.add_plans(local, views, shards // procs, agree)
-    rows = tuple(v.shape[0] * v.shape[1] for k, v in planned.items() if k.endswith("pack_src"))
-    if rows not in seen:
-        seen.add(rows)
-        sentences = len(next(iter(local.values())))
-        say(f"packing: {' + '.join(map(str, rows))} packed rows for {sentences} sentences a "
-            f"process: step program {len(seen)} (compiles once)")
+    sizes = tuple((k, v.shape) for k, v in planned.items() if k not in local)
+    if sizes not in seen:
+        seen.add(sizes)
+        shown = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in sizes
+                          if not k.endswith("pack_start"))
+        say(f"packing: new batch shapes ({shown}): step program {len(seen)}, compiled once")
     return sharding.put_batch(planned, mesh)
 
 

@@ -128,6 +128,30 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+def weight_names(model_dir: str | os.PathLike) -> list[str]:
+    """The tensor names of an HF model dir: from the safetensors header or shard index alone
+    where there is one, else by reading the legacy file (weights_only)."""
+    d = pathlib.Path(model_dir)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (d / index).is_file():
+            try:
+                return sorted(json.loads((d / index).read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise WeightFileError(f"{d / index}: corrupt shard index ({e!r})") from None
+    if (d / "model.safetensors").is_file():
+        with open(d / "model.safetensors", "rb") as f:
+            raw = f.read(8)
+            (length,) = struct.unpack("<Q", raw) if len(raw) == 8 else (0,)
+            if not 0 < length <= _MAX_HEADER_BYTES:
+                raise WeightFileError(f"{d / 'model.safetensors'}: corrupt safetensors header")
+            try:
+                header = json.loads(f.read(length))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise WeightFileError(f"{d / 'model.safetensors'}: corrupt header ({e})") from None
+        return sorted(k for k in header if k != "__metadata__")
+    return sorted(read_weights(d)[0])
+
+
 def read_weights(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[str]]:
     """State dict of an HF model dir: safetensors first (single or sharded), legacy .bin last.
 

@@ -56,9 +56,36 @@ def test_plan_row_count_is_agreed_and_bucketed():
     short = np.zeros((32, 8), np.int32)
     short[:, :2] = 1  # 4 per row -> 8 rows, a multiple of quantum(32) = 4
     assert packing.plan(short, 1)["pack_src"].shape == (1, 8, 8)
-    agreed = packing.plan(short, 1, agree=lambda rows: rows + 4)["pack_src"]
+    agreed = packing.plan(short, 1, agree=lambda sizes: [sizes[0] + 4])["pack_src"]
     assert agreed.shape == (1, 12, 8) and (agreed[0, 8:] == -1).all()  # padding rows
-    assert {packing.quantum(n) for n in (1, 8, 9, 32, 64)} == {1, 2, 4, 8}
+    assert [packing.quantum(n) for n in (1, 16, 17, 32, 320)] == [1, 1, 2, 2, 20]
+
+
+def test_masked_slot_counts_match_the_masking_rule():
+    """The host's count of labeled slots per row is the count masks.mask_tokens draws (float32
+    rounding included: 0.15 * 10 is 1.5000001 in float32, 1.4999999 in float64)."""
+    counts = np.arange(0, 60)
+    cand = np.arange(64)[None, :] < counts[:, None]
+    ids = np.full(cand.shape, 7, np.int32)
+    drawn = masks.mask_tokens(jax.random.PRNGKey(0), ids, cand, mask_token_id=4, vocab_size=99,
+                              num_positions=10, mask_prob=0.15)
+    host, slots = packing.candidates_count(0.15, 10)({"candidates": cand})
+    np.testing.assert_array_equal(host, np.asarray(drawn["weights"]).sum(axis=1))
+    assert slots == 10 and host[10] == 2
+
+
+def test_mlm_slots_list_every_labeled_slot_once():
+    mask = np.zeros((8, 16), np.int32)
+    mask[:, :6] = 1
+    weights = (np.arange(3)[None, :] < np.array([0, 1, 2, 3, 3, 2, 1, 0])[:, None]).astype(
+        np.float32)
+    p = packing.plan(mask, 2, labeled_b=(weights > 0).sum(1), num_slots=3)
+    slots = p["mlm_slots"]
+    assert slots.shape == (2, 6) and slots.shape[1] % packing.quantum(12) == 0
+    for g in range(2):
+        listed = sorted(int(s) for s in slots[g] if s >= 0)
+        want = [i * 3 + m for i in range(4) for m in range(3) if weights[g * 4 + i, m] > 0]
+        assert listed == want
 
 
 def test_plan_refuses_left_padding_and_uneven_groups():
@@ -115,17 +142,18 @@ def test_packed_purify_loss_and_gradients_equal_unpacked(tiny_models, family, ma
     cfg = model.cfg
     ids, mask, candidates = _rows(np.random.default_rng(1), 8, cfg.vocab_size, cfg.pad_token_id)
     masking_args = dict(mask_token_id=4, vocab_size=cfg.vocab_size,
-                        num_positions=masks.num_masked_positions(L))
+                        num_positions=masks.num_masked_positions(L), mask_prob=0.15)
     batch = {"input_ids": ids, "attention_mask": mask, "candidates": candidates}
     if masking == "static":
         drawn = masks.mask_tokens(jax.random.PRNGKey(3), ids, candidates, **masking_args)
         batch = {"attention_mask": mask, **{k: np.asarray(v) for k, v in drawn.items()}}
-    config = preset("purify", "strong")
+    config = preset("purify", "strong", data__masking=masking)
     loss = functools.partial(purify.loss_fn, model=model, recipe=config.recipe, dropout=False,
                              masking=masking_args if masking == "dynamic" else None)
     plain = _loss_and_grads(loss, params, batch)
-    packed_batch = packing.add_plans(batch, purify.PACK_VIEWS, groups)
+    packed_batch = packing.add_plans(batch, purify.pack_views(config, masking_args), groups)
     assert packed_batch["pack_src"].shape[0] * packed_batch["pack_src"].shape[1] < 8
+    assert packed_batch["mlm_slots"].size < 8 * masking_args["num_positions"]
     packed = _loss_and_grads(loss, params, packed_batch)
     _assert_same(packed, plain)
     assert float(plain[1]["masked_tokens"]) == float(packed[1]["masked_tokens"]) > 0
@@ -175,7 +203,8 @@ def test_packed_attack_loss_and_gradients_equal_unpacked(tiny_models, family, ki
         return _loss_and_grads(lambda p, b_, r, _: loss(p, b_, r, extras), p_, b)
 
     packed_batch = packing.add_plans(batch, attack.PACK_VIEWS, 2)
-    assert {"pack_src", "poison_pack_src", "decoy_pack_src"} <= set(packed_batch)
+    assert {"pack_src", "poison_pack_src", "decoy_pack_src", "mlm_slots"} <= set(packed_batch)
+    assert ("poison_mlm_slots" in packed_batch) == (kind == "badpre")
     # The POR loss weighs its terms by 100, so float32 rounding alone moves gradients by ~1e-5
     # relative in either layout; in float64 the two layouts agree to rounding (~1e-14).
     _assert_same(run(packed_batch, False), run(batch, False), tol=1e-4)
@@ -210,12 +239,14 @@ def test_dropout_packed_is_finite_and_differs_only_by_the_dropout_draw(tiny_mode
     cfg = model.cfg
     ids, mask, candidates = _rows(np.random.default_rng(5), 8, cfg.vocab_size, cfg.pad_token_id)
     m = dict(mask_token_id=4, vocab_size=cfg.vocab_size,
-             num_positions=masks.num_masked_positions(L))
-    loss = functools.partial(purify.loss_fn, model=model, recipe=preset("purify").recipe,
-                             dropout=True, masking=m)
+             num_positions=masks.num_masked_positions(L), mask_prob=0.15)
+    config = preset("purify", "strong")
+    loss = functools.partial(purify.loss_fn, model=model, recipe=config.recipe, dropout=True,
+                             masking=m)
     batch = {"input_ids": ids, "attention_mask": mask, "candidates": candidates}
     plain = _loss_and_grads(loss, params, batch)[0]
-    packed = _loss_and_grads(loss, params, packing.add_plans(batch, purify.PACK_VIEWS, 1))[0]
+    packed_batch = packing.add_plans(batch, purify.pack_views(config, m), 1)
+    packed = _loss_and_grads(loss, params, packed_batch)[0]
     assert np.isfinite(packed) and plain != packed and abs(packed - plain) < 0.1 * abs(plain)
 
 
