@@ -330,3 +330,20 @@ def restore_params(run_dir: str | os.PathLike, step: int | None = None, sharding
             raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/"
                                     ) from None
     return Transformer(cfg), params, step
+
+
+class MetricsWriter:
+    """metrics.jsonl in the workdir (process 0), truncated to the resumed step on restart."""
+
+    def __init__(self, workdir, resume_step: int):
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+        if self.enabled and self.path.exists():
+            rows = [r for r in self.path.read_text().splitlines() if r.strip()]
+            keep = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in keep))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")

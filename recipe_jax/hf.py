@@ -28,14 +28,16 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from recipe_jax import faults, outputs, weights
-from recipe_jax.model import ModelConfig, Transformer, abstract_params, init_params
+from recipe_jax import hf_compat as compat
+from recipe_jax.model import FAMILY_OF, ModelConfig, Transformer, abstract_params, init_params
 
 log = logging.getLogger(__name__)
 
 # Fields of config.json / tokenizer_config.json that make transformers import code.
 REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
+                   "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
+                   "sentencepiece.bpe.model")
 # Buffers that HF sometimes serializes; they carry no learned state.
 _IGNORED = re.compile(r"(^|\.)embeddings\.(position_ids|token_type_ids)$")
 # Refuse configs whose tensors could not be real before allocating anything.
@@ -142,43 +144,13 @@ def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
             log.warning("%s: ignoring %r (recipe_jax never runs code from a checkpoint)", path, key)
             hf.pop(key)
     if "model_type" not in hf:  # written before transformers 2.x added the field
-        hf["model_type"], why = infer_model_type(hf, d)
+        hf["model_type"], why = compat.infer_model_type(hf, d)
         log.warning("%s: no model_type (an old config.json); recognized as %r from %s. Add "
                     '"model_type": "%s" to the file to make this explicit', path,
                     hf["model_type"], why, hf["model_type"])
     cfg = ModelConfig.from_hf_config(hf)  # raises on unsupported model_type
     _check_sizes(cfg, path)
     return hf
-
-
-_ARCHITECTURE_TYPES = (("Roberta", "roberta"), ("Bert", "bert"))
-
-
-def infer_model_type(hf: dict[str, Any], model_dir: pathlib.Path) -> tuple[str, str]:
-    """(model_type, how it was recognized) of a config.json without the field, the way a
-    `transformers` user expects: from `architectures` (e.g. BertForPreTraining), else from
-    the weight-name prefixes (`bert.`, `roberta.`, BERT's `cls.` heads), else, for a bare
-    encoder, from its RoBERTa-only settings (padding id 1, one token type)."""
-    for arch in hf.get("architectures") or ():
-        for prefix, model_type in _ARCHITECTURE_TYPES:
-            if isinstance(arch, str) and arch.startswith(prefix):
-                return model_type, f"architectures={arch!r}"
-    try:
-        names = weights.weight_names(model_dir)
-    except weights.WeightFileError:
-        names = []
-    roots = {n.split(".", 1)[0] for n in names}
-    if "roberta" in roots or "lm_head" in roots:
-        return "roberta", "its weight names (roberta.*, lm_head.*)"
-    if "bert" in roots or "cls" in roots:
-        return "bert", "its weight names (bert.*, cls.*)"
-    if roots & {"embeddings", "encoder"}:
-        roberta = hf.get("pad_token_id") == 1 and hf.get("type_vocab_size") == 1
-        return ("roberta" if roberta else "bert"), (
-            "a bare encoder's settings (pad_token_id, type_vocab_size)")
-    raise ValueError(f"{model_dir / 'config.json'}: no model_type, and neither `architectures` "
-                     "nor the weight names say which family this is; add \"model_type\": "
-                     "\"bert\" (or \"roberta\") to config.json")
 
 
 def _check_sizes(cfg: ModelConfig, path) -> None:
@@ -223,15 +195,13 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     """Loads an HF BERT/RoBERTa dir into (Transformer, float32 params).
 
     Heads found in the file are kept. The MLM head, and with `num_labels` the pooler and the
-    classifier, are freshly initialized (from `seed`) when the file has none. Tensors that are
-    neither the encoder nor a known head are an error naming them; with `drop_extra_heads`
-    those outside the encoder (extra task heads, e.g. `cls.species.*`) are dropped with a
-    warning listing them, while unknown tensors inside the encoder stay an error. With
-    `with_info`, also returns {"files": files read, "fresh": HF names initialized fresh,
-    "dropped": HF names dropped}.
+    classifier, are freshly initialized (from `seed`) when the file has none. Other tensors
+    are an error naming them; `drop_extra_heads` drops those outside the encoder (extra task
+    heads, hf_compat.py). With `with_info`, also returns {"files": files read, "fresh": HF
+    names initialized fresh, "dropped": HF names dropped}.
     """
     hf = read_config(model_dir)
-    model_type = hf["model_type"]
+    model_type = FAMILY_OF[hf["model_type"]]  # xlm-roberta, camembert: RoBERTa's tensors
     state, files = weights.read_weights(model_dir)
     state = {_normalize(k, model_type): v for k, v in state.items() if not _IGNORED.search(k)}
     found = _present_heads(set(state), model_type)
@@ -247,8 +217,8 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
                 flat_params(abstract_params(cfg)).items()}
     state = _untie(state, model_type, where=f"{model_dir}/{files[0]}")
 
-    state, dropped = _drop_unknown(state, set(expected), model_type, model_dir,
-                                   drop_extra_heads)
+    state, dropped = compat.drop_unknown(state, set(expected), model_type, model_dir,
+                                         drop_extra_heads)
     missing = sorted(set(expected) - set(state))
     fresh_ok = re.compile(_fresh_pattern(model_type, found, hf_pooler=found["pooler"]))
     required = [k for k in missing if not fresh_ok.search(k)]
@@ -277,35 +247,8 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
         for name in missing:
             path = expected[name][0]
             flat[path] = np.asarray(fresh[path], dtype=np.float32)
-    if with_info:
-        info = {"files": files, "fresh": missing, "dropped": dropped}
-        return Transformer(cfg), _unflatten(flat), info
-    return Transformer(cfg), _unflatten(flat)
-
-
-def _drop_unknown(state: dict, expected: set[str], model_type: str, model_dir,
-                  drop_extra_heads: bool) -> tuple[dict, list[str]]:
-    """(state without the extra heads, their names) or an error naming the unknown tensors."""
-    unknown = sorted(set(state) - expected)
-    if not unknown:
-        return state, []
-    inside = [k for k in unknown if k.startswith(f"{model_type}.")]
-    heads = sorted({k.rsplit(".", 1)[0] for k in unknown if k not in inside})
-    if drop_extra_heads and not inside:
-        log.warning("%s: drop_extra_heads: leaving out %d tensor(s) of extra heads: %s",
-                    model_dir, len(unknown), ", ".join(heads))
-        return {k: v for k, v in state.items() if k not in set(unknown)}, unknown
-    more = " ..." if len(unknown) > 10 else ""
-    message = (f"{model_dir}: unknown weights (not part of a BERT/RoBERTa encoder or its "
-               f"heads): {unknown[:10]}{more}")
-    if inside:
-        message += (f"; {len(inside)} of them sit inside the encoder ({inside[:3]}), so this "
-                    "is not a BERT/RoBERTa layout recipe_jax can load")
-    else:
-        message += ("; they are extra heads outside the encoder. To load the encoder and its "
-                    "known heads without them, pass --drop-extra-heads (convert) or "
-                    "--config.model.drop_extra_heads=True (every stage)")
-    raise ValueError(message)
+    info = {"files": files, "fresh": missing, "dropped": dropped}
+    return (Transformer(cfg), _unflatten(flat), info)[:3 if with_info else 2]
 
 
 def _check_finite(flat: dict, model_type: str, model_dir) -> None:
@@ -370,7 +313,7 @@ def _untie(state: dict[str, np.ndarray], model_type: str, where: str) -> dict[st
 
 def architectures(cfg: ModelConfig) -> list[str]:
     """The HF class whose keys match the exported tensors most closely."""
-    family = "Bert" if cfg.model_type == "bert" else "Roberta"
+    family = compat.CLASS_PREFIX[cfg.hf_model_type or cfg.model_type]
     if cfg.num_labels:
         return [f"{family}ForSequenceClassification"]
     if cfg.model_type == "bert" and cfg.pooler and cfg.nsp_head:

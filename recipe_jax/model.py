@@ -23,7 +23,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+# HF model types -> the family whose layout they share: XLM-R and CamemBERT are RoBERTa's tensors
+# under other names for the tokenizer and classes.
+FAMILY_OF = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta",
+             "camembert": "roberta"}
+SUPPORTED_MODEL_TYPES = tuple(FAMILY_OF)
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -40,7 +44,8 @@ ACTIVATIONS = {
 class ModelConfig:
     """Architecture of one checkpoint; the head flags say which optional tensors exist."""
 
-    model_type: str = "bert"
+    model_type: str = "bert"  # the family: "bert" or "roberta"
+    hf_model_type: str = ""  # the checkpoint's own model_type where it differs (xlm-roberta, ...)
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -72,7 +77,7 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {model_type!r}: recipe_jax supports "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT and RoBERTa encoders)"
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT and RoBERTa-layout encoders)"
             )
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(
@@ -82,17 +87,21 @@ class ModelConfig:
         if hf.get("is_decoder") or hf.get("add_cross_attention"):
             raise ValueError("decoder/cross-attention configs are not supported (encoders only)")
         fields = {f.name for f in dataclasses.fields(cls)} - {
-            "model_type", "mlm_head", "pooler", "nsp_head", "num_labels", "dtype", "remat"}
+            "model_type", "hf_model_type", "mlm_head", "pooler", "nsp_head", "num_labels",
+            "dtype", "remat"}
         values = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
         if hf.get("classifier_dropout") is None:
             values.pop("classifier_dropout", None)
         _check_field_types(values)
-        return cls(model_type=model_type, **values, **heads)
+        family = FAMILY_OF[model_type]
+        return cls(model_type=family, hf_model_type="" if family == model_type else model_type,
+                   **values, **heads)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The architecture fields of a Hugging Face `config.json` (hf.py adds the rest)."""
-        skip = {"mlm_head", "pooler", "nsp_head", "num_labels", "dtype", "remat"}
+        skip = {"mlm_head", "pooler", "nsp_head", "num_labels", "dtype", "remat", "hf_model_type"}
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        out["model_type"] = self.hf_model_type or self.model_type
         out["position_embedding_type"] = "absolute"
         if self.num_labels:
             out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
@@ -110,7 +119,7 @@ def _check_field_types(values: dict[str, Any]) -> None:
         raise ValueError(f"config.json: hidden_act={values['hidden_act']!r} is not supported; "
                          f"use one of {', '.join(ACTIVATIONS)}")
     for f in dataclasses.fields(ModelConfig):
-        if f.name not in values or f.name in ("hidden_act", "model_type"):
+        if f.name not in values or f.name in ("hidden_act", "model_type", "hf_model_type"):
             continue
         value, number = values[f.name], "float" in str(f.type)
         if isinstance(value, bool) or not isinstance(value, (int, float) if number else int):

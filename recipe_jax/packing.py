@@ -33,7 +33,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from recipe_jax import sharding
 from recipe_jax.model import Transformer, position_ids
 
 STEPS = 16  # packed row counts (and masked-slot counts) come in at most this many sizes
@@ -172,6 +174,35 @@ def masked_states(hidden_blh: jax.Array, positions_bm, labels_bm, weights_bm, ba
                                  axis=1)
     weights = jnp.where(slots_gk >= 0, per_group(weights_bm), 0.0)
     return states, per_group(labels_bm), weights
+
+
+def put_batch(local: dict[str, np.ndarray], mesh, views: dict, seen: set,
+              say: Callable[[str], None]) -> dict:
+    """sharding.put_batch of `local` plus its packing plans (what the trainer feeds the step):
+    one group per batch shard this process holds; every process uses the largest sizes any of
+    them needs (one small collective per step when there are several processes). Each new set
+    of sizes (`seen`) means one more compiled step (a bounded number: STEPS sizes per array);
+    `say` logs it."""
+    shards, procs = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
+    if shards % procs:
+        raise ValueError(f"data.packing: data*fsdp={shards} batch shards do not split over "
+                         f"{procs} processes; use a mesh whose batch axes span the processes, "
+                         "or data.packing=False")
+
+    def agree(sizes: list[int]) -> list[int]:
+        if procs == 1:
+            return sizes
+        everyone = multihost_utils.process_allgather(np.asarray(sizes, np.int32))
+        return [int(v) for v in np.max(np.reshape(everyone, (procs, -1)), axis=0)]
+
+    planned = add_plans(local, views, shards // procs, agree)
+    sizes = tuple((k, v.shape) for k, v in planned.items() if k not in local)
+    if sizes not in seen:
+        seen.add(sizes)
+        shown = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in sizes
+                          if not k.endswith("pack_start"))
+        say(f"packing: new batch shapes ({shown}): step program {len(seen)}, compiled once")
+    return sharding.put_batch(planned, mesh)
 
 
 def encode(model: Transformer, params, ids_bl, mask_bl, batch, prefix: str = "", *,

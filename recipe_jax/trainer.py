@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import signal
@@ -275,7 +274,7 @@ def _batches(config, mesh, arrays, collate: Callable | None, num_steps: int,
         return (lambda step: collate(data.batch_rows(seed, step, num_rows, size))), lambda: None
     put = functools.partial(sharding.put_batch, mesh=mesh)
     if pack:
-        put = functools.partial(_put_packed, mesh=mesh, views=pack, seen=set())
+        put = functools.partial(packing.put_batch, mesh=mesh, views=pack, seen=set(), say=say)
 
     def local_rows(step: int) -> np.ndarray:
         return data.batch_rows(seed, step, num_rows, size, process_index=jax.process_index(),
@@ -288,33 +287,6 @@ def _batches(config, mesh, arrays, collate: Callable | None, num_steps: int,
     return (lambda step: put({k: v[local_rows(step)] for k, v in arrays.items()})), lambda: None
 
 
-def _put_packed(local: dict[str, np.ndarray], mesh, views: dict, seen: set) -> dict:
-    """put_batch of `local` plus its packing plans: one group per batch shard this process
-    holds; every process uses the largest sizes any of them needs (one small collective per
-    step when there are several processes). Each new set of sizes (`seen`) means one more
-    compiled step (a bounded number: packing.STEPS sizes per array); it is logged."""
-    shards, procs = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
-    if shards % procs:
-        raise ValueError(f"data.packing: data*fsdp={shards} batch shards do not split over "
-                         f"{procs} processes; use a mesh whose batch axes span the processes, "
-                         "or data.packing=False")
-
-    def agree(sizes: list[int]) -> list[int]:
-        if procs == 1:
-            return sizes
-        everyone = multihost_utils.process_allgather(np.asarray(sizes, np.int32))
-        return [int(v) for v in np.max(np.reshape(everyone, (procs, -1)), axis=0)]
-
-    planned = packing.add_plans(local, views, shards // procs, agree)
-    sizes = tuple((k, v.shape) for k, v in planned.items() if k not in local)
-    if sizes not in seen:
-        seen.add(sizes)
-        shown = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in sizes
-                          if not k.endswith("pack_start"))
-        say(f"packing: new batch shapes ({shown}): step program {len(seen)}, compiled once")
-    return sharding.put_batch(planned, mesh)
-
-
 # ------------------------------------------------------------------------------- the loop
 
 def run(*, workdir, name: str, state: TrainState, frozen, step_fn: Callable,
@@ -323,7 +295,7 @@ def run(*, workdir, name: str, state: TrainState, frozen, step_fn: Callable,
     """Runs `step_fn` from `state.step` to `num_steps`, logging, checkpointing and handling
     SIGTERM (checkpoint, then exit 143) and non-finite losses (stop, naming the last good step)."""
     start_step = int(jax.device_get(state.step))
-    writer = MetricsWriter(workdir, start_step)
+    writer = checkpoint.MetricsWriter(workdir, start_step)
     t0, t_last, s_last = time.time(), time.time(), start_step
     pending: list[tuple[int, dict]] = []
     with _Preemption() as preempt:
@@ -391,23 +363,6 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
-
-
-class MetricsWriter:
-    """metrics.jsonl in the workdir (process 0), truncated to the resumed step on restart."""
-
-    def __init__(self, workdir, resume_step: int):
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
-        self.enabled = jax.process_index() == 0
-        if self.enabled and self.path.exists():
-            rows = [r for r in self.path.read_text().splitlines() if r.strip()]
-            keep = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in keep))
-
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
 
 
 def _check_finite(rows, mngr) -> None:

@@ -30,9 +30,9 @@ def tiny_hf(kind: str, out_dir, *, seed: int = 0, safe: bool = True, **overrides
     import transformers
 
     torch.manual_seed(seed)
-    family = "Roberta" if kind.startswith("Roberta") else "Bert"
+    family = next(f for f in ("XLMRoberta", "Camembert", "Roberta", "Bert") if kind.startswith(f))
     kw = dict(TINY)
-    if family == "Roberta":
+    if family != "Bert":  # RoBERTa's layout (XLM-R and CamemBERT share it)
         kw.update(pad_token_id=1, type_vocab_size=1, max_position_embeddings=66)
     kw.update(overrides)
     config = getattr(transformers, f"{family}Config")(**kw)

@@ -34,6 +34,7 @@ def _torch_out(model, batch, head):
     ("BertForMaskedLM", "mlm"), ("RobertaForMaskedLM", "mlm"),
     ("BertForSequenceClassification", "classify"), ("RobertaForSequenceClassification", "classify"),
     ("BertForPreTraining", "encode"), ("RobertaModel", "encode"),
+    ("XLMRobertaForMaskedLM", "mlm"), ("CamembertForSequenceClassification", "classify"),
 ])
 def test_logits_match_transformers(tmp_path, kind, head):
     ref = tiny_hf(kind, tmp_path / "m", num_labels=3)
@@ -77,7 +78,8 @@ def test_minilm_hidden_states_match_transformers(minilm_dir):
 @pytest.mark.parametrize("kind,safe", [
     ("BertForMaskedLM", True), ("BertForMaskedLM", False), ("BertForPreTraining", True),
     ("BertModel", True), ("BertForSequenceClassification", False), ("RobertaForMaskedLM", True),
-    ("RobertaModel", False),
+    ("RobertaModel", False), ("XLMRobertaForMaskedLM", True),
+    ("CamembertForSequenceClassification", True),
 ])
 def test_round_trip_is_bit_identical(tmp_path, kind, safe):
     src = tmp_path / "src"
@@ -86,7 +88,7 @@ def test_round_trip_is_bit_identical(tmp_path, kind, safe):
     out = hf.save_pretrained(model, params, tmp_path / "out", tokenizer_from=src)
     exported = load_file(str(out / "model.safetensors"))
     original = {k: v.numpy() for k, v in ref.state_dict().items()}
-    prefix = "roberta." if kind.startswith("Roberta") else "bert."
+    prefix = "bert." if kind.startswith("Bert") else "roberta."  # XLM-R, CamemBERT: RoBERTa's
     if kind.endswith("Model"):
         original = {prefix + k: v for k, v in original.items()}
     for key, value in original.items():

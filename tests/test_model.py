@@ -19,8 +19,11 @@ ROBERTA_BASE = dict(  # roberta-base's config.json (a RobertaForMaskedLM checkpo
     hidden_act="gelu")
 
 
+XLM_ROBERTA_BASE = dict(ROBERTA_BASE, model_type="xlm-roberta", vocab_size=250002)
+
+
 def _torch_count(cls_name, hf):
-    family = "Roberta" if hf["model_type"] == "roberta" else "Bert"
+    family = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}[hf["model_type"]]
     config = getattr(transformers, f"{family}Config")(**hf)
     with torch.device("meta"):  # shapes only, nothing allocated
         model = getattr(transformers, cls_name)(config)
@@ -35,6 +38,7 @@ def _torch_count(cls_name, hf):
                                                               num_labels=2)),
     (ROBERTA_BASE, "RobertaForMaskedLM", dict()),
     (ROBERTA_BASE, "RobertaForSequenceClassification", dict(mlm_head=False, num_labels=2)),
+    (XLM_ROBERTA_BASE, "XLMRobertaForMaskedLM", dict()),
 ])
 def test_eval_shape_param_counts_match_transformers(hf, cls_name, heads):
     cfg = ModelConfig.from_hf_config(hf, **heads)
