@@ -28,6 +28,7 @@ runs the encoder with segment-restricted attention, and gathers the last hidden 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -131,11 +132,12 @@ def _round_up(n: int, q: int) -> int:
 
 
 def add_plans(batch: dict[str, np.ndarray], views: dict[str, tuple], groups: int,
-              agree: Callable[[list[int]], list[int]] = list) -> dict[str, np.ndarray]:
+              agree: Callable[[str, list[int]], list[int]] = lambda prefix, sizes: sizes
+              ) -> dict[str, np.ndarray]:
     """`batch` plus one plan per view present in it. `views` maps a key prefix to (the mask it
     packs by, None or how many masked-LM slots of each row hold a label: `weights_count`,
     `candidates_count`), e.g. {"": ("attention_mask", weights_count("weights"))} ->
-    pack_src, pack_start, mlm_slots."""
+    pack_src, pack_start, mlm_slots. `agree(prefix, sizes)` gives the sizes to use."""
     out = dict(batch)
     for prefix, (mask_key, count) in views.items():
         if mask_key not in batch:
@@ -146,7 +148,7 @@ def add_plans(batch: dict[str, np.ndarray], views: dict[str, tuple], groups: int
                 labeled, num_slots = count(batch)
             except KeyError:  # e.g. an attack without poisoned MLM rows
                 pass
-        p = plan(batch[mask_key], groups, agree, labeled, num_slots)
+        p = plan(batch[mask_key], groups, functools.partial(agree, prefix), labeled, num_slots)
         out.update({prefix + k: v for k, v in p.items()})
     return out
 
@@ -176,8 +178,22 @@ def masked_states(hidden_blh: jax.Array, positions_bm, labels_bm, weights_bm, ba
     return states, per_group(labels_bm), weights
 
 
+def run_sizes(batches, views: dict, groups: int) -> dict[str, list[int]]:
+    """{prefix: the largest sizes any of `batches` needs}: a short run uses these for every
+    step, so it compiles one program instead of one per size."""
+    most: dict[str, list[int]] = {}
+
+    def record(prefix, sizes):
+        most[prefix] = [max(a, b) for a, b in zip(most.get(prefix, sizes), sizes, strict=True)]
+        return sizes
+
+    for batch in batches:
+        add_plans(batch, views, groups, record)
+    return most
+
+
 def put_batch(local: dict[str, np.ndarray], mesh, views: dict, seen: set,
-              say: Callable[[str], None]) -> dict:
+              say: Callable[[str], None], floors: dict[str, list[int]] | None = None) -> dict:
     """sharding.put_batch of `local` plus its packing plans (what the trainer feeds the step):
     one group per batch shard this process holds; every process uses the largest sizes any of
     them needs (one small collective per step when there are several processes). Each new set
@@ -189,7 +205,8 @@ def put_batch(local: dict[str, np.ndarray], mesh, views: dict, seen: set,
                          f"{procs} processes; use a mesh whose batch axes span the processes, "
                          "or data.packing=False")
 
-    def agree(sizes: list[int]) -> list[int]:
+    def agree(prefix: str, sizes: list[int]) -> list[int]:
+        sizes = [max(a, b) for a, b in zip(sizes, (floors or {}).get(prefix, sizes), strict=True)]
         if procs == 1:
             return sizes
         everyone = multihost_utils.process_allgather(np.asarray(sizes, np.int32))

@@ -45,6 +45,7 @@ from recipe_jax.losses import matches
 from recipe_jax.model import Transformer, abstract_params
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
+SHORT_RUN = 64  # packed runs of at most this many steps compile one step program
 LossFn = Callable[[dict, dict, jax.Array, dict], tuple[jax.Array, dict]]
 
 
@@ -273,12 +274,18 @@ def _batches(config, mesh, arrays, collate: Callable | None, num_steps: int,
     if collate is not None:
         return (lambda step: collate(data.batch_rows(seed, step, num_rows, size))), lambda: None
     put = functools.partial(sharding.put_batch, mesh=mesh)
-    if pack:
-        put = functools.partial(packing.put_batch, mesh=mesh, views=pack, seen=set(), say=say)
 
     def local_rows(step: int) -> np.ndarray:
         return data.batch_rows(seed, step, num_rows, size, process_index=jax.process_index(),
                                process_count=jax.process_count())
+
+    if pack:  # a short in-memory run packs every step to its largest sizes: one program
+        floors, groups = {}, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
+        if not isinstance(arrays, streaming.RowSource) and num_steps <= SHORT_RUN:
+            floors = packing.run_sizes(({k: v[local_rows(s)] for k, v in arrays.items()}
+                                        for s in range(num_steps)), pack, max(groups, 1))
+        put = functools.partial(packing.put_batch, mesh=mesh, views=pack, seen=set(), say=say,
+                                floors=floors)
 
     if isinstance(arrays, streaming.RowSource):
         prefetch = streaming.Prefetcher(lambda step: arrays.read(local_rows(step)),

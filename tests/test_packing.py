@@ -212,7 +212,7 @@ def test_packed_attack_loss_and_gradients_equal_unpacked(tiny_models, family, ki
         _assert_same(run(packed_batch, True), run(batch, True), tol=1e-10)
 
 
-def test_packed_run_exports_what_an_unpacked_run_does(tiny_bert, aux_file, tmp_path):
+def test_packed_run_exports_what_an_unpacked_run_does(tiny_bert, aux_file, tmp_path, capsys):
     """A few steps of the tiny preset (dropout off), packed on a 2-device data mesh (4 sentences
     a shard, one packed row each) and unpacked on one device: the exported weights agree to
     float32 rounding (the steps are the same function)."""
@@ -224,6 +224,8 @@ def test_packed_run_exports_what_an_unpacked_run_does(tiny_bert, aux_file, tmp_p
         config = tiny_purify_config(tiny_bert, aux_file, **overrides)
         purify.run(config, str(tmp_path / name))
         out[name] = load_file(str(tmp_path / name / "hf" / "model.safetensors"))
+        # A short run (<= trainer.SHORT_RUN steps) packs every step to its largest sizes.
+        assert capsys.readouterr().out.count("step program") == (name == "packed")
     changed = 0
     for key, value in out["plain"].items():
         np.testing.assert_allclose(out["packed"][key], value, rtol=0, atol=2e-5, err_msg=key)
