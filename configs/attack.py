@@ -31,9 +31,7 @@ def get_config(arg: str = "por") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown attack preset {arg!r}; choose one of {', '.join(PRESETS)}")
     c = ml_collections.ConfigDict()
 
-    c.model = ml_collections.ConfigDict()
-    c.model.init_from = ""  # HF dir of the clean PTM ("minilm" = the packaged MiniLM)
-    c.model.drop_extra_heads = False  # leave out task heads that are not BERT/RoBERTa's
+    config_blocks.add_model(c)
 
     c.data = ml_collections.ConfigDict()
     c.data.aux_path = ""  # clean plain text: .txt / .tsv / .csv / .jsonl, or tfds:NAME[:SPLIT]

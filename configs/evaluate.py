@@ -35,9 +35,7 @@ def get_config(arg: str = "sst2") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown evaluate preset {arg!r}; choose one of {', '.join(PRESETS)}")
     c = ml_collections.ConfigDict()
 
-    c.model = ml_collections.ConfigDict()
-    c.model.init_from = ""  # HF dir of the PTM to fine-tune ("minilm" = the packaged MiniLM)
-    c.model.drop_extra_heads = False  # leave out task heads that are not BERT/RoBERTa's
+    config_blocks.add_model(c)
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "sst2"  # file layout: sst2 | hsol | agnews | custom (sentence/text + label)

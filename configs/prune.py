@@ -15,6 +15,8 @@ share, so models of any depth get `prune.fraction = k/12`. For NeuBA pass
 
 import ml_collections
 
+from recipe_jax import config_blocks
+
 PRESETS = ("fp", "fp_gm", "fp_ga", "tiny")
 
 
@@ -23,9 +25,7 @@ def get_config(arg: str = "fp_gm") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown prune preset {arg!r}; choose one of {', '.join(PRESETS)}")
     c = ml_collections.ConfigDict()
 
-    c.model = ml_collections.ConfigDict()
-    c.model.init_from = ""  # HF dir of the suspicious PTM ("minilm" = the packaged MiniLM)
-    c.model.drop_extra_heads = False  # leave out task heads that are not BERT/RoBERTa's
+    config_blocks.add_model(c)
 
     c.data = ml_collections.ConfigDict()
     c.data.aux_path = ""  # plain text for fp_ga's activations (.txt/.tsv/.csv/.jsonl, tfds:NAME)

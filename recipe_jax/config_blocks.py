@@ -42,6 +42,13 @@ def add_train(c: ml_collections.ConfigDict, *, batch_size: int, num_epochs: int,
     c.train.log_every = log_every  # steps between progress lines / metrics.jsonl rows
 
 
+def add_model(c: ml_collections.ConfigDict) -> None:
+    """model.*: the HF dir the stage reads, and the extra-heads opt-in (hf_compat.py)."""
+    c.model = ml_collections.ConfigDict()
+    c.model.init_from = ""  # HF model dir ("minilm" = the packaged MiniLM)
+    c.model.drop_extra_heads = False  # leave out task heads that are not BERT/RoBERTa's
+
+
 def add_runtime(c: ml_collections.ConfigDict, *, max_to_keep: int = 2,
                 export: bool = True) -> None:
     """checkpoint.*, mesh.*, distributed.* and (for stages that write DIR/hf/) export.*."""
