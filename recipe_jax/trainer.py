@@ -145,7 +145,12 @@ def start(config, workdir, kind: str, inputs=None) -> tuple[jax.sharding.Mesh, p
     workdir = pathlib.Path(workdir).absolute()
     if inputs is None:
         inputs = [hf.resolve_model_dir(config.model.init_from)]
-    outputs.claim_dir(workdir, kind, inputs=inputs, create=jax.process_index() == 0)
+    # Every process checks before any writes: a check racing process 0's mkdir and marker
+    # write would see a half-made dir. Then process 0 creates it while the others wait.
+    outputs.claim_dir(workdir, kind, inputs=inputs, create=False)
+    sharding.barrier("recipe_jax:checked")
+    if jax.process_index() == 0:
+        outputs.claim_dir(workdir, kind, inputs=inputs)
     sharding.barrier("recipe_jax:claim")
     return mesh, workdir
 

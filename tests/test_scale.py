@@ -84,8 +84,8 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tiny, tmp_path
     finally:
         for p in procs:
             p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i}:\n{outs[i][-3000:]}"
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(
+        f"process {i}:\n{out[-3000:]}" for i, out in enumerate(outs))
     assert "purify step 6/6" in outs[0] and "2 process(es)" in outs[0]
     assert "purify step" not in outs[1] and "exported" not in outs[1]  # process 0 only
 
