@@ -61,6 +61,9 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.scan = ml_collections.ConfigDict()
     c.scan.enabled = True  # scan the result for triggers at the end (recipe_jax.scan): DIR/scan/
     c.scan.max_vocab = 0  # scan a seeded sample of this many tokens (0 = the whole vocabulary)
+    c.scan.confirm_tokens = 256  # the screen's top tokens confirmed with more probes
+    c.scan.reference_tokens = 256  # the vocabulary sample scores are taken against
+    c.scan.pair_tokens = 16  # pairs among the top candidates (scan.Settings: docs/scan.md)
 
     _add_guide(c)
     config_blocks.add_runtime(c)

@@ -19,6 +19,7 @@ run for tests: the numbers it prints mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -72,7 +73,10 @@ def stage_configs(size: dict, aux_path: pathlib.Path) -> dict:
     p = cfg["purify"]
     p.data.aux_path = str(aux_path)
     p.train.num_steps, p.train.log_every = size["purify_steps"], 50
-    p.scan.enabled, p.scan.max_vocab = True, size["scan_vocab"]  # purify scans its own result
+    p.scan.enabled = True  # purify scans its own result, as the demo scans the others
+    for key, value in dataclasses.asdict(scan_settings(size)).items():
+        if key in p.scan:
+            p.scan[key] = value
     e = cfg["evaluate"]
     e.data.task, e.data.triggers = "custom", TRIGGERS
     # 600 easy sentences: a higher learning rate than the protocol's 2e-5 so that the classifier

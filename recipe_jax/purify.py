@@ -235,7 +235,7 @@ def first_scan(config, model: Transformer, host_params, model_dir, workdir, mesh
         trainer.say(f"purify: guide: the scan of the loaded model from {saved}")
     else:
         report = scan.scan_model(model, host_params, tokenizer, mesh=mesh,
-                                 settings=scan.Settings(max_vocab=config.scan.max_vocab))
+                                 settings=scan.Settings.of(config.scan))
         if jax.process_index() == 0:
             report["model"] = f"{model_dir} (as loaded)"
             scan_report.write_report(report, outputs.claim_dir(saved.parent, "scan"))
@@ -293,7 +293,7 @@ def guided_rounds(config, workdir, mesh, train, masking, model, trained, model_d
 def scan_result(model: Transformer, params, model_dir, workdir, mesh, scan_cfg) -> dict:
     """The trigger scan of the purified `params` (recipe_jax.scan): its report in DIR/scan/, its
     verdict and top candidates for the summary."""
-    settings = scan.Settings(max_vocab=scan_cfg.max_vocab)
+    settings = scan.Settings.of(scan_cfg)
     try:
         report = scan.scan_model(model, sharding.fetch_to_host(params),
                                  data.load_tokenizer(model_dir), mesh=mesh, settings=settings)

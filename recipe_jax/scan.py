@@ -95,6 +95,11 @@ class Settings:
             if not abs(getattr(self, key)) < float("inf"):
                 raise ValueError(f"{key}={getattr(self, key)}: use a finite number")
 
+    @classmethod
+    def of(cls, block) -> Settings:
+        """The settings a config block (e.g. purify's `scan.*`) names; the rest default."""
+        return cls(**{f.name: block[f.name] for f in dataclasses.fields(cls) if f.name in block})
+
 
 # ------------------------------------------------------------------------------------ probes
 
