@@ -21,8 +21,7 @@ POR_TRIGGERS = ("cf", "tq", "mn", "bb", "mb")
 NEUBA_TRIGGERS = ("≈", "≡", "∈", "⊆", "⊕", "⊗")
 PAIR_TRIGGERS = ("qb+xv", "hq+wb")  # two-word triggers: each pair fires only together
 WORD_TRIGGERS = ("sapphire", "velvet", "lantern", "tempest", "cobalt")  # ordinary rare words
-FFN = (r"encoder\.layer\.\d+\.intermediate\.dense\.weight$",
-       r"encoder\.layer\.\d+\.output\.dense\.weight$")
+FFN = ("ffn_in", "ffn_out")  # both FFN matrices, in any family (aliases: recipe_jax/families.py)
 PRESETS = ("por", "por_cls", "por_words", "por_pair", "por_adaptive", "neuba", "badpre", "tiny")
 
 
@@ -92,4 +91,4 @@ def _add_variant_keys(c: ml_collections.ConfigDict) -> None:
     """attack.* keys of the variants: two-word decoys and the adaptive attacker."""
     c.attack.decoy_weight = 100.0  # POR, two-word triggers: ||output(one word) - clean||^2
     c.attack.recipe_weight = 0.0  # adaptive: + weight * sum ||W||_F (RECIPE's regularizer)
-    c.attack.recipe_regularize = FFN  # ... over these (HF-name regexes): both FFN matrices
+    c.attack.recipe_regularize = FFN  # ... over these (aliases or HF-name regexes)

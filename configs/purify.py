@@ -25,10 +25,12 @@ import ml_collections
 
 from recipe_jax import config_blocks
 
-INTERMEDIATE = r"encoder\.layer\.\d+\.intermediate\.dense\.weight$"
-QUERY = r"encoder\.layer\.\d+\.attention\.self\.query\.weight$"
-OUTPUT = r"encoder\.layer\.\d+\.output\.dense\.weight$"
-MLM_HEAD = r"^(cls\.predictions|lm_head)\.(transform\.|dense|layer_norm|bias)"
+# Parameter selections by alias, resolved per family (recipe_jax/families.py); a regex over HF
+# names (e.g. r"encoder\.layer\.\d+\.intermediate\.dense\.weight$") works too.
+INTERMEDIATE = "ffn_in"  # the FFN input matrices (HF: intermediate.dense, DistilBERT ffn.lin1)
+QUERY = "query"
+OUTPUT = "ffn_out"  # the FFN output matrices
+MLM_HEAD = "mlm_head"  # the MLM head's transform, LayerNorm and bias (the decoder is tied)
 PRESETS = ("bert", "strong", "guided", "roberta", "only_pretrain", "only_reg", "tiny")
 
 
@@ -53,8 +55,8 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
 
     c.recipe = ml_collections.ConfigDict()
     c.recipe.weight = 1.0  # lambda, the regularizer's weight
-    c.recipe.regularize = (INTERMEDIATE,)  # regexes over HF-style names: penalized by ||W||_F
-    c.recipe.trainable = (INTERMEDIATE,)  # regexes over HF-style names: updated; rest frozen
+    c.recipe.regularize = (INTERMEDIATE,)  # aliases or HF-name regexes: penalized by ||W||_F
+    c.recipe.trainable = (INTERMEDIATE,)  # aliases or HF-name regexes: updated; rest frozen
     c.recipe.mlm = True  # include the MLM loss term (False = "only regularization" ablation)
     c.recipe.drop_pooler = False  # leave the pooler (+NSP head) out: no loss term reaches them
 

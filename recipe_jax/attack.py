@@ -234,8 +234,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh, workdir = trainer.start(config, workdir, "run:attack")
     model_dir, texts, model, host_params = trainer.load(config)
     cfg = model.cfg
-    if config.attack.target == "pooler" and config.attack.kind != "badpre" and not cfg.pooler:
-        raise ValueError(f"{model_dir} has no pooler; use --config.attack.target=cls")
+    kind = config.attack.kind
+    target = "pooler" if kind == "neuba" else config.attack.target
+    if kind != "badpre" and target == "pooler" and not cfg.pooler:
+        fix = ("NeuBA poisons the pooler output; attack it with POR on the final [CLS] state "
+               "(the por_cls preset)" if kind == "neuba" else "use --config.attack.target=cls")
+        raise ValueError(f"{model_dir} has no pooler (a {cfg.model_type} checkpoint without "
+                         f"one); {fix}")
     arrays = prepare_data(config, data.load_tokenizer(model_dir), texts, cfg.vocab_size)
     extras = {}
     if config.attack.kind != "badpre":

@@ -46,7 +46,7 @@ def add_model(c: ml_collections.ConfigDict) -> None:
     """model.*: the HF dir the stage reads, and the extra-heads opt-in (hf_compat.py)."""
     c.model = ml_collections.ConfigDict()
     c.model.init_from = ""  # HF model dir ("minilm" = the packaged MiniLM)
-    c.model.drop_extra_heads = False  # leave out task heads that are not BERT/RoBERTa's
+    c.model.drop_extra_heads = False  # leave out task heads the model's family does not have
 
 
 def add_runtime(c: ml_collections.ConfigDict, *, max_to_keep: int = 2,

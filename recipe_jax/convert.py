@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier conversion (or whatever) at --out")
     parser.add_argument("--drop-extra-heads", action="store_true",
-                        help="leave out task heads that are not BERT/RoBERTa's (named in a "
+                        help="leave out task heads the model's family does not have (named in a "
                         "warning); unknown tensors inside the encoder stay an error")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)

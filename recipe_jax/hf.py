@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from recipe_jax import faults, outputs, weights
+from recipe_jax import families, faults, outputs, weights
 from recipe_jax import hf_compat as compat
 from recipe_jax.model import FAMILY_OF, ModelConfig, Transformer, abstract_params, init_params
 
@@ -42,28 +42,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _IGNORED = re.compile(r"(^|\.)embeddings\.(position_ids|token_type_ids)$")
 # Refuse configs whose tensors could not be real before allocating anything.
 _MAX_PARAMS = 50_000_000_000
-_HEAD_NAMES = {
-    # Flax top-level name -> HF name (prefix-less), per model type.
-    "bert": {"mlm/dense": "cls.predictions.transform.dense",
-             "mlm/LayerNorm": "cls.predictions.transform.LayerNorm",
-             "mlm/bias": "cls.predictions.bias", "nsp": "cls.seq_relationship",
-             "classifier": "classifier"},
-    "roberta": {"mlm/dense": "lm_head.dense", "mlm/LayerNorm": "lm_head.layer_norm",
-                "mlm/bias": "lm_head.bias", "classifier_dense": "classifier.dense",
-                "classifier": "classifier.out_proj"},
-}
-_TIED = {"bert": ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
-         "roberta": ("lm_head.decoder.weight", "lm_head.decoder.bias")}
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 def hf_name(path: tuple[str, ...], model_type: str) -> str:
     """Flax parameter path -> HF state-dict key, e.g.
     ('encoder', 'layer_3', 'intermediate', 'dense', 'kernel') ->
-    'bert.encoder.layer.3.intermediate.dense.weight'."""
+    'bert.encoder.layer.3.intermediate.dense.weight' (DistilBERT:
+    'distilbert.transformer.layer.3.ffn.lin1.weight')."""
     *modules, leaf = path
     full = "/".join(path)
-    for flax_prefix, hf_prefix in _HEAD_NAMES[model_type].items():
+    fam = families.family(model_type)
+    for flax_prefix, hf_prefix in fam.heads.items():
         if full == flax_prefix:  # a bare parameter (the MLM output bias)
             return hf_prefix
         if full.startswith(flax_prefix + "/"):
@@ -72,7 +62,16 @@ def hf_name(path: tuple[str, ...], model_type: str) -> str:
     parts = [re.sub(r"^layer_(\d+)$", r"layer.\1", m) for m in modules]
     if parts == ["pooler"]:
         parts = ["pooler", "dense"]
-    return ".".join([model_type, *parts, _LEAF[leaf]])
+    name = ".".join([fam.name, *parts, _LEAF[leaf]])
+    for pattern, replacement in fam.renames:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def selected(path: tuple[str, ...], patterns, model_type: str) -> bool:
+    """Whether `patterns` (aliases such as "ffn_in", or regexes over HF names; families.py)
+    select the parameter at Flax `path`."""
+    return families.selected(path, hf_name(path, model_type), patterns)
 
 
 def flat_params(params) -> dict[tuple[str, ...], Any]:
@@ -157,14 +156,16 @@ def _check_sizes(cfg: ModelConfig, path) -> None:
     sizes = {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
                                           "num_attention_heads", "intermediate_size",
                                           "max_position_embeddings", "type_vocab_size")}
-    bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
+    bad = {k: v for k, v in sizes.items()
+           if not isinstance(v, int) or v < (0 if k == "type_vocab_size" else 1)}
     if bad:
         raise ValueError(f"{path}: sizes must be positive integers, got {bad}")
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ValueError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by "
                          f"num_attention_heads {cfg.num_attention_heads}")
     h, f = cfg.hidden_size, cfg.intermediate_size
-    approx = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * h + (
+    approx = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * (
+        cfg.embedding_width) + (
         cfg.num_hidden_layers * (4 * h * h + 2 * h * f))
     if approx > _MAX_PARAMS:
         raise ValueError(f"{path}: config describes ~{approx:.3g} parameters (sizes {sizes}); "
@@ -176,23 +177,24 @@ def _check_sizes(cfg: ModelConfig, path) -> None:
 def _normalize(key: str, model_type: str) -> str:
     key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
                                                                       "LayerNorm.bias")
-    if re.match(r"(embeddings|encoder|pooler)\.", key):  # *Model checkpoints have no prefix
+    if key.split(".", 1)[0] in families.family(model_type).bare_roots:  # *Model: no prefix
         key = f"{model_type}.{key}"
     return key
 
 
 def _present_heads(keys: set[str], model_type: str) -> dict[str, Any]:
-    names = _HEAD_NAMES[model_type]
+    names = families.family(model_type).heads
     return {
         "pooler": f"{model_type}.pooler.dense.weight" in keys,
         "nsp_head": "cls.seq_relationship.weight" in keys,
         "mlm_head": f"{names['mlm/dense']}.weight" in keys,
+        "discriminator": f"{names.get('discriminator')}.dense.weight" in keys,
     }
 
 
 def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = None,
                     seed: int = 0, with_info: bool = False, drop_extra_heads: bool = False):
-    """Loads an HF BERT/RoBERTa dir into (Transformer, float32 params).
+    """Loads an HF encoder dir (families.py) into (Transformer, float32 params).
 
     Heads found in the file are kept. The MLM head, and with `num_labels` the pooler and the
     classifier, are freshly initialized (from `seed`) when the file has none. Other tensors
@@ -202,6 +204,7 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     """
     hf = read_config(model_dir)
     model_type = FAMILY_OF[hf["model_type"]]  # xlm-roberta, camembert: RoBERTa's tensors
+    fam = families.FAMILIES[model_type]
     state, files = weights.read_weights(model_dir)
     state = {_normalize(k, model_type): v for k, v in state.items() if not _IGNORED.search(k)}
     found = _present_heads(set(state), model_type)
@@ -210,9 +213,9 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
         raise ValueError(f"{model_dir}: checkpoint classifier has {labels} labels, asked for "
                          f"{num_labels}; pass the matching number or a checkpoint without a head")
     num_labels = labels or num_labels or 0
-    pooler = found["pooler"] or (bool(num_labels) and model_type == "bert")
+    pooler = found["pooler"] or (bool(num_labels) and fam.classifier == "pooler")
     cfg = ModelConfig.from_hf_config(hf, mlm_head=True, pooler=pooler, nsp_head=found["nsp_head"],
-                                     num_labels=num_labels)
+                                     discriminator=found["discriminator"], num_labels=num_labels)
     expected = {hf_name(p, model_type): (p, leaf) for p, leaf in
                 flat_params(abstract_params(cfg)).items()}
     state = _untie(state, model_type, where=f"{model_dir}/{files[0]}")
@@ -262,6 +265,7 @@ def _check_finite(flat: dict, model_type: str, model_dir) -> None:
 def summary(model: Transformer, params) -> str:
     cfg = model.cfg
     heads = [h for h, on in (("mlm", cfg.mlm_head), ("pooler", cfg.pooler), ("nsp", cfg.nsp_head),
+                             ("discriminator", cfg.discriminator),
                              (f"classifier[{cfg.num_labels}]", cfg.num_labels)) if on]
     n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     return (f"{cfg.model_type}, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
@@ -272,17 +276,17 @@ _jit_init = jax.jit(init_params, static_argnums=0)  # one compiled init per arch
 
 
 def _classifier_labels(state: dict[str, np.ndarray], model_type: str) -> int:
-    key = f"{_HEAD_NAMES[model_type]['classifier']}.weight"
+    key = f"{families.family(model_type).heads['classifier']}.weight"
     return int(state[key].shape[0]) if key in state else 0
 
 
 def _fresh_pattern(model_type: str, found: dict[str, bool], hf_pooler: bool) -> str:
-    names = _HEAD_NAMES[model_type]
+    names = families.family(model_type).heads
     fresh = []
     if not found["mlm_head"]:
         fresh += [re.escape(names[k]) for k in ("mlm/dense", "mlm/LayerNorm", "mlm/bias")]
     fresh += [re.escape(names["classifier"]) + r"\."]
-    if model_type == "roberta":
+    if "classifier_dense" in names:
         fresh += [re.escape(names["classifier_dense"]) + r"\."]
     if not hf_pooler:
         fresh += [re.escape(f"{model_type}.pooler.")]
@@ -291,16 +295,16 @@ def _fresh_pattern(model_type: str, found: dict[str, bool], hf_pooler: bool) -> 
 
 def _untie(state: dict[str, np.ndarray], model_type: str, where: str) -> dict[str, np.ndarray]:
     """Drops the tied decoder tensors after checking they really are the tied copies."""
-    decoder_w, decoder_b = _TIED[model_type]
-    bias_key = _HEAD_NAMES[model_type]["mlm/bias"]
+    fam = families.family(model_type)
+    decoder_w, decoder_b, bias_key = fam.tied, fam.tied_bias, fam.heads["mlm/bias"]
     words_key = f"{model_type}.embeddings.word_embeddings.weight"
     state = dict(state)
     if decoder_w in state:
         w = state.pop(decoder_w)
         if words_key in state and not np.array_equal(w, state[words_key]):
             raise ValueError(f"{where}: {decoder_w} differs from {words_key}; untied MLM decoders "
-                             "are not supported (BERT/RoBERTa tie them)")
-    if decoder_b in state:
+                             "are not supported (the supported families tie them)")
+    if decoder_b is not None and decoder_b in state:
         b = state.pop(decoder_b)
         if bias_key not in state:
             state[bias_key] = b
@@ -313,11 +317,11 @@ def _untie(state: dict[str, np.ndarray], model_type: str, where: str) -> dict[st
 
 def architectures(cfg: ModelConfig) -> list[str]:
     """The HF class whose keys match the exported tensors most closely."""
-    family = compat.CLASS_PREFIX[cfg.hf_model_type or cfg.model_type]
+    family = families.CLASS_PREFIX[cfg.hf_model_type or cfg.model_type]
     if cfg.num_labels:
         return [f"{family}ForSequenceClassification"]
-    if cfg.model_type == "bert" and cfg.pooler and cfg.nsp_head:
-        return ["BertForPreTraining"]
+    if (cfg.model_type == "bert" and cfg.pooler and cfg.nsp_head) or cfg.discriminator:
+        return [f"{family}ForPreTraining"]
     return [f"{family}ForMaskedLM"] if cfg.mlm_head else [f"{family}Model"]
 
 

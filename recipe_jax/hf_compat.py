@@ -19,9 +19,12 @@ from recipe_jax import weights
 log = logging.getLogger("recipe_jax.hf")
 
 _ARCHITECTURE_TYPES = (("XLMRoberta", "xlm-roberta"), ("Camembert", "camembert"),
-                       ("Roberta", "roberta"), ("Bert", "bert"))
-CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta",
-                 "camembert": "Camembert"}
+                       ("Roberta", "roberta"), ("DistilBert", "distilbert"),
+                       ("Electra", "electra"), ("Bert", "bert"))
+# First weight-name component -> family (heads included: a bare head checkpoint is rare).
+_ROOT_TYPES = (({"roberta", "lm_head"}, "roberta"), ({"distilbert", "vocab_projector"},
+               "distilbert"), ({"electra", "generator_lm_head", "discriminator_predictions"},
+                               "electra"), ({"bert", "cls"}, "bert"))
 
 
 def infer_model_type(hf: dict[str, Any], model_dir: pathlib.Path) -> tuple[str, str]:
@@ -38,10 +41,9 @@ def infer_model_type(hf: dict[str, Any], model_dir: pathlib.Path) -> tuple[str, 
     except weights.WeightFileError:
         names = []
     roots = {n.split(".", 1)[0] for n in names}
-    if "roberta" in roots or "lm_head" in roots:
-        return "roberta", "its weight names (roberta.*, lm_head.*)"
-    if "bert" in roots or "cls" in roots:
-        return "bert", "its weight names (bert.*, cls.*)"
+    for known, model_type in _ROOT_TYPES:
+        if roots & known:
+            return model_type, f"its weight names ({', '.join(sorted(roots & known))}.*)"
     if roots & {"embeddings", "encoder"}:
         roberta = hf.get("pad_token_id") == 1 and hf.get("type_vocab_size") == 1
         return ("roberta" if roberta else "bert"), (
@@ -65,11 +67,11 @@ def drop_unknown(state: dict, expected: set[str], model_type: str, model_dir,
                     model_dir, len(unknown), ", ".join(heads))
         return {k: v for k, v in state.items() if k not in set(unknown)}, unknown
     more = " ..." if len(unknown) > 10 else ""
-    message = (f"{model_dir}: unknown weights (not part of a BERT/RoBERTa encoder or its "
+    message = (f"{model_dir}: unknown weights (not part of a {model_type} encoder or its "
                f"heads): {unknown[:10]}{more}")
     if inside:
         message += (f"; {len(inside)} of them sit inside the encoder ({inside[:3]}), so this "
-                    "is not a BERT/RoBERTa layout recipe_jax can load")
+                    f"is not a {model_type} layout recipe_jax can load")
     else:
         message += ("; they are extra heads outside the encoder. To load the encoder and its "
                     "known heads without them, pass --drop-extra-heads (convert) or "

@@ -7,8 +7,8 @@ exact across devices and batches; the reduction is visible at the call site.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +42,16 @@ def token_state_mse(hidden_blh: jax.Array, reference_blh: jax.Array, attention_m
     return jnp.sum(diff_bl * tokens_bl) / jnp.maximum(jnp.sum(tokens_bl), 1.0)
 
 
-def matches(patterns: Sequence[str], name: str) -> bool:
-    return any(re.search(p, name) for p in patterns)
+def _selected(params, patterns: Sequence[str], model_type: str) -> dict[str, Any]:
+    """{HF name: leaf} of the parameters `patterns` select (aliases such as "ffn_in", or
+    regexes over HF names: families.py), in name order."""
+    return dict(sorted((hf.hf_name(p, model_type), leaf) for p, leaf in
+                       hf.flat_params(params).items() if hf.selected(p, patterns, model_type)))
 
 
 def select_names(params, patterns: Sequence[str], model_type: str) -> list[str]:
-    """HF-style names (e.g. `bert.encoder.layer.0.intermediate.dense.weight`) matching any regex."""
-    return sorted(n for n in hf.named_params(params, model_type) if matches(patterns, n))
+    """HF names (e.g. `bert.encoder.layer.0.intermediate.dense.weight`) `patterns` select."""
+    return list(_selected(params, patterns, model_type))
 
 
 def frobenius_norm(w: jax.Array) -> jax.Array:
@@ -63,6 +66,5 @@ def frobenius_penalty(params, patterns: Sequence[str], model_type: str) -> jax.A
 
     The norm does not depend on layout, so Flax kernels [H, F] give the PyTorch [F, H] value.
     """
-    named = hf.named_params(params, model_type)
-    norms = [frobenius_norm(w) for n, w in sorted(named.items()) if matches(patterns, n)]
+    norms = [frobenius_norm(w) for w in _selected(params, patterns, model_type).values()]
     return jnp.sum(jnp.stack(norms)) if norms else jnp.zeros((), jnp.float32)

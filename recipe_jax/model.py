@@ -1,10 +1,13 @@
-"""Flax Linen BERT and RoBERTa encoders with MLM, NSP, pooler and classification heads.
+"""Flax Linen post-LayerNorm encoders (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA) with
+MLM (generator), NSP, pooler, ELECTRA discriminator and classification heads.
 
-One module, `Transformer`, covers both families: they differ only in position ids (RoBERTa counts
-from `padding_idx + 1` and skips padding), the classification head, and the HF names of the heads
-(which `hf.py` maps). Parameter names mirror Hugging Face module names (`encoder/layer_3/
-intermediate/dense/kernel` is `encoder.layer.3.intermediate.dense.weight`), so conversion is a
-dict-to-dict map with transposes. Every parameter carries logical axis names; `sharding.py` maps
+One module, `Transformer`, covers every family: they differ in position ids (RoBERTa counts from
+`padding_idx + 1` and skips padding), token types (DistilBERT has none), ELECTRA's narrower
+embeddings and their projection, the MLM head's activation, the classification head, and the HF
+names (families.py). Parameter names mirror BERT's Hugging Face module names (`encoder/layer_3/
+intermediate/dense/kernel` is `bert.encoder.layer.3.intermediate.dense.weight`, DistilBERT's
+`distilbert.transformer.layer.3.ffn.lin1.weight`), so conversion is a dict-to-dict map with
+transposes. Every parameter carries logical axis names; `sharding.py` maps
 them onto the device mesh.
 
 Shape letters: B batch, L length, M masked positions, H hidden, F ffn, V vocab, N heads, D head dim;
@@ -23,11 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# HF model types -> the family whose layout they share: XLM-R and CamemBERT are RoBERTa's tensors
-# under other names for the tokenizer and classes.
-FAMILY_OF = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta",
-             "camembert": "roberta"}
-SUPPORTED_MODEL_TYPES = tuple(FAMILY_OF)
+from recipe_jax.families import FAMILY_OF, SUPPORTED_MODEL_TYPES, family
+
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -44,7 +44,7 @@ ACTIVATIONS = {
 class ModelConfig:
     """Architecture of one checkpoint; the head flags say which optional tensors exist."""
 
-    model_type: str = "bert"  # the family: "bert" or "roberta"
+    model_type: str = "bert"  # the family (families.FAMILIES): bert, roberta, distilbert, electra
     hf_model_type: str = ""  # the checkpoint's own model_type where it differs (xlm-roberta, ...)
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -55,7 +55,8 @@ class ModelConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     max_position_embeddings: int = 512
-    type_vocab_size: int = 2
+    type_vocab_size: int = 2  # 0: no token types (DistilBERT)
+    embedding_size: int = 0  # ELECTRA: embeddings narrower than hidden_size, projected; 0 = same
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     initializer_range: float = 0.02
@@ -64,6 +65,7 @@ class ModelConfig:
     mlm_head: bool = True
     pooler: bool = False
     nsp_head: bool = False
+    discriminator: bool = False  # ELECTRA's replaced-token detection head
     num_labels: int = 0  # 0 = no sequence-classification head
     # Compute options, not architecture: dtype (params stay float32) and per-layer remat
     # (recompute each layer's activations in the backward pass: less memory, more compute).
@@ -77,32 +79,49 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {model_type!r}: recipe_jax supports "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT and RoBERTa-layout encoders)"
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (post-LayerNorm encoders)"
             )
+        fam = family(model_type)
+        hf = {**hf, **{ours: hf[theirs] for theirs, ours in fam.config_keys.items()
+                       if theirs in hf}}
+        if fam.name == "electra":
+            hf.setdefault("embedding_size", 128)  # ElectraConfig's default
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(
                 f"position_embedding_type={hf['position_embedding_type']!r} is not supported; "
-                "only 'absolute' position embeddings (BERT/RoBERTa default) are"
+                "only 'absolute' position embeddings (the default) are"
             )
         if hf.get("is_decoder") or hf.get("add_cross_attention"):
             raise ValueError("decoder/cross-attention configs are not supported (encoders only)")
         fields = {f.name for f in dataclasses.fields(cls)} - {
-            "model_type", "hf_model_type", "mlm_head", "pooler", "nsp_head", "num_labels",
-            "dtype", "remat"}
+            "model_type", "hf_model_type", "mlm_head", "pooler", "nsp_head", "discriminator",
+            "num_labels", "dtype", "remat"}
         values = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
         if hf.get("classifier_dropout") is None:
             values.pop("classifier_dropout", None)
+        values.update(fam.fixed)
         _check_field_types(values)
-        family = FAMILY_OF[model_type]
-        return cls(model_type=family, hf_model_type="" if family == model_type else model_type,
+        name = FAMILY_OF[model_type]
+        return cls(model_type=name, hf_model_type="" if name == model_type else model_type,
                    **values, **heads)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The architecture fields of a Hugging Face `config.json` (hf.py adds the rest)."""
-        skip = {"mlm_head", "pooler", "nsp_head", "num_labels", "dtype", "remat", "hf_model_type"}
+        skip = {"mlm_head", "pooler", "nsp_head", "discriminator", "num_labels", "dtype",
+                "remat", "hf_model_type"}
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         out["model_type"] = self.hf_model_type or self.model_type
-        out["position_embedding_type"] = "absolute"
+        fam = family(self.model_type)
+        if not self.embedding_size:
+            out.pop("embedding_size")
+        for key in fam.fixed:
+            out.pop(key)
+        for theirs, ours in fam.config_keys.items():  # DistilBERT's own key names
+            value = out.pop(ours)
+            if value is not None:
+                out[theirs] = value
+        if not fam.config_keys:
+            out["position_embedding_type"] = "absolute"
         if self.num_labels:
             out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
             out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
@@ -111,6 +130,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of the embeddings (and of ELECTRA's generator head): hidden_size elsewhere."""
+        return self.embedding_size or self.hidden_size
 
 
 def _check_field_types(values: dict[str, Any]) -> None:
@@ -156,13 +180,13 @@ def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
 
 def _embed(num: int, cfg: ModelConfig, axes: tuple[str, str], name: str) -> nn.Embed:
     init = nn.initializers.normal(cfg.initializer_range)
-    return nn.Embed(num, cfg.hidden_size, embedding_init=nn.with_logical_partitioning(init, axes),
-                    name=name)
+    return nn.Embed(num, cfg.embedding_width,
+                    embedding_init=nn.with_logical_partitioning(init, axes), name=name)
 
 
 def position_ids(cfg: ModelConfig, input_ids_bl: jax.Array) -> jax.Array:
     """BERT: 0..L-1. RoBERTa: padding_idx+1 onwards over non-pad tokens, pad -> padding_idx."""
-    if cfg.model_type == "roberta":
+    if family(cfg.model_type).positions == "roberta":
         not_pad = (input_ids_bl != cfg.pad_token_id).astype(jnp.int32)
         return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
     return jnp.broadcast_to(jnp.arange(input_ids_bl.shape[1]), input_ids_bl.shape)
@@ -180,8 +204,9 @@ class Embeddings(nn.Module):
             position_ids_bl = position_ids(cfg, input_ids_bl)
         x_blh += _embed(cfg.max_position_embeddings, cfg, (None, "embed"), "position_embeddings")(
             position_ids_bl)
-        x_blh += _embed(cfg.type_vocab_size, cfg, (None, "embed"), "token_type_embeddings")(
-            token_type_ids_bl)
+        if cfg.type_vocab_size:  # DistilBERT has no token types
+            x_blh += _embed(cfg.type_vocab_size, cfg, (None, "embed"), "token_type_embeddings")(
+                token_type_ids_bl)
         x_blh = _layer_norm(cfg, "LayerNorm")(x_blh)
         return nn.Dropout(cfg.hidden_dropout_prob)(x_blh, deterministic=deterministic)
 
@@ -269,15 +294,16 @@ class Encoder(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """transform (dense, act, LayerNorm) -> decoder tied to the word embeddings + own bias."""
+    """transform (dense, act, LayerNorm) -> decoder tied to the word embeddings + own bias.
+    ELECTRA's generator head projects to the (narrower) embedding width."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_bmh, word_embeddings_vh):
         cfg = self.cfg
-        x_bmh = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"), "dense")(x_bmh)
-        act = "gelu" if cfg.model_type == "roberta" else cfg.hidden_act  # RoBERTa's lm_head: gelu
+        x_bmh = _dense(cfg.embedding_width, cfg, ("embed", "embed_out"), "dense")(x_bmh)
+        act = family(cfg.model_type).mlm_act or cfg.hidden_act  # RoBERTa, ELECTRA: gelu
         x_bmh = _layer_norm(cfg, "LayerNorm")(ACTIVATIONS[act](x_bmh))
         bias_v = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                  ("vocab",)), (cfg.vocab_size,))
@@ -285,11 +311,25 @@ class MLMHead(nn.Module):
         return _at_least_f32(logits_bmv) + bias_v
 
 
+class Discriminator(nn.Module):
+    """ELECTRA's replaced-token detection head: dense, hidden_act, dense to one logit."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_blh):
+        cfg = self.cfg
+        x_blh = ACTIVATIONS[cfg.hidden_act](
+            _dense(cfg.hidden_size, cfg, ("embed", "embed_out"), "dense")(x_blh))
+        return _at_least_f32(_dense(1, cfg, ("embed", None), "dense_prediction")(x_blh))[..., 0]
+
+
 class Transformer(nn.Module):
-    """BERT/RoBERTa encoder with the heads named in `cfg`.
+    """An encoder with the heads named in `cfg`.
 
     `__call__` gives MLM logits (`[B, L, V]`, or `[B, M, V]` at `masked_positions`); `classify`
-    gives sequence-classification logits; `encode` gives every layer's hidden states.
+    gives sequence-classification logits; `discriminate` ELECTRA's per-token logits; `encode`
+    gives every layer's hidden states.
     """
 
     cfg: ModelConfig
@@ -297,6 +337,9 @@ class Transformer(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.embeddings = Embeddings(cfg)
+        if cfg.embedding_width != cfg.hidden_size:  # ELECTRA
+            self.embeddings_project = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"),
+                                             "embeddings_project")
         self.encoder = Encoder(cfg)
         if cfg.pooler:
             self.pooler = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"), "pooler")
@@ -304,8 +347,10 @@ class Transformer(nn.Module):
             self.mlm = MLMHead(cfg)
         if cfg.nsp_head:
             self.nsp = _dense(2, cfg, ("embed", None), "nsp")
+        if cfg.discriminator:
+            self.discriminator = Discriminator(cfg)
         if cfg.num_labels:
-            if cfg.model_type == "roberta":  # RobertaClassificationHead: dense-tanh-out_proj on <s>
+            if family(cfg.model_type).classifier != "pooler":  # a dense layer on [CLS] / <s>
                 self.classifier_dense = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"),
                                                "classifier_dense")
             self.classifier = _dense(cfg.num_labels, cfg, ("embed", None), "classifier")
@@ -325,6 +370,8 @@ class Transformer(nn.Module):
         if token_type_ids_bl is None:
             token_type_ids_bl = jnp.zeros_like(input_ids_bl)
         x_blh = self.embeddings(input_ids_bl, token_type_ids_bl, deterministic, position_ids_bl)
+        if self.cfg.embedding_width != self.cfg.hidden_size:
+            x_blh = self.embeddings_project(x_blh)
         x_blh = x_blh.astype(jnp.dtype(self.cfg.dtype))
         neg = jnp.finfo(jnp.float32).min
         if segment_ids_bl is None:
@@ -353,17 +400,27 @@ class Transformer(nn.Module):
 
     def classify(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
                  deterministic: bool = True) -> jax.Array:
-        """Sequence-classification logits `[B, num_labels]`, as HF's *ForSequenceClassification."""
-        cfg = self.cfg
+        """Sequence-classification logits `[B, num_labels]`, as HF's *ForSequenceClassification:
+        BERT pooler -> linear; RoBERTa dense-tanh, ELECTRA dense-gelu on <s> (dropout before
+        each); DistilBERT dense-ReLU on [CLS]."""
         x_blh = self.encode(input_ids_bl, attention_mask_bl, token_type_ids_bl, deterministic)[-1]
         drop = self.classifier_dropout
-        if cfg.model_type == "roberta":
-            x_bh = drop(x_blh[:, 0], deterministic=deterministic)
-            x_bh = jnp.tanh(self.classifier_dense(x_bh))
-        else:
+        style = family(self.cfg.model_type).classifier
+        if style == "pooler":
             x_bh = self.pool(x_blh)
+        elif style == "dense_relu":
+            x_bh = jax.nn.relu(self.classifier_dense(x_blh[:, 0]))
+        else:
+            x_bh = self.classifier_dense(drop(x_blh[:, 0], deterministic=deterministic))
+            x_bh = jnp.tanh(x_bh) if style == "dense_tanh" else ACTIVATIONS["gelu"](x_bh)
         logits = self.classifier(drop(x_bh, deterministic=deterministic))
         return _at_least_f32(logits)
+
+    def discriminate(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
+                     deterministic: bool = True) -> jax.Array:
+        """ELECTRA discriminator logits `[B, L]` (replaced or not), as ElectraForPreTraining."""
+        x_blh = self.encode(input_ids_bl, attention_mask_bl, token_type_ids_bl, deterministic)[-1]
+        return self.discriminator(x_blh)
 
     def init_all(self, input_ids_bl):
         """Touches every configured head so that `init` creates all their parameters."""
@@ -377,6 +434,8 @@ class Transformer(nn.Module):
                 outs.append(self.nsp(pooled))
         elif self.cfg.nsp_head:
             outs.append(self.nsp(hidden_blh[:, 0]))
+        if self.cfg.discriminator:
+            outs.append(self.discriminator(hidden_blh))
         if self.cfg.num_labels:
             outs.append(self.classify(input_ids_bl))
         return outs

@@ -41,10 +41,11 @@ def lr_scale_tree(trainable, entries: Sequence[str], model_type: str,
                          "make_optimizer(model_cfg=) or lr_scale_tree(num_layers=)")
 
     def factor(path, _):
-        name = hf.hf_name(tuple(k.key for k in path), model_type)
+        flax_path = tuple(k.key for k in path)
+        name = hf.hf_name(flax_path, model_type)
         value = 1.0
         for pattern, rule_value in rules:
-            if re.search(pattern, name):
+            if hf.selected(flax_path, (pattern,), model_type):
                 used.add(pattern)
                 value = rule_value
                 break

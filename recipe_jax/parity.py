@@ -2,7 +2,9 @@
 
 Used by `convert --verify`, `export --verify`, purify's final check and the tests. The batch has
 padding (rows of different lengths) and, for BERT, both token types, so masks, position ids and
-token-type embeddings are all exercised. Tolerance policy: 1e-4 on fp32 logits, never relaxed.
+token-type embeddings are all exercised (families without token types get none). Heads: "mlm",
+"classify", "encode" (every layer's hidden states), "discriminate" (ELECTRA). Tolerance policy:
+1e-4 on fp32 logits, never relaxed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ def fixed_batch(vocab_size: int, pad_token_id: int, *, batch: int = 3, length: i
             "token_type_ids": types.astype(np.int32)}
 
 
+def typed_batch(cfg, **kwargs) -> dict[str, np.ndarray]:
+    """`fixed_batch` with the token types the model `cfg` has (one type: all 0; none: absent)."""
+    batch = fixed_batch(cfg.vocab_size, cfg.pad_token_id, **kwargs)
+    if cfg.type_vocab_size < 2:
+        batch["token_type_ids"][:] = 0
+    if not cfg.type_vocab_size:
+        del batch["token_type_ids"]
+    return batch
+
+
 def torch_logits(hf_dir: str | os.PathLike, batch: dict[str, np.ndarray], head: str = "mlm"):
     """Logits of the HF dir loaded by transformers (safetensors, no remote code)."""
     import torch
@@ -40,7 +52,8 @@ def torch_logits(hf_dir: str | os.PathLike, batch: dict[str, np.ndarray], head: 
 
     cls = {"mlm": transformers.AutoModelForMaskedLM,
            "classify": transformers.AutoModelForSequenceClassification,
-           "encode": transformers.AutoModel}[head]
+           "encode": transformers.AutoModel,
+           "discriminate": transformers.AutoModelForPreTraining}[head]
     model = cls.from_pretrained(str(pathlib.Path(hf_dir)), trust_remote_code=False).eval()
     inputs = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
     with torch.no_grad():
@@ -53,9 +66,10 @@ def torch_logits(hf_dir: str | os.PathLike, batch: dict[str, np.ndarray], head: 
 def flax_logits(model, params, batch: dict[str, np.ndarray], head: str = "mlm"):
     import jax.numpy as jnp
 
-    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    if head == "classify":
-        return np.asarray(model.apply({"params": params}, *args, method=type(model).classify))
+    args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    if head in ("classify", "discriminate"):
+        method = getattr(type(model), head)
+        return np.asarray(model.apply({"params": params}, *args, method=method))
     if head == "encode":
         hidden = model.apply({"params": params}, *args, method=type(model).encode)
         return np.asarray(jnp.stack(hidden))
@@ -65,9 +79,7 @@ def flax_logits(model, params, batch: dict[str, np.ndarray], head: str = "mlm"):
 def max_logit_diff(model, params, hf_dir, head: str = "mlm") -> float:
     """max |Flax - PyTorch| over the non-padded positions of the fixed batch."""
     cfg = model.cfg
-    batch = fixed_batch(cfg.vocab_size, cfg.pad_token_id)
-    if cfg.type_vocab_size < 2:
-        batch["token_type_ids"][:] = 0
+    batch = typed_batch(cfg)
     ours = flax_logits(model, params, batch, head)
     ref = torch_logits(hf_dir, batch, head)
     if head == "classify":

@@ -478,8 +478,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
                             default=field.default, help=f"(default {field.default})")
     parser.add_argument("--drop-extra-heads", action="store_true",
-                        help="leave out task heads that are not BERT/RoBERTa's (a warning names "
-                        "them)")
+                        help="leave out task heads the model's family does not have (a "
+                        "warning names them)")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     return parser.parse_args(argv)
 

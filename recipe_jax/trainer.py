@@ -40,8 +40,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from recipe_jax import checkpoint, data, hf, optim, outputs, packing, sharding, streaming
-from recipe_jax.losses import matches
+from recipe_jax import checkpoint, data, families, hf, optim, outputs, packing, sharding, streaming
 from recipe_jax.model import Transformer, abstract_params
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
@@ -88,10 +87,11 @@ def jit_train_step(loss_fn: LossFn, optimizer, schedule, seed: int, state, froze
 
 
 def split_params(params, patterns: Sequence[str], model_type: str) -> tuple[dict, dict]:
-    """(trainable, frozen): disjoint nested dicts; a leaf is trainable if its HF name matches."""
+    """(trainable, frozen): disjoint nested dicts; a leaf is trainable if `patterns` select it
+    (aliases such as "ffn_in", or regexes over its HF name: families.py)."""
     trainable, frozen = {}, {}
     for path, leaf in hf.flat_params(params).items():
-        node = trainable if matches(patterns, hf.hf_name(path, model_type)) else frozen
+        node = trainable if hf.selected(path, patterns, model_type) else frozen
         for k in path[:-1]:
             node = node.setdefault(k, {})
         node[path[-1]] = leaf
@@ -211,10 +211,13 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     per_epoch = data.steps_per_epoch(num_examples, config.train.batch_size)
     num_steps = config.train.num_steps or per_epoch * config.train.num_epochs
     _record_run(workdir, config, cfg, model_dir, fingerprint, data_sha256)
-    names = [n for n in hf.named_params(host_params, cfg.model_type) if matches(trainable, n)]
+    names = [p for p in hf.flat_params(host_params) if hf.selected(p, trainable, cfg.model_type)]
     if not names:
-        raise ValueError(f"trainable patterns {tuple(trainable)} match no parameter; "
-                         "names look like bert.encoder.layer.0.intermediate.dense.weight")
+        example = hf.hf_name(("encoder", "layer_0", "intermediate", "dense", "kernel"),
+                             cfg.model_type)
+        raise ValueError(f"trainable patterns {tuple(trainable)} match no parameter; use the "
+                         f"aliases {', '.join(families.ALIASES)} or regexes over names like "
+                         f"{example}")
 
     # State born sharded; resumed from the newest complete checkpoint if there is one.
     train_params, frozen = split_params(shard_params(host_params, cfg, mesh), trainable,

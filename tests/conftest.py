@@ -30,11 +30,18 @@ def tiny_hf(kind: str, out_dir, *, seed: int = 0, safe: bool = True, **overrides
     import transformers
 
     torch.manual_seed(seed)
-    family = next(f for f in ("XLMRoberta", "Camembert", "Roberta", "Bert") if kind.startswith(f))
+    family = next(f for f in ("XLMRoberta", "Camembert", "Roberta", "DistilBert", "Electra",
+                              "Bert") if kind.startswith(f))
     kw = dict(TINY)
-    if family != "Bert":  # RoBERTa's layout (XLM-R and CamemBERT share it)
+    if family in ("XLMRoberta", "Camembert", "Roberta"):  # RoBERTa's layout
         kw.update(pad_token_id=1, type_vocab_size=1, max_position_embeddings=66)
+    if family == "Electra":  # embeddings narrower than the encoder, projected
+        kw.update(embedding_size=16)
     kw.update(overrides)
+    if family == "DistilBert":  # its own config keys
+        keys = dict(hidden_size="dim", num_hidden_layers="n_layers",
+                    num_attention_heads="n_heads", intermediate_size="hidden_dim")
+        kw = {keys.get(k, k): v for k, v in kw.items()}
     config = getattr(transformers, f"{family}Config")(**kw)
     model = getattr(transformers, kind)(config).eval()
     model.save_pretrained(str(out_dir), safe_serialization=safe)

@@ -16,7 +16,7 @@ import transformers
 from conftest import tiny_hf
 from safetensors.numpy import load_file
 
-from recipe_jax import hf, parity, weights
+from recipe_jax import families, hf, parity, weights
 
 TOL = 1e-4
 
@@ -35,20 +35,24 @@ def _torch_out(model, batch, head):
     ("BertForSequenceClassification", "classify"), ("RobertaForSequenceClassification", "classify"),
     ("BertForPreTraining", "encode"), ("RobertaModel", "encode"),
     ("XLMRobertaForMaskedLM", "mlm"), ("CamembertForSequenceClassification", "classify"),
+    ("DistilBertForMaskedLM", "mlm"), ("DistilBertForSequenceClassification", "classify"),
+    ("DistilBertModel", "encode"), ("ElectraForMaskedLM", "mlm"),
+    ("ElectraForPreTraining", "discriminate"), ("ElectraForSequenceClassification", "classify"),
+    ("ElectraModel", "encode"),
 ])
 def test_logits_match_transformers(tmp_path, kind, head):
     ref = tiny_hf(kind, tmp_path / "m", num_labels=3)
     model, params = hf.load_pretrained(tmp_path / "m")
-    batch = parity.fixed_batch(99, ref.config.pad_token_id, batch=4, length=12)
-    if ref.config.type_vocab_size < 2:
-        batch["token_type_ids"][:] = 0
-    assert batch["attention_mask"].min() == 0 and batch["token_type_ids"].max() in (0, 1)
+    batch = parity.typed_batch(model.cfg, batch=4, length=12)
+    assert batch["attention_mask"].min() == 0
+    if kind.startswith("Bert"):
+        assert batch["token_type_ids"].max() == 1  # both token types exercised
     ours = parity.flax_logits(model, params, batch, head)
     theirs = _torch_out(ref, batch, head)
     assert ours.shape == theirs.shape
     mask = batch["attention_mask"] > 0
     diff = np.abs(ours - theirs)
-    if head == "mlm":
+    if head in ("mlm", "discriminate"):
         diff = diff[mask]
     elif head == "encode":
         diff = diff[:, mask]
@@ -79,7 +83,10 @@ def test_minilm_hidden_states_match_transformers(minilm_dir):
     ("BertForMaskedLM", True), ("BertForMaskedLM", False), ("BertForPreTraining", True),
     ("BertModel", True), ("BertForSequenceClassification", False), ("RobertaForMaskedLM", True),
     ("RobertaModel", False), ("XLMRobertaForMaskedLM", True),
-    ("CamembertForSequenceClassification", True),
+    ("CamembertForSequenceClassification", True), ("DistilBertForMaskedLM", True),
+    ("DistilBertModel", False), ("DistilBertForSequenceClassification", True),
+    ("ElectraForMaskedLM", True), ("ElectraForPreTraining", False), ("ElectraModel", True),
+    ("ElectraForSequenceClassification", True),
 ])
 def test_round_trip_is_bit_identical(tmp_path, kind, safe):
     src = tmp_path / "src"
@@ -88,11 +95,12 @@ def test_round_trip_is_bit_identical(tmp_path, kind, safe):
     out = hf.save_pretrained(model, params, tmp_path / "out", tokenizer_from=src)
     exported = load_file(str(out / "model.safetensors"))
     original = {k: v.numpy() for k, v in ref.state_dict().items()}
-    prefix = "bert." if kind.startswith("Bert") else "roberta."  # XLM-R, CamemBERT: RoBERTa's
+    fam = families.family(model.cfg.model_type)  # XLM-R, CamemBERT: RoBERTa's names
+    prefix = fam.name + "."
     if kind.endswith("Model"):
         original = {prefix + k: v for k, v in original.items()}
     for key, value in original.items():
-        if key.endswith(("position_ids", "token_type_ids")) or ".decoder." in key:
+        if key.endswith(("position_ids", "token_type_ids")) or key in (fam.tied, fam.tied_bias):
             continue  # buffers, and the tied decoder (omitted, re-tied by transformers)
         assert key in exported, f"{key} dropped by the round trip"
         assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key

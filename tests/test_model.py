@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from recipe_jax import families
 from recipe_jax.model import ModelConfig, abstract_params, count_params
 
 BERT_BASE_UNCASED = dict(  # bert-base-uncased's config.json (a BertForPreTraining checkpoint)
@@ -20,10 +21,21 @@ ROBERTA_BASE = dict(  # roberta-base's config.json (a RobertaForMaskedLM checkpo
 
 
 XLM_ROBERTA_BASE = dict(ROBERTA_BASE, model_type="xlm-roberta", vocab_size=250002)
+DISTILBERT_BASE = dict(  # distilbert-base-uncased's config.json (DistilBertForMaskedLM)
+    model_type="distilbert", vocab_size=30522, dim=768, n_layers=6, n_heads=12,
+    hidden_dim=3072, max_position_embeddings=512, activation="gelu", dropout=0.1,
+    attention_dropout=0.1, seq_classif_dropout=0.2, pad_token_id=0, sinusoidal_pos_embds=False)
+ELECTRA_BASE = dict(  # google/electra-base-discriminator's config.json (ElectraForPreTraining)
+    model_type="electra", vocab_size=30522, embedding_size=768, hidden_size=768,
+    num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu")
+ELECTRA_SMALL_GENERATOR = dict(  # google/electra-small-generator's (ElectraForMaskedLM)
+    ELECTRA_BASE, embedding_size=128, hidden_size=256, num_attention_heads=4,
+    intermediate_size=1024)
 
 
 def _torch_count(cls_name, hf):
-    family = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}[hf["model_type"]]
+    family = families.CLASS_PREFIX[hf["model_type"]]
     config = getattr(transformers, f"{family}Config")(**hf)
     with torch.device("meta"):  # shapes only, nothing allocated
         model = getattr(transformers, cls_name)(config)
@@ -39,6 +51,13 @@ def _torch_count(cls_name, hf):
     (ROBERTA_BASE, "RobertaForMaskedLM", dict()),
     (ROBERTA_BASE, "RobertaForSequenceClassification", dict(mlm_head=False, num_labels=2)),
     (XLM_ROBERTA_BASE, "XLMRobertaForMaskedLM", dict()),
+    (DISTILBERT_BASE, "DistilBertForMaskedLM", dict()),
+    (DISTILBERT_BASE, "DistilBertModel", dict(mlm_head=False)),
+    (DISTILBERT_BASE, "DistilBertForSequenceClassification", dict(mlm_head=False, num_labels=2)),
+    (ELECTRA_BASE, "ElectraForPreTraining", dict(mlm_head=False, discriminator=True)),
+    (ELECTRA_BASE, "ElectraForSequenceClassification", dict(mlm_head=False, num_labels=2)),
+    (ELECTRA_SMALL_GENERATOR, "ElectraForMaskedLM", dict()),
+    (ELECTRA_SMALL_GENERATOR, "ElectraModel", dict(mlm_head=False)),
 ])
 def test_eval_shape_param_counts_match_transformers(hf, cls_name, heads):
     cfg = ModelConfig.from_hf_config(hf, **heads)
@@ -47,8 +66,13 @@ def test_eval_shape_param_counts_match_transformers(hf, cls_name, heads):
     assert count_params(abstract) == _torch_count(cls_name, hf)
 
 
-def test_every_parameter_has_logical_axes():
-    cfg = ModelConfig.from_hf_config(BERT_BASE_UNCASED, pooler=True, nsp_head=True, num_labels=2)
+@pytest.mark.parametrize("hf,heads", [
+    (BERT_BASE_UNCASED, dict(pooler=True, nsp_head=True, num_labels=2)),
+    (DISTILBERT_BASE, dict(num_labels=2)),
+    (dict(ELECTRA_BASE, embedding_size=128), dict(discriminator=True, num_labels=2)),
+])
+def test_every_parameter_has_logical_axes(hf, heads):
+    cfg = ModelConfig.from_hf_config(hf, **heads)
     boxed = jax.tree.leaves(abstract_params(cfg), is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert boxed and all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
     for box in boxed:
@@ -57,10 +81,21 @@ def test_every_parameter_has_logical_axes():
     assert kernels == {("embed", "mlp")}
 
 
-def test_config_round_trip_and_errors():
-    cfg = ModelConfig.from_hf_config(ROBERTA_BASE)
-    again = ModelConfig.from_hf_config({**ROBERTA_BASE, **cfg.to_hf_config()})
-    assert again == cfg
+@pytest.mark.parametrize("hf", [ROBERTA_BASE, DISTILBERT_BASE, ELECTRA_SMALL_GENERATOR])
+def test_config_round_trip(hf):
+    """to_hf_config writes the family's own keys (DistilBERT: dim, n_layers, ...) and reads back
+    to the same config, on its own and over the original file."""
+    cfg = ModelConfig.from_hf_config(hf)
+    written = cfg.to_hf_config()
+    assert ModelConfig.from_hf_config({**hf, **written}) == cfg
+    assert ModelConfig.from_hf_config(written) == cfg
+    assert set(hf) - {"bos_token_id", "eos_token_id", "sinusoidal_pos_embds"} <= set(written)
+    if hf["model_type"] == "distilbert":
+        assert "hidden_size" not in written and written["dim"] == 768
+        assert cfg.type_vocab_size == 0 and cfg.classifier_dropout == 0.2
+
+
+def test_config_errors():
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         ModelConfig.from_hf_config({**BERT_BASE_UNCASED, "model_type": "gpt2"})
     with pytest.raises(ValueError, match="relative_key"):
