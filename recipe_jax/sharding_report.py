@@ -4,6 +4,7 @@ r"""Ahead-of-time check of the sharded RECIPE train step, without allocating any
         python -m recipe_jax.sharding_report --mesh 2,4,1          # bert-large, 8 fake CPUs
     python -m recipe_jax.sharding_report --preset roberta --mesh 1,8,1 --layers 12 --hidden 768 \
         --heads 12 --intermediate 3072
+    python -m recipe_jax.sharding_report --preset strong --family electra   # electra-base
 
 Builds the parameters and the optimizer state as abstract arrays (`jax.eval_shape`) carrying the
 NamedShardings training gives them (the same rules table), lowers and compiles the jitted purify
@@ -27,6 +28,21 @@ from recipe_jax.model import ModelConfig, abstract_params
 
 BERT_LARGE = dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
                   intermediate_size=4096, vocab_size=30522)
+# The base-size checkpoint of each family, as its config.json says (--family).
+_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+             intermediate_size=3072, max_position_embeddings=512, hidden_act="gelu")
+BASE_CONFIGS = {
+    "bert": dict(_BASE, model_type="bert", type_vocab_size=2, layer_norm_eps=1e-12,
+                 pad_token_id=0),  # bert-base-uncased
+    "roberta": dict(_BASE, model_type="roberta", vocab_size=50265, max_position_embeddings=514,
+                    type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1),  # roberta-base
+    "distilbert": dict(model_type="distilbert", vocab_size=30522, dim=768, n_layers=6,
+                       n_heads=12, hidden_dim=3072, max_position_embeddings=512,
+                       activation="gelu", dropout=0.1, attention_dropout=0.1,
+                       seq_classif_dropout=0.2, pad_token_id=0),  # distilbert-base-uncased
+    "electra": dict(_BASE, model_type="electra", embedding_size=768, type_vocab_size=2,
+                    layer_norm_eps=1e-12, pad_token_id=0),  # google/electra-base-discriminator
+}
 
 
 def _abstract(tree, shardings):
@@ -104,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="bert", help="configs/purify.py preset (default bert)")
     p.add_argument("--mesh", default="2,4,1", help="data,fsdp,tensor (default 2,4,1)")
     p.add_argument("--batch-size", type=int, default=0, help="global batch (0 = the preset's)")
+    p.add_argument("--family", choices=sorted(BASE_CONFIGS), default="",
+                   help="that family's base-size config (replaces the size flags)")
     for key, default in (("layers", 24), ("hidden", 1024), ("heads", 16),
                          ("intermediate", 4096), ("vocab", 30522)):
         p.add_argument(f"--{key}", type=int, default=default, help=f"(default {default})")
@@ -111,9 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     config = cli.load_config(cli.REPO / "configs" / "purify.py", args.preset).unlock()
     if args.batch_size:
         config.train.batch_size = args.batch_size
-    cfg = ModelConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
-                      num_attention_heads=args.heads, intermediate_size=args.intermediate,
-                      vocab_size=args.vocab)
+    if args.family:
+        cfg = ModelConfig.from_hf_config(BASE_CONFIGS[args.family])
+    else:
+        cfg = ModelConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
+                          num_attention_heads=args.heads, intermediate_size=args.intermediate,
+                          vocab_size=args.vocab)
     try:
         mesh = sharding.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
     except ValueError as e:
@@ -125,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     if memory is not None:
         numbers["xla_arguments_mib"] = memory.argument_size_in_bytes / 2 ** 20
         numbers["xla_temp_mib"] = memory.temp_size_in_bytes / 2 ** 20
-    print(f"purify step ({args.preset}), {args.layers} layers x {args.hidden}, mesh "
+    print(f"purify step ({args.preset}), {cfg.model_type} {cfg.num_hidden_layers} layers x "
+          f"{cfg.hidden_size}, mesh "
           f"{dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} devices")
     for name in ("params", "opt_state"):
         total, per = numbers[f"{name}_total_mib"], numbers[f"{name}_per_device_mib"]
