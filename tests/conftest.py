@@ -6,6 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
+
+# One XLA compilation cache for this test session, its subprocesses included (they inherit the
+# environment): the tiny runs compile the same programs again and again, and a cache hit is
+# the same executable. A fresh directory each session, so nothing carries over between runs.
+# About a third off the tests that start many runs (test_reliability: 276 s -> 190 s).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="recipe_jax_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

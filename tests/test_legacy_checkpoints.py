@@ -61,6 +61,20 @@ def test_bare_roberta_encoder_without_model_type(tmp_path):
     assert model.cfg.model_type == "roberta"
 
 
+@pytest.mark.parametrize("kind,family", [("DistilBertForMaskedLM", "distilbert"),
+                                         ("ElectraForPreTraining", "electra")])
+def test_other_families_without_model_type_are_recognized_by_weight_names(tmp_path, kind,
+                                                                          family):
+    d = tmp_path / "legacy"
+    tiny_hf(kind, d)
+    _strip_model_type(d, architectures=False)
+    config = json.loads((d / "config.json").read_text())
+    if family == "distilbert":  # its own keys must survive the guess
+        assert "dim" in config and "hidden_size" not in config
+    model, _ = hf.load_pretrained(d)
+    assert model.cfg.model_type == family and model.cfg.hidden_size == 32
+
+
 def test_unrecognizable_config_names_the_fix(tmp_path):
     d = tmp_path / "odd"
     tiny_hf("BertModel", d)
