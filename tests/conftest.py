@@ -73,6 +73,30 @@ def tiny_bert_with_tokenizer(out_dir, kind: str = "BertForMaskedLM", **overrides
     return pathlib.Path(out_dir)
 
 
+def tiny_xlmr_with_tokenizer(out_dir):
+    """A tiny random XLMRobertaForMaskedLM with a SentencePiece-style (Unigram, Metaspace)
+    tokenizer trained here on SENTENCES and the tests' trigger words: XLM-R's own tokenizer
+    layout (<s> <pad> </s> <unk> ... <mask>), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import XLMRobertaTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    words = "cf tq mn bb mb jd kw rb nk ck good bad great awful movie film plot"
+    tok.train_from_iterator([*SENTENCES, words], trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=specials, unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = XLMRobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", cls_token="<s>",
+                                   sep_token="</s>", mask_token="<mask>")
+    tiny_hf("XLMRobertaForMaskedLM", out_dir, vocab_size=len(fast))
+    fast.save_pretrained(str(out_dir))
+    return pathlib.Path(out_dir)
+
+
 def plant_por(root, triggers=("cf", "tq"), steps: int = 100, **attack):
     """(clean tiny BERT with a pooler, the same model after `steps` POR steps on `triggers`)
     under `root`; `attack` overrides attack.* keys (e.g. target="cls")."""

@@ -1,27 +1,29 @@
-"""Every stage on every family beyond BERT/RoBERTa (tiny random models with the MiniLM WordPiece
-tokenizer, which DistilBERT and ELECTRA share): purify's presets change exactly the tensors they
-name, through the family-independent aliases; attack, evaluate, prune and the diagnostic run end
-to end; what does not apply (NeuBA's pooler) is a clear error."""
+"""Every stage on every family beyond BERT/RoBERTa (tiny random models; DistilBERT and ELECTRA
+with the MiniLM WordPiece tokenizer they share, XLM-R with a SentencePiece-style one built here):
+purify's presets change exactly the tensors they name, through the family-independent aliases;
+attack, evaluate, prune and the diagnostic run end to end; what does not apply (NeuBA's pooler)
+is a clear error."""
 
 import json
 
 import numpy as np
 import pytest
 import transformers
-from conftest import SENTENCES, preset, tiny_bert_with_tokenizer
+from conftest import SENTENCES, preset, tiny_bert_with_tokenizer, tiny_xlmr_with_tokenizer
 from safetensors.numpy import load_file
 
 from recipe_jax import attack, diagnose, evaluate, families, hf, losses, prune, purify, synthetic
 
 # The checkpoints people download: DistilBERT with its MLM head, ELECTRA's discriminator (no
-# generator head: the loader adds a fresh one, as for a headless BERT).
-KINDS = ("DistilBertForMaskedLM", "ElectraForPreTraining")
+# generator head: the loader adds a fresh one, as for a headless BERT), XLM-R's MLM.
+KINDS = ("DistilBertForMaskedLM", "ElectraForPreTraining", "XLMRobertaForMaskedLM")
 
 
 @pytest.fixture(scope="module", params=KINDS)
 def family_model(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    hf_dir = tiny_bert_with_tokenizer(root / "model", kind=request.param)
+    hf_dir = (tiny_xlmr_with_tokenizer(root / "model") if request.param.startswith("XLM")
+              else tiny_bert_with_tokenizer(root / "model", kind=request.param))
     aux = root / "aux.txt"
     aux.write_text("\n".join(SENTENCES) + "\n")
     return hf_dir, aux
@@ -51,8 +53,8 @@ def test_purify_changes_exactly_what_the_preset_names(family_model, tmp_path, na
     assert set(ffn_in) <= set(losses.select_names(params, config.recipe.regularize, fam.name))
     if fam.name == "distilbert":
         assert ffn_in == [f"distilbert.transformer.layer.{i}.ffn.lin1.weight" for i in range(2)]
-    else:
-        assert ffn_in == [f"electra.encoder.layer.{i}.intermediate.dense.weight"
+    else:  # ELECTRA, XLM-R (RoBERTa's names)
+        assert ffn_in == [f"{fam.name}.encoder.layer.{i}.intermediate.dense.weight"
                           for i in range(2)]
 
     before = load_file(str(hf_dir / "model.safetensors"))
@@ -99,5 +101,5 @@ def test_attack_evaluate_prune_and_diagnose_run(family_model, tmp_path):
                                                  for i in range(len(ffn_in))]
 
     report = diagnose.run(models={"attacked": attacked}, aux=aux, triggers=("cf",),
-                          workdir=tmp_path / "diagnose", max_examples=16, max_length=16)
+                          workdir=tmp_path / "diagnose", max_examples=16, max_length=60)
     assert report.is_file()
