@@ -68,6 +68,13 @@ def hf_name(path: tuple[str, ...], model_type: str) -> str:
     return name
 
 
+def selection_hint(model_type: str) -> str:
+    """What a parameter selection may say, for errors about one that selects nothing."""
+    example = hf_name(("encoder", "layer_0", "intermediate", "dense", "kernel"), model_type)
+    return (f"use the aliases {', '.join(families.ALIASES)} or regexes over names like "
+            f"{example}")
+
+
 def selected(path: tuple[str, ...], patterns, model_type: str) -> bool:
     """Whether `patterns` (aliases such as "ffn_in", or regexes over HF names; families.py)
     select the parameter at Flax `path`."""

@@ -58,8 +58,7 @@ def lr_scale_tree(trainable, entries: Sequence[str], model_type: str,
     unused = [p for p, _ in rules if p not in used]
     if unused:
         bad_value("train.lr_scales", tuple(entries),
-                  f"{unused} match no trainable parameter; names look like "
-                  "bert.encoder.layer.0.intermediate.dense.weight")
+                  f"{unused} match no trainable parameter; {hf.selection_hint(model_type)}")
     return tree
 
 

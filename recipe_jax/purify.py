@@ -32,6 +32,7 @@ from recipe_jax import (
     data,
     export,
     guide,
+    hf,
     losses,
     masks,
     outputs,
@@ -196,8 +197,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.recipe.weight > 0 and not losses.select_names(
             host_params, config.recipe.regularize, cfg.model_type):
         raise ValueError(f"recipe.regularize={tuple(config.recipe.regularize)} matches no "
-                         "parameter; names look like bert.encoder.layer.0.intermediate.dense."
-                         "weight")
+                         f"parameter; {hf.selection_hint(cfg.model_type)}")
     if config.data.streaming:  # `texts` is a lazy streaming.TextIndex
         arrays, masking = streaming.prepare(config, texts, model_dir, cfg.vocab_size)
     else:

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from recipe_jax import checkpoint, data, families, hf, optim, outputs, packing, sharding, streaming
+from recipe_jax import checkpoint, data, hf, optim, outputs, packing, sharding, streaming
 from recipe_jax.model import Transformer, abstract_params
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
@@ -213,11 +213,8 @@ def fit(config, workdir: pathlib.Path, mesh, *, name: str, model_dir, model: Tra
     _record_run(workdir, config, cfg, model_dir, fingerprint, data_sha256)
     names = [p for p in hf.flat_params(host_params) if hf.selected(p, trainable, cfg.model_type)]
     if not names:
-        example = hf.hf_name(("encoder", "layer_0", "intermediate", "dense", "kernel"),
-                             cfg.model_type)
-        raise ValueError(f"trainable patterns {tuple(trainable)} match no parameter; use the "
-                         f"aliases {', '.join(families.ALIASES)} or regexes over names like "
-                         f"{example}")
+        raise ValueError(f"trainable patterns {tuple(trainable)} match no parameter; "
+                         f"{hf.selection_hint(cfg.model_type)}")
 
     # State born sharded; resumed from the newest complete checkpoint if there is one.
     train_params, frozen = split_params(shard_params(host_params, cfg, mesh), trainable,
