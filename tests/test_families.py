@@ -12,7 +12,19 @@ import transformers
 from conftest import SENTENCES, preset, tiny_bert_with_tokenizer, tiny_xlmr_with_tokenizer
 from safetensors.numpy import load_file
 
-from recipe_jax import attack, diagnose, evaluate, families, hf, losses, prune, purify, synthetic
+from recipe_jax import (
+    attack,
+    data,
+    diagnose,
+    evaluate,
+    families,
+    guide,
+    hf,
+    losses,
+    prune,
+    purify,
+    synthetic,
+)
 
 # The checkpoints people download: DistilBERT with its MLM head, ELECTRA's discriminator (no
 # generator head: the loader adds a fresh one, as for a headless BERT), XLM-R's MLM.
@@ -103,3 +115,19 @@ def test_attack_evaluate_prune_and_diagnose_run(family_model, tmp_path):
     report = diagnose.run(models={"attacked": attacked}, aux=aux, triggers=("cf",),
                           workdir=tmp_path / "diagnose", max_examples=16, max_length=60)
     assert report.is_file()
+
+
+def test_word_starts_of_each_tokenizer_family(family_model):
+    """guided inserts candidate triggers only before a word start: WordPiece's non-`##` pieces,
+    SentencePiece's `▁` pieces (XLM-R)."""
+    hf_dir, _ = family_model
+    tokenizer = data.load_tokenizer(hf_dir)
+    table = guide.word_start_table(tokenizer, len(tokenizer))
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    sentencepiece = any(t.startswith("\u2581") for t in tokens)
+    for token, start in zip(tokens, table, strict=True):
+        if token in tokenizer.all_special_tokens:
+            continue
+        want = token.startswith("\u2581") if sentencepiece else not token.startswith("##")
+        assert start == want, token
+    assert 0 < table.sum() < len(table)
