@@ -28,10 +28,8 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from step import INTERMEDIATE, LOADED, CpuMeter  # noqa: E402
+from step import INTERMEDIATE, LOADED, CpuMeter, torch_ids_and_labels  # noqa: E402
 
 
 def purify_config(model: str, aux: str, examples: int, epochs: int, packing: bool):
@@ -77,11 +75,7 @@ def run_torch(config, weights_dir: pathlib.Path, out_dir: pathlib.Path) -> dict:
                               enc["candidates"], mask_token_id=int(tokenizer.mask_token_id),
                               vocab_size=len(tokenizer), num_positions=masks.num_masked_positions(
                                   config.data.max_length))
-        ids = torch.from_numpy(np.array(m["input_ids"])).long()
-        labels = torch.full_like(ids, -100)
-        rows, slots = np.nonzero(np.asarray(m["weights"]) > 0)
-        labels[rows, np.asarray(m["positions"])[rows, slots]] = torch.from_numpy(
-            np.asarray(m["labels"])[rows, slots]).long()
+        ids, labels = torch_ids_and_labels(m)
         attention = torch.from_numpy(enc["attention_mask"]).long()
         model = transformers.BertForMaskedLM.from_pretrained(str(weights_dir)).train()
         weights = []

@@ -123,6 +123,19 @@ def load_weights(size: str, aux: bool, workdir: pathlib.Path):
     return model, params, hf.save_pretrained(model, params, workdir / "weights")
 
 
+
+def torch_ids_and_labels(m: dict):
+    """(masked ids, labels) as torch tensors from static masks (input_ids, [N, M] positions,
+    labels, weights): the release's labels, -100 everywhere but the labeled masked slots."""
+    import torch
+
+    ids = torch.from_numpy(np.array(m["input_ids"])).long()
+    labels = torch.full_like(ids, -100)
+    rows, slots = np.nonzero(np.asarray(m["weights"]) > 0)
+    labels[rows, np.asarray(m["positions"])[rows, slots]] = torch.from_numpy(
+        np.asarray(m["labels"])[rows, slots]).long()
+    return ids, labels
+
 class JaxSide:
     """The recipe_jax step on a list of host batches; one compiled program per batch shape."""
 
@@ -192,12 +205,8 @@ class TorchSide:
                                           enabled=dtype == "bfloat16")
 
     def tensors(self, b: dict) -> dict:
-        t = self.torch
-        ids = t.from_numpy(np.array(b["input_ids"])).long()
-        labels = t.full_like(ids, -100)
-        rows, slots = np.nonzero(b["weights"] > 0)
-        labels[rows, b["positions"][rows, slots]] = t.from_numpy(b["labels"][rows, slots]).long()
-        mask = t.from_numpy(np.array(b["attention_mask"])).long()
+        ids, labels = torch_ids_and_labels(b)
+        mask = self.torch.from_numpy(np.array(b["attention_mask"])).long()
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def _loss(self, b: dict):
