@@ -46,13 +46,13 @@ TRIGGERS = ("cf", "tq", "mn", "bb", "mb")
 FULL = dict(aux=3000, train=600, test=400, length=32, attack_steps=300, purify_steps=300,
             finetune_epochs=3, diagnose=200, scan_vocab=0)
 FAST = dict(aux=64, train=64, test=32, length=16, attack_steps=4, purify_steps=4,
-            finetune_epochs=1, diagnose=16, scan_vocab=300)
+            finetune_epochs=1, diagnose=16, scan_vocab=200)
 
 
 def scan_settings(size: dict) -> scan.Settings:
     if not size["scan_vocab"]:
         return scan.Settings()
-    return scan.Settings(max_vocab=size["scan_vocab"], confirm_tokens=64, reference_tokens=64,
+    return scan.Settings(max_vocab=size["scan_vocab"], confirm_tokens=32, reference_tokens=32,
                          pair_tokens=4)
 
 

@@ -101,8 +101,11 @@ def _purify(name, model_dir, aux, workdir, steps, **overrides):
 
 @pytest.mark.slow
 def test_guided_on_a_clean_model_finds_nothing_and_equals_strong(tmp_path, tiny_bert, aux_file):
-    g_summary, guided = _purify("guided", tiny_bert, aux_file, tmp_path / "guided", 6)
-    s_summary, strong = _purify("strong", tiny_bert, aux_file, tmp_path / "strong", 6)
+    small_scan = dict(scan__max_vocab=3000, scan__confirm_tokens=64, scan__reference_tokens=64)
+    g_summary, guided = _purify("guided", tiny_bert, aux_file, tmp_path / "guided", 6,
+                                **small_scan)
+    s_summary, strong = _purify("strong", tiny_bert, aux_file, tmp_path / "strong", 6,
+                                **small_scan)
     assert g_summary["guide"]["candidates"] == [], g_summary["guide"]
     assert "no trigger found" in g_summary["guide"]["loaded_scan"]
     assert set(guided) == set(strong)
