@@ -22,9 +22,13 @@ _ARCHITECTURE_TYPES = (("XLMRoberta", "xlm-roberta"), ("Camembert", "camembert")
                        ("Roberta", "roberta"), ("DistilBert", "distilbert"),
                        ("Electra", "electra"), ("Bert", "bert"))
 # First weight-name component -> family (heads included: a bare head checkpoint is rare).
-_ROOT_TYPES = (({"roberta", "lm_head"}, "roberta"), ({"distilbert", "vocab_projector"},
-               "distilbert"), ({"electra", "generator_lm_head", "discriminator_predictions"},
-                               "electra"), ({"bert", "cls"}, "bert"))
+# A bare DistilBERT has `transformer.*`, a bare small ELECTRA `embeddings_project.*`; a bare
+# ELECTRA without the projection is BERT's layout and math, and loads as BERT.
+_ROOT_TYPES = (({"roberta", "lm_head"}, "roberta"),
+               ({"distilbert", "vocab_projector", "transformer"}, "distilbert"),
+               ({"electra", "generator_lm_head", "discriminator_predictions",
+                 "embeddings_project"}, "electra"),
+               ({"bert", "cls"}, "bert"))
 
 
 def infer_model_type(hf: dict[str, Any], model_dir: pathlib.Path) -> tuple[str, str]:

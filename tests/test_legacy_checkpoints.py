@@ -62,7 +62,9 @@ def test_bare_roberta_encoder_without_model_type(tmp_path):
 
 
 @pytest.mark.parametrize("kind,family", [("DistilBertForMaskedLM", "distilbert"),
-                                         ("ElectraForPreTraining", "electra")])
+                                         ("DistilBertModel", "distilbert"),
+                                         ("ElectraForPreTraining", "electra"),
+                                         ("ElectraModel", "electra")])
 def test_other_families_without_model_type_are_recognized_by_weight_names(tmp_path, kind,
                                                                           family):
     d = tmp_path / "legacy"
