@@ -60,13 +60,7 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.recipe.mlm = True  # include the MLM loss term (False = "only regularization" ablation)
     c.recipe.drop_pooler = False  # leave the pooler (+NSP head) out: no loss term reaches them
 
-    c.scan = ml_collections.ConfigDict()
-    c.scan.enabled = True  # scan the result for triggers at the end (recipe_jax.scan): DIR/scan/
-    c.scan.max_vocab = 0  # scan a seeded sample of this many tokens (0 = the whole vocabulary)
-    c.scan.confirm_tokens = 256  # the screen's top tokens confirmed with more probes
-    c.scan.reference_tokens = 256  # the vocabulary sample scores are taken against
-    c.scan.pair_tokens = 16  # pairs among the top candidates (scan.Settings: docs/scan.md)
-
+    _add_scan(c)
     _add_guide(c)
     config_blocks.add_runtime(c)
 
@@ -96,6 +90,16 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
         c.checkpoint.every_steps = 3
         c.scan.enabled = False
     return c.lock()
+
+
+def _add_scan(c: ml_collections.ConfigDict) -> None:
+    """scan.*: the trigger scan of the result (recipe_jax.scan, scan.Settings.of)."""
+    c.scan = ml_collections.ConfigDict()
+    c.scan.enabled = True  # scan the result for triggers at the end (recipe_jax.scan): DIR/scan/
+    c.scan.max_vocab = 0  # scan a seeded sample of this many tokens (0 = the whole vocabulary)
+    c.scan.confirm_tokens = 256  # the screen's top tokens confirmed with more probes
+    c.scan.reference_tokens = 256  # the vocabulary sample scores are taken against
+    c.scan.pair_tokens = 16  # pairs among the top candidates (docs/scan.md)
 
 
 def _add_guide(c: ml_collections.ConfigDict) -> None:
