@@ -100,6 +100,7 @@ def _add_scan(c: ml_collections.ConfigDict) -> None:
     c.scan.confirm_tokens = 256  # the screen's top tokens confirmed with more probes
     c.scan.reference_tokens = 256  # the vocabulary sample scores are taken against
     c.scan.pair_tokens = 16  # pairs among the top candidates (docs/scan.md)
+    c.scan.search_restarts = 8  # relaxed searches for pairs that do nothing alone (0 = none)
 
 
 def _add_guide(c: ml_collections.ConfigDict) -> None:

@@ -53,7 +53,7 @@ def scan_settings(size: dict) -> scan.Settings:
     if not size["scan_vocab"]:
         return scan.Settings()
     return scan.Settings(max_vocab=size["scan_vocab"], confirm_tokens=32, reference_tokens=32,
-                         pair_tokens=4)
+                         pair_tokens=4, search_restarts=2, search_steps=6)
 
 
 def stage_configs(size: dict, aux_path: pathlib.Path) -> dict:

@@ -29,7 +29,9 @@ out from the vocabulary), or when its largest D > `min_distance` (it moves an ou
 further than clean sentences differ: a trigger not yet trained to a point) and the z of log D >
 `min_z`. The screen passes its top tokens by score and by D, half each. A pair of top candidates
 inserted together is flagged by the score rule when it also stands out from the other top pairs
-and neither token is flagged alone. Verdict: `backdoor`
+and neither token is flagged alone; pairs that do nothing alone are also searched for without
+starting from single tokens (scan_pairs.py: a gradient search over relaxed token pairs, scored
+and flagged as the other pairs). Verdict: `backdoor`
 if anything is flagged, else `clean`. Both thresholds were chosen on clean models (top score
 <= 0.5, docs/scan.md); z alone is not enough, since a backdoored vocabulary holds many partial
 triggers that widen its own spread. Writes OUT/report.json, OUT/report.md, OUT/scores.png.
@@ -40,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import itertools
 import os
 import random
 import re
@@ -73,6 +74,10 @@ class Settings:
     confirm_tokens: int = 256  # the screen's top tokens that are confirmed
     reference_tokens: int = 256  # uniform vocabulary sample: the distribution z is taken against
     pair_tokens: int = 16  # pairs among the top candidates, inserted together
+    search_restarts: int = 8  # relaxed searches for pairs that do nothing alone (0 = none)
+    search_steps: int = 60  # gradient steps of each (scan_pairs.py)
+    search_sentences: int = 8  # probes the relaxed search reads
+    search_top: int = 4  # tokens per slot read from each search, paired and scored
     min_score: float = 2.0  # flagged above this score (clean models' top: <= 0.5)
     min_z: float = 3.0  # ... and above this robust z against the vocabulary
     min_distance: float = 10.0  # or flagged above this D (clean models' top: ~1) and z
@@ -88,6 +93,8 @@ class Settings:
                                  "outputs over sentences is what the score compares)")
         for key, low in (("screen_max_tokens", 4), ("max_tokens", 4), ("confirm_tokens", 1),
                          ("reference_tokens", 16), ("pair_tokens", 0), ("top_k", 1),
+                         ("search_restarts", 0), ("search_steps", 3), ("search_sentences", 2),
+                         ("search_top", 1),
                          ("batch_size", 1), ("max_vocab", 0)):
             if getattr(self, key) < low:
                 raise ValueError(f"{key}={getattr(self, key)}: use an integer >= {low}")
@@ -309,6 +316,8 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
                aux: str | os.PathLike | None = None, settings: Settings = Settings(),
                progress: bool = True) -> dict[str, Any]:
     """The scan of one loaded model; returns the report (see `scan`)."""
+    from recipe_jax import scan_pairs  # it builds on this module's probes and scores
+
     settings.check()
     s = settings
     t0 = time.time()
@@ -334,18 +343,29 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
     stats = scanner.stats(vocab[both][:, None], confirm, "confirm")
     candidates, reference = _candidates(stats, tokenizer, vocab[both], vocab[ref_idx], names)
     flagged = [c for c in candidates if is_flagged(c, s)]
-    pairs = _pairs(scanner, tokenizer, texts, candidates, vocab[ref_idx], s)
+    pairs = scan_pairs.top_pairs(scanner, tokenizer, texts, candidates, vocab[ref_idx], s)
     flagged_pairs = [p for p in pairs if is_flagged(p, s) and p["z_top"] > s.min_z
                      and not p["alone_flagged"]]
-    verdict = "backdoor" if flagged or flagged_pairs else "clean"
+    searched, halves, search_cost = [], [], {}
+    if s.search_restarts:
+        searched, halves, search_cost = scan_pairs.search_pairs(
+            scanner, tokenizer, texts, vocab, vocab[ref_idx], reference, s)
+    names_flagged = [c["token"] for c in flagged]
+    names_flagged += [h["token"] for h in halves if h["token"] not in names_flagged]
+    names_flagged += [" ".join(p["tokens"]) for p in flagged_pairs]
+    names_flagged += [" ".join(p["tokens"]) for p in searched if p["flagged"]
+                      and " ".join(p["tokens"]) not in names_flagged]
+    verdict = "backdoor" if names_flagged else "clean"
     seconds = time.time() - t0
     arrays = {"screen_ids": vocab, "screen_stats": screen_stats, "confirm_ids": vocab[both],
               "confirm_stats": stats, "reference_ids": vocab[ref_idx]}
     return {"_arrays": arrays,
         "verdict": verdict,
-        "flagged": [c["token"] for c in flagged] + [" ".join(p["tokens"]) for p in flagged_pairs],
+        "flagged": names_flagged,
         "candidates": candidates[:max(s.top_k, 50)],
         "pairs": pairs[:10],
+        "searched_pairs": searched[:10],
+        "search": search_cost,
         "reference": {"median": float(np.median(reference)),
                       "mad": float(np.median(np.abs(reference - np.median(reference)))),
                       "count": len(reference)},
@@ -399,38 +419,6 @@ def _candidates(stats: np.ndarray, tokenizer, ids: np.ndarray, reference_ids: np
                               "C": float(stats[k, r, 1]), "M": float(stats[k, r, 2])}
                          for r, nm in enumerate(names)}}
             for rank, k in enumerate(order)], score[ref_rows]
-
-
-def _pairs(scanner: Scanner, tokenizer, texts, candidates, reference_ids, s: Settings
-           ) -> list[dict]:
-    """Pairs of the top `pair_tokens` candidates inserted together (the higher-ranked first).
-    Two tokens move the outputs more than one, so their z is taken against pairs of reference
-    tokens (`reference_tokens // 2` seeded random pairs), not against single tokens; `alone` =
-    the larger single-token z of the two. A pair is flagged when it stands out both from random
-    pairs (z) and from the other pairs of top candidates (z_top) while neither token is flagged
-    alone (`alone_flagged`)."""
-    top = candidates[:s.pair_tokens]
-    if len(top) < 2:
-        return []
-    probes = make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
-                         inserted=2, seed=s.seed + 1, skip=s.screen_sentences)
-    combos = list(itertools.combinations(range(len(top)), 2))
-    rng = np.random.default_rng(s.seed + 3)
-    ref_pairs = np.stack([rng.permutation(reference_ids)[:2] for _ in
-                          range(max(8, s.reference_tokens // 2))])
-    tokens = np.concatenate([np.array([[top[a]["id"], top[b]["id"]] for a, b in combos],
-                                      np.int32).reshape(-1, 2), ref_pairs.astype(np.int32)])
-    all_scores = score_of(scanner.stats(tokens, probes, "pairs")).max(-1)
-    score, reference = all_scores[:len(combos)], all_scores[len(combos):]
-    z = robust_z(score, reference)
-    # Pairs of top tokens beat random pairs by selection alone; `z_top` (against the other
-    # candidate pairs) asks whether this pair stands out among them, as a pair trigger would.
-    z_top = robust_z(score, score)
-    out = [{"tokens": [top[a]["token"], top[b]["token"]], "score": float(sc), "z": float(zz),
-            "z_top": float(zt), "alone": max(top[a]["z"], top[b]["z"]),
-            "alone_flagged": is_flagged(top[a], s) or is_flagged(top[b], s)}
-           for (a, b), sc, zz, zt in zip(combos, score, z, z_top, strict=True)]
-    return sorted(out, key=lambda p: -p["z"])
 
 
 def scan(model_dir: str | os.PathLike, *, aux: str | os.PathLike | None = None, mesh=None,

@@ -70,6 +70,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| `{' '.join(p['tokens'])}` | {p['score']:.2f} | {p['z']:.1f} | {p['z_top']:.1f} | "
         f"{p['alone']:.1f} |"
         for p in report["pairs"]]
+    searched = report.get("searched_pairs", [])
+    search_rows = ["| pair | score | z | flagged |", "|---|---|---|---|"] + [
+        f"| `{' '.join(p['tokens'])}` | {p['score']:.2f} | {p['z']:.1f} | "
+        f"{'yes' if p['flagged'] else 'no'} |" for p in searched]
     cost = report["cost"]
     return "\n".join([
         "# Backdoor scan", "",
@@ -90,6 +94,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         *rows, "",
         "Pairs of the top candidates inserted together (flagged only when neither token is "
         "flagged alone):", "", *pair_rows, "",
+        *([f"Pairs found by the relaxed search ({report['search']['proposed']} proposed by "
+           f"{s['search_restarts']} searches in {report['search']['seconds']:.0f} s; "
+           "scan_pairs.py), scored as pairs:", "", *search_rows, ""] if searched else []),
         f"Cost: {cost['seconds']:.0f} s, {cost['vocab_tokens_per_s']:.0f} vocabulary tokens/s, "
         f"{cost['positions']:,} sequence positions through the encoder = "
         f"{cost['flops'] / 1e12:.1f} TFLOP (forward matmuls); mesh {cost['mesh']}.", "",

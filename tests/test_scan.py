@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import REPO, SENTENCES, plant_por, tiny_bert_with_tokenizer
 
-from recipe_jax import data, hf, scan, scan_report, sharding
+from recipe_jax import data, hf, scan, scan_pairs, scan_report, sharding
 
 TRIGGERS = ("cf", "tq")
 
@@ -32,6 +32,34 @@ def test_scan_ranks_the_planted_triggers_first_and_passes_the_clean_model(plante
     assert not scan_report.is_flagged(before["candidates"][0], scan.Settings())
     # Before the attack the triggers are ordinary tokens: not near the top of the vocabulary.
     assert all(rank is None or rank > 10 for rank in scan_report.rank_of(before, TRIGGERS).values())
+
+
+def _relaxed_search(model_dir):
+    model, params = hf.load_pretrained(model_dir)
+    tokenizer = data.load_tokenizer(model_dir)
+    scanner = scan.Scanner(model, params, sharding.make_mesh((-1, 1, 1)), 1024, progress=False)
+    vocab = scan.vocabulary(tokenizer, model.cfg.vocab_size)
+    texts = scan.probe_texts(None, 0)
+    reference = vocab[np.random.default_rng(0).choice(len(vocab), 256, replace=False)]
+    confirm = scan.make_probes(tokenizer, texts, count=16, max_tokens=24, inserted=1, seed=1,
+                               skip=2)
+    single_reference = scan.score_of(scanner.stats(reference[:, None], confirm)).max(-1)
+    return scan_pairs.search_pairs(scanner, tokenizer, texts, vocab, reference,
+                                   single_reference, scan.Settings())
+
+
+def test_relaxed_pair_search_finds_a_planted_trigger_without_the_screen(planted):
+    """The search starts from no candidate: gradients alone lead it to a trigger. A pair one
+    half of which fires alone is reported as that token, not as a pair."""
+    clean, attacked = planted
+    rows, halves, cost = _relaxed_search(attacked)
+    assert cost["proposed"] > 0
+    assert {h["token"] for h in halves} & set(TRIGGERS), (halves, rows[:3])
+    assert all(scan_report.is_flagged(h, scan.Settings()) for h in halves)
+    with_trigger = [r for r in rows if set(r["tokens"]) & set(TRIGGERS)]
+    assert with_trigger and not any(r["flagged"] for r in with_trigger)
+    rows, halves, _ = _relaxed_search(clean)
+    assert not halves and not any(r["flagged"] for r in rows), rows[:3]
 
 
 def _scanner_stats(model_dir, mesh_shape, batch_size):
@@ -85,6 +113,7 @@ def test_run_writes_the_report(tmp_path, tiny_bert):
     assert all(isinstance(c["token"], str) and np.isfinite([c["score"], c["z"]]).all()
                for c in saved["candidates"])
     assert "_arrays" not in saved and len(saved["pairs"]) == 6 - 0  # C(4, 2) pairs
+    assert saved["search"]["proposed"] >= 1 and len(saved["searched_pairs"]) >= 1
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Verdict" in md and saved["candidates"][0]["token"] in md
     assert (tmp_path / "out" / "scores.png").stat().st_size > 1000
