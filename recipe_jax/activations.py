@@ -6,6 +6,9 @@
                                   batch_size=64)                       # float32 [N, L, F]
     post_nlf = post_activation(model.cfg, acts_nlf)                    # the activation function
 
+A gated FFN (ModernBERT) sows both halves of its [H, 2F] dense: acts are [N, L, 2F] and
+`post_activation` gives the neurons' values act(u) * g [N, L, F].
+
 `Intermediate` sows its pre-activation under the "intermediates" collection; one jitted forward
 per batch reads it at position 0 ([CLS] / <s>) of every layer. Shape letters: N examples,
 B batch, S sequence length, L layers, F ffn.
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recipe_jax.families import family
 from recipe_jax.model import ACTIVATIONS, ModelConfig, Transformer
 
 
@@ -76,5 +80,19 @@ def cls_preactivations(model: Transformer, params, input_ids: np.ndarray,
 
 
 def post_activation(cfg: ModelConfig, preactivations: np.ndarray) -> np.ndarray:
-    """The model's activation function (exact GELU for "gelu") applied to pre-activations."""
-    return np.asarray(ACTIVATIONS[cfg.hidden_act](jnp.asarray(preactivations, jnp.float32)))
+    """[..., F]: the model's activation function (exact GELU for "gelu") applied to
+    pre-activations; for a gated FFN (ModernBERT's GLU, pre-activations [..., 2F] = input half
+    u, gate half g) each neuron's value act(u) * g, what the output dense reads."""
+    pre = jnp.asarray(preactivations, jnp.float32)
+    if family(cfg.model_type).gated_ffn:
+        u, g = jnp.split(pre, 2, axis=-1)
+        return np.asarray(ACTIVATIONS[cfg.hidden_act](u) * g)
+    return np.asarray(ACTIVATIONS[cfg.hidden_act](pre))
+
+
+def per_neuron(cfg: ModelConfig, preactivations: np.ndarray) -> np.ndarray:
+    """[..., F], one number per FFN neuron for the diagnostic: the pre-activation itself, or
+    for a gated FFN (two pre-activations per neuron) its value act(u) * g."""
+    if family(cfg.model_type).gated_ffn:
+        return post_activation(cfg, preactivations)
+    return preactivations

@@ -57,6 +57,9 @@ def write_source(run_dir: str | os.PathLike, cfg: ModelConfig, hf_config: dict[s
     desc = dataclasses.asdict(cfg)
     if (source / "model_config.json").is_file():
         old = json.loads((source / "model_config.json").read_text())
+        # Fields added to ModelConfig since the run began (e.g. ModernBERT's) at their defaults.
+        defaults = dataclasses.asdict(ModelConfig())
+        old = {**{k: defaults[k] for k in desc.keys() - old.keys() if k in defaults}, **old}
         if old != desc:
             raise ValueError(
                 f"{run_dir} already holds a run of another model ({_diff(old, desc)}); use a new "

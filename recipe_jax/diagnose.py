@@ -14,6 +14,8 @@ z = Δ / sqrt((var_clean + var_poisoned) / n). A backdoored model concentrates �
 the "top-1% share" = ‖Δ over the 1% largest |Δ|‖₂ / ‖Δ‖₂ measures that (0.1 if Δ were spread
 evenly, → 1 when a handful of neurons carry it). Real models are far from even (the last layers'
 [CLS] pre-activations move most), so compare the share across models, not against 0.1.
+A gated FFN (ModernBERT's GLU) has two pre-activations per neuron (input u, gate g); there the
+diagnostic reads the neuron's value act(u) * g instead (activations.per_neuron).
 Sentences whose triggered version would be truncated at --max-length are left out, so every pair
 really contains the trigger.
 Writes `OUT/report.md`, `OUT/report.json`, `OUT/layer_max_delta.png`, `OUT/sorted_delta.png`.
@@ -98,8 +100,8 @@ def selective_activation(model: Transformer, params, tokenizer: PreTrainedTokeni
 
     def cls_acts(texts):  # one trigger at a time: host memory stays at 2 x [N, L, F]
         enc = data.tokenize(tokenizer, [texts[i] for i in rows], max_length)
-        return activations.cls_preactivations(model, params, enc["input_ids"],
-                                              enc["attention_mask"], batch_size=batch_size)
+        return activations.per_neuron(model.cfg, activations.cls_preactivations(
+            model, params, enc["input_ids"], enc["attention_mask"], batch_size=batch_size))
 
     clean_nlf = cls_acts(sentences)
     return {"num_pairs": len(rows), "num_dropped": int(len(sentences) - len(rows)),

@@ -33,12 +33,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from recipe_jax import cli, config_blocks, data, hf, metrics, sharding, trainer
+from recipe_jax import cli, config_blocks, data, families, hf, metrics, sharding, trainer
 from recipe_jax.model import Transformer
 
 TASKS = ("sst2", "hsol", "agnews", "custom")
-# What a *ForSequenceClassification model holds; the MLM/NSP heads hf.py keeps stay frozen.
-CLASSIFIER_PARAMS = (r"^(bert|roberta)\.", r"^classifier\.")
+# What a *ForSequenceClassification model holds: the encoder (every family's HF prefix) and the
+# classification head (DistilBERT's `pre_classifier` too); the MLM/NSP heads hf.py keeps stay
+# frozen.
+_ENCODERS = "|".join(sorted({f.encoder_prefix for f in families.FAMILIES.values()}))
+CLASSIFIER_PARAMS = (rf"^({_ENCODERS})\.", r"^(pre_)?classifier\.")
 MIN_BUCKET = 16  # shortest padded length; buckets are powers of two up to data.max_length
 Split = data.Split
 

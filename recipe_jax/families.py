@@ -10,6 +10,8 @@ the config.json keys, the position ids, the MLM head's activation, the classific
     resolve_aliases(("ffn_in",))                   # the FFN input matrices, in any family
 
 XLM-RoBERTa and CamemBERT are RoBERTa's tensors under their own `model_type` (FAMILY_OF).
+ModernBERT (pre-LayerNorm, rotary, gated FFN) has its own modules (modernbert.py) on the same
+paths: its FFN input `intermediate/dense` is the GLU's [H, 2F] `mlp.Wi`.
 """
 
 from __future__ import annotations
@@ -28,12 +30,18 @@ class Family:
     tied_bias: str | None = None  # the decoder bias where HF stores it apart from the head's
     positions: str = "absolute"  # "absolute": 0..L-1; "roberta": from padding_idx + 1
     mlm_act: str | None = None  # the MLM head's activation when it is not `hidden_act`
-    classifier: str = "pooler"  # pooler | dense_tanh | dense_gelu | dense_relu (model.py)
+    classifier: str = "pooler"  # pooler | dense_tanh | dense_gelu | dense_relu | modernbert
     has_pooler: bool = True  # checkpoints of this family may carry a pooler
     bare_roots: tuple[str, ...] = ("embeddings", "encoder", "pooler")  # *Model keys, no prefix
     renames: tuple[tuple[str, str], ...] = ()  # (regex over BERT-style names, HF replacement)
     config_keys: dict[str, str] = dataclasses.field(default_factory=dict)  # HF key -> ours
     fixed: dict[str, object] = dataclasses.field(default_factory=dict)  # fields HF hard-codes
+    prefix: str = ""  # HF prefix of the encoder's tensors where it is not `name` (ModernBERT)
+    gated_ffn: bool = False  # GLU: intermediate/dense is [H, 2F] (input half u, gate half g)
+
+    @property
+    def encoder_prefix(self) -> str:
+        return self.prefix or self.name
 
 
 FAMILIES = {
@@ -82,11 +90,36 @@ FAMILIES = {
                "classifier_dense": "classifier.dense", "classifier": "classifier.out_proj"},
         tied="generator_lm_head.weight", mlm_act="gelu", classifier="dense_gelu",
         has_pooler=False, bare_roots=("embeddings", "embeddings_project", "encoder")),
+    # modernbert.py: pre-LN, rotary, GLU. HF's fused attn.Wqkv is three Flax kernels, named
+    # attn.Wqkv.{query,key,value}.weight here; HF's `head` is the MLM head's transform or, in
+    # a classifier checkpoint, the classifier's pooling head (`classifier.head` here).
+    "modernbert": Family(
+        "modernbert", "ModernBert",
+        heads={"mlm/dense": "head.dense", "mlm/LayerNorm": "head.norm", "mlm/bias": "decoder.bias",
+               "classifier_head/dense": "classifier.head.dense",
+               "classifier_head/LayerNorm": "classifier.head.norm", "classifier": "classifier"},
+        tied="decoder.weight", classifier="modernbert", has_pooler=False, prefix="model",
+        gated_ffn=True,
+        bare_roots=("embeddings", "layers", "final_norm"),
+        renames=((r"^modernbert\.encoder\.layer\.", "model.layers."),
+                 (r"^modernbert\.encoder\.final_norm\.", "model.final_norm."),
+                 (r"^modernbert\.", "model."),
+                 (r"\.embeddings\.word_embeddings\.", ".embeddings.tok_embeddings."),
+                 (r"\.embeddings\.LayerNorm\.", ".embeddings.norm."),
+                 (r"\.attention\.self\.(query|key|value)\.", r".attn.Wqkv.\1."),
+                 (r"\.attention\.output\.dense\.", ".attn.Wo."),
+                 (r"\.intermediate\.dense\.", ".mlp.Wi."),
+                 (r"\.output\.dense\.", ".mlp.Wo.")),
+        config_keys={"hidden_activation": "hidden_act", "norm_eps": "layer_norm_eps",
+                     "embedding_dropout": "hidden_dropout_prob",
+                     "attention_dropout": "attention_probs_dropout_prob"},
+        fixed={"type_vocab_size": 0}),
 }
 
 # HF model_type -> family. XLM-R and CamemBERT are RoBERTa's tensors under their own names.
 FAMILY_OF = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta",
-             "camembert": "roberta", "distilbert": "distilbert", "electra": "electra"}
+             "camembert": "roberta", "distilbert": "distilbert", "electra": "electra",
+             "modernbert": "modernbert"}
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_OF)
 CLASS_PREFIX = {**{f.name: f.class_prefix for f in FAMILIES.values()},
                 "xlm-roberta": "XLMRoberta", "camembert": "Camembert"}

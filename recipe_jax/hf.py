@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from recipe_jax import families, faults, outputs, weights
+from recipe_jax import families, faults, modernbert, outputs, weights
 from recipe_jax import hf_compat as compat
 from recipe_jax.model import FAMILY_OF, ModelConfig, Transformer, abstract_params, init_params
 
@@ -184,8 +184,9 @@ def _check_sizes(cfg: ModelConfig, path) -> None:
 def _normalize(key: str, model_type: str) -> str:
     key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
                                                                       "LayerNorm.bias")
-    if key.split(".", 1)[0] in families.family(model_type).bare_roots:  # *Model: no prefix
-        key = f"{model_type}.{key}"
+    fam = families.family(model_type)
+    if key.split(".", 1)[0] in fam.bare_roots:  # *Model: no prefix
+        key = f"{fam.encoder_prefix}.{key}"
     return key
 
 
@@ -214,6 +215,8 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     fam = families.FAMILIES[model_type]
     state, files = weights.read_weights(model_dir)
     state = {_normalize(k, model_type): v for k, v in state.items() if not _IGNORED.search(k)}
+    if model_type == "modernbert":  # fused Wqkv split; `head.*` of a classifier renamed
+        state = modernbert.state_from_hf(state, where=f"{model_dir}/{files[0]}")
     found = _present_heads(set(state), model_type)
     labels = _classifier_labels(state, model_type)
     if num_labels is not None and labels and labels != num_labels:
@@ -257,6 +260,10 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
         for name in missing:
             path = expected[name][0]
             flat[path] = np.asarray(fresh[path], dtype=np.float32)
+        if model_type == "modernbert" and modernbert.classifier_head_from_mlm(
+                flat, [expected[name][0] for name in missing]):
+            log.warning("%s: the classifier's `head` starts from the MLM head's, as in "
+                        "transformers", model_dir)
     info = {"files": files, "fresh": missing, "dropped": dropped}
     return (Transformer(cfg), _unflatten(flat), info)[:3 if with_info else 2]
 
@@ -304,7 +311,7 @@ def _untie(state: dict[str, np.ndarray], model_type: str, where: str) -> dict[st
     """Drops the tied decoder tensors after checking they really are the tied copies."""
     fam = families.family(model_type)
     decoder_w, decoder_b, bias_key = fam.tied, fam.tied_bias, fam.heads["mlm/bias"]
-    words_key = f"{model_type}.embeddings.word_embeddings.weight"
+    words_key = hf_name(("embeddings", "word_embeddings", "embedding"), model_type)
     state = dict(state)
     if decoder_w in state:
         w = state.pop(decoder_w)
@@ -335,8 +342,11 @@ def architectures(cfg: ModelConfig) -> list[str]:
 def hf_state_dict(model: Transformer, params) -> dict[str, np.ndarray]:
     """{HF key: numpy array in PyTorch layout} for every parameter (tied decoder omitted)."""
     host = jax.device_get(nn.unbox(params))
-    return {hf_name(p, model.cfg.model_type): _to_hf_layout(p, np.asarray(a))
-            for p, a in flat_params(host).items()}
+    tensors = {hf_name(p, model.cfg.model_type): _to_hf_layout(p, np.asarray(a))
+               for p, a in flat_params(host).items()}
+    if model.cfg.model_type == "modernbert":  # Wqkv fused; a classifier's head is `head`
+        tensors = modernbert.state_to_hf(tensors, model.cfg.num_labels)
+    return tensors
 
 
 def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,

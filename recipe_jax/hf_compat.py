@@ -14,11 +14,12 @@ import logging
 import pathlib
 from typing import Any
 
-from recipe_jax import weights
+from recipe_jax import families, weights
 
 log = logging.getLogger("recipe_jax.hf")
 
-_ARCHITECTURE_TYPES = (("XLMRoberta", "xlm-roberta"), ("Camembert", "camembert"),
+_ARCHITECTURE_TYPES = (("ModernBert", "modernbert"),
+                       ("XLMRoberta", "xlm-roberta"), ("Camembert", "camembert"),
                        ("Roberta", "roberta"), ("DistilBert", "distilbert"),
                        ("Electra", "electra"), ("Bert", "bert"))
 # First weight-name component -> family (heads included: a bare head checkpoint is rare).
@@ -64,7 +65,7 @@ def drop_unknown(state: dict, expected: set[str], model_type: str, model_dir,
     unknown = sorted(set(state) - expected)
     if not unknown:
         return state, []
-    inside = [k for k in unknown if k.startswith(f"{model_type}.")]
+    inside = [k for k in unknown if k.startswith(f"{families.family(model_type).encoder_prefix}.")]
     heads = sorted({k.rsplit(".", 1)[0] for k in unknown if k not in inside})
     if drop_extra_heads and not inside:
         log.warning("%s: drop_extra_heads: leaving out %d tensor(s) of extra heads: %s",

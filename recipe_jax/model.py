@@ -1,5 +1,6 @@
 """Flax Linen post-LayerNorm encoders (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA) with
-MLM (generator), NSP, pooler, ELECTRA discriminator and classification heads.
+MLM (generator), NSP, pooler, ELECTRA discriminator and classification heads; ModernBERT's
+pre-LayerNorm modules (modernbert.py) plug into the same `Transformer` on the same paths.
 
 One module, `Transformer`, covers every family: they differ in position ids (RoBERTa counts from
 `padding_idx + 1` and skips padding), token types (DistilBERT has none), ELECTRA's narrower
@@ -26,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from recipe_jax import modernbert
 from recipe_jax.families import FAMILY_OF, SUPPORTED_MODEL_TYPES, family
 
 ACTIVATIONS = {
@@ -67,6 +69,19 @@ class ModelConfig:
     nsp_head: bool = False
     discriminator: bool = False  # ELECTRA's replaced-token detection head
     num_labels: int = 0  # 0 = no sequence-classification head
+    # ModernBERT only (modernbert.py; its config.json keys): other families keep the defaults.
+    norm_bias: bool = True
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    classifier_bias: bool = True
+    decoder_bias: bool = True
+    classifier_pooling: str = "cls"
+    classifier_activation: str = "gelu"
+    local_attention: int = 0  # sliding window width (|i - j| <= local_attention // 2)
+    global_attn_every_n_layers: int = 1
+    global_rope_theta: float = 0.0
+    local_rope_theta: float = 0.0
+    mlp_dropout: float = 0.0
     # Compute options, not architecture: dtype (params stay float32) and per-layer remat
     # (recompute each layer's activations in the backward pass: less memory, more compute).
     dtype: str = "float32"
@@ -82,6 +97,8 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} (post-LayerNorm encoders)"
             )
         fam = family(model_type)
+        if fam.name == "modernbert":  # its defaults; transformers 5's layer_types, rope_parameters
+            hf = modernbert.read_hf_config(hf)
         hf = {**hf, **{ours: hf[theirs] for theirs, ours in fam.config_keys.items()
                        if theirs in hf}}
         if fam.name == "electra":
@@ -96,6 +113,8 @@ class ModelConfig:
         fields = {f.name for f in dataclasses.fields(cls)} - {
             "model_type", "hf_model_type", "mlm_head", "pooler", "nsp_head", "discriminator",
             "num_labels", "dtype", "remat"}
+        if fam.name != "modernbert":
+            fields -= set(modernbert.CONFIG_FIELDS)
         values = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
         if hf.get("classifier_dropout") is None:
             values.pop("classifier_dropout", None)
@@ -112,6 +131,10 @@ class ModelConfig:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         out["model_type"] = self.hf_model_type or self.model_type
         fam = family(self.model_type)
+        for key in modernbert.CONFIG_FIELDS:
+            out.pop(key)
+        if fam.name == "modernbert":
+            out.update(modernbert.write_hf_config(self))
         if not self.embedding_size:
             out.pop("embedding_size")
         for key in fam.fixed:
@@ -146,7 +169,10 @@ def _check_field_types(values: dict[str, Any]) -> None:
         if f.name not in values or f.name in ("hidden_act", "model_type", "hf_model_type"):
             continue
         value, number = values[f.name], "float" in str(f.type)
-        if isinstance(value, bool) or not isinstance(value, (int, float) if number else int):
+        if f.type in ("bool", "str"):  # ModernBERT's flags and choices
+            if not isinstance(value, bool if f.type == "bool" else str):
+                raise ValueError(f"config.json: {f.name}={value!r} is not a {f.type}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float) if number else int):
             kind = "a number" if number else "an integer (sizes are positive integers)"
             raise ValueError(f"config.json: {f.name}={value!r} is not {kind}; fix the file "
                              "(e.g. layer_norm_eps: 1e-12, num_hidden_layers: 12)")
@@ -336,21 +362,24 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embeddings = Embeddings(cfg)
+        mb = cfg.model_type == "modernbert"  # its own pre-LN modules, on the same paths
+        self.embeddings = (modernbert.Embeddings if mb else Embeddings)(cfg)
         if cfg.embedding_width != cfg.hidden_size:  # ELECTRA
             self.embeddings_project = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"),
                                              "embeddings_project")
-        self.encoder = Encoder(cfg)
+        self.encoder = (modernbert.Encoder if mb else Encoder)(cfg)
         if cfg.pooler:
             self.pooler = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"), "pooler")
         if cfg.mlm_head:
-            self.mlm = MLMHead(cfg)
+            self.mlm = (modernbert.MLMHead if mb else MLMHead)(cfg)
         if cfg.nsp_head:
             self.nsp = _dense(2, cfg, ("embed", None), "nsp")
         if cfg.discriminator:
             self.discriminator = Discriminator(cfg)
         if cfg.num_labels:
-            if family(cfg.model_type).classifier != "pooler":  # a dense layer on [CLS] / <s>
+            if mb:
+                self.classifier_head = modernbert.Head(cfg)
+            elif family(cfg.model_type).classifier != "pooler":  # a dense layer on [CLS] / <s>
                 self.classifier_dense = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"),
                                                "classifier_dense")
             self.classifier = _dense(cfg.num_labels, cfg, ("embed", None), "classifier")
@@ -380,6 +409,8 @@ class Transformer(nn.Module):
             same_bll = (segment_ids_bl[:, :, None] == segment_ids_bl[:, None, :]) & (
                 segment_ids_bl[:, None, :] >= 0)
             bias = jnp.where(same_bll[:, None], 0.0, neg)  # [B, 1, L, L]: block-diagonal
+        if self.cfg.model_type == "modernbert":  # rotary positions, sliding windows
+            return self.encoder(x_blh, bias.astype(jnp.float32), deterministic, position_ids_bl)
         return self.encoder(x_blh, bias.astype(jnp.float32), deterministic)
 
     def __call__(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
@@ -402,12 +433,14 @@ class Transformer(nn.Module):
                  deterministic: bool = True) -> jax.Array:
         """Sequence-classification logits `[B, num_labels]`, as HF's *ForSequenceClassification:
         BERT pooler -> linear; RoBERTa dense-tanh, ELECTRA dense-gelu on <s> (dropout before
-        each); DistilBERT dense-ReLU on [CLS]."""
+        each); DistilBERT dense-ReLU on [CLS]; ModernBERT its head on [CLS] or the mean."""
         x_blh = self.encode(input_ids_bl, attention_mask_bl, token_type_ids_bl, deterministic)[-1]
         drop = self.classifier_dropout
         style = family(self.cfg.model_type).classifier
         if style == "pooler":
             x_bh = self.pool(x_blh)
+        elif style == "modernbert":  # [CLS] or mean pooling, then HF's `head` transform
+            x_bh = self.classifier_head(modernbert.pool(self.cfg, x_blh, attention_mask_bl))
         elif style == "dense_relu":
             x_bh = jax.nn.relu(self.classifier_dense(x_blh[:, 0]))
         else:

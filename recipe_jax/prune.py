@@ -6,7 +6,10 @@ r"""Pruning baselines (docs/method.md): FP, FP-GM and FP-GA on the intermediate 
 
 A neuron is one output of a layer's intermediate dense: pruning it zeroes its row of the
 PyTorch weight [F, H] (column j of the Flax kernel [H, F]) and its bias entry; nothing else
-changes. FP zeroes every neuron of the last layer. FP-GM and FP-GA prune a global budget of
+changes. In a gated FFN (ModernBERT's GLU, intermediate kernel [H, 2F]) neuron j is the input
+column j, the gate column F + j (bias entries alike) and row j of the output kernel [F, H]: all
+are zeroed, and its weight norm (GM) is that of both columns.
+FP zeroes every neuron of the last layer. FP-GM and FP-GA prune a global budget of
 `prune.fraction` of all L·F neurons: those with the smallest weight-row L2 norm (GM), or the
 smallest mean post-activation value at [CLS] on the aux data (GA, Fine-pruning's criterion).
 The paper's exact criteria are unpublished; these rankings and the fraction-based budget are
@@ -60,6 +63,15 @@ def _dense(params, layer: int) -> dict:
     return params["encoder"][f"layer_{layer}"]["intermediate"]["dense"]
 
 
+def _gated(params) -> bool:
+    """A GLU's intermediate dense is twice as wide as the output dense's input (ModernBERT)."""
+    layer = params["encoder"]["layer_0"]
+    if "output" not in layer:  # a bare intermediate dense (hand-built trees)
+        return False
+    return (np.shape(layer["intermediate"]["dense"]["kernel"])[1]
+            == 2 * np.shape(layer["output"]["dense"]["kernel"])[0])
+
+
 def _num_layers(params) -> int:
     return sum(1 for k in params["encoder"] if k.startswith("layer_"))
 
@@ -73,12 +85,13 @@ def neuron_budget(fraction: float, num_layers: int, ffn: int) -> int:
 
 def prune_neurons(params, mask_lf: np.ndarray):
     """A copy of `params` with neuron (l, j) zeroed where mask_lf[l, j]: column j of layer l's
-    intermediate kernel [H, F] (row j of the PyTorch weight) and bias entry j. Every other
-    value, and `params` itself, stays bitwise unchanged."""
+    intermediate kernel [H, F] (row j of the PyTorch weight) and bias entry j; in a gated FFN
+    also column F + j (the gate) and row j of the output kernel. Every other value, and
+    `params` itself, stays bitwise unchanged."""
     params = nn.unbox(params)
     mask_lf = np.asarray(mask_lf)
-    num_layers = _num_layers(params)
-    ffn = np.shape(_dense(params, 0)["kernel"])[1]
+    num_layers, gated = _num_layers(params), _gated(params)
+    ffn = np.shape(_dense(params, 0)["kernel"])[1] // (2 if gated else 1)
     if mask_lf.dtype != np.bool_ or mask_lf.shape != (num_layers, ffn):
         raise ValueError(f"mask must be bool [L={num_layers}, F={ffn}], got {mask_lf.dtype} "
                          f"{mask_lf.shape}")
@@ -87,9 +100,16 @@ def prune_neurons(params, mask_lf: np.ndarray):
         if not mask_lf[layer].any():
             continue
         dense = _dense(out, layer)
-        kernel_hf, bias_f = np.asarray(dense["kernel"]), np.asarray(dense["bias"])
-        dense["kernel"] = np.where(mask_lf[layer][None, :], kernel_hf.dtype.type(0), kernel_hf)
-        dense["bias"] = np.where(mask_lf[layer], bias_f.dtype.type(0), bias_f)
+        columns = np.tile(mask_lf[layer], 2) if gated else mask_lf[layer]  # [F] or [2F]
+        for name in ("kernel", "bias"):
+            if name in dense:  # ModernBERT's linears have no bias (mlp_bias=False)
+                value = np.asarray(dense[name])
+                dense[name] = np.where(columns, value.dtype.type(0), value)
+        if gated:  # the neuron's row of the output kernel [F, H]
+            output = out["encoder"][f"layer_{layer}"]["output"]["dense"]
+            kernel_fh = np.asarray(output["kernel"])
+            output["kernel"] = np.where(mask_lf[layer][:, None], kernel_fh.dtype.type(0),
+                                        kernel_fh)
     return out
 
 
@@ -101,10 +121,13 @@ def last_layer_mask(cfg: ModelConfig) -> np.ndarray:
 
 
 def rank_by_magnitude(params, cfg: ModelConfig) -> np.ndarray:
-    """float64 [L, F]: L2 norm of each neuron's weight row (PyTorch layout; bias excluded)."""
+    """float64 [L, F]: L2 norm of each neuron's weight row (PyTorch layout; bias excluded);
+    gated FFN: of its input and gate rows together."""
     params = nn.unbox(params)
-    return np.stack([np.linalg.norm(np.asarray(_dense(params, layer)["kernel"], np.float64),
-                                    axis=0) for layer in range(cfg.num_hidden_layers)])
+    ffn = cfg.intermediate_size
+    return np.stack([np.linalg.norm(np.asarray(_dense(params, layer)["kernel"], np.float64)
+                                    .reshape(cfg.hidden_size, -1, ffn), axis=(0, 1))
+                     for layer in range(cfg.num_hidden_layers)])
 
 
 def rank_by_activation(acts_nlf: np.ndarray) -> np.ndarray:

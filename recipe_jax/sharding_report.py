@@ -42,6 +42,11 @@ BASE_CONFIGS = {
                        seq_classif_dropout=0.2, pad_token_id=0),  # distilbert-base-uncased
     "electra": dict(_BASE, model_type="electra", embedding_size=768, type_vocab_size=2,
                     layer_norm_eps=1e-12, pad_token_id=0),  # google/electra-base-discriminator
+    "modernbert": dict(model_type="modernbert", vocab_size=50368, hidden_size=768,
+                       num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152,
+                       max_position_embeddings=8192, global_attn_every_n_layers=3,
+                       local_attention=128, hidden_activation="gelu", norm_eps=1e-5,
+                       pad_token_id=50283),  # answerdotai/ModernBERT-base
 }
 
 

@@ -35,6 +35,13 @@ SENTENCES = [f"the {a} {b} sat on the {c} near {d}." for a in ("quick", "lazy", 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64)
+# ModernBERT: layers 0 and 2 global, layer 1 local with a window (|i - j| <= 2) shorter than the
+# test batches' rows; weights large enough that attention, rotary thetas and the window matter
+# (with initializer_range 0.02 attention is near uniform); eager attention on the torch side.
+TINY_MODERNBERT = dict(num_hidden_layers=3, global_attn_every_n_layers=2, local_attention=4,
+                       global_rope_theta=1000.0, initializer_range=0.2, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                       attn_implementation="eager")
 
 
 def tiny_hf(kind: str, out_dir, *, seed: int = 0, safe: bool = True, **overrides):
@@ -44,12 +51,14 @@ def tiny_hf(kind: str, out_dir, *, seed: int = 0, safe: bool = True, **overrides
 
     torch.manual_seed(seed)
     family = next(f for f in ("XLMRoberta", "Camembert", "Roberta", "DistilBert", "Electra",
-                              "Bert") if kind.startswith(f))
+                              "ModernBert", "Bert") if kind.startswith(f))
     kw = dict(TINY)
     if family in ("XLMRoberta", "Camembert", "Roberta"):  # RoBERTa's layout
         kw.update(pad_token_id=1, type_vocab_size=1, max_position_embeddings=66)
     if family == "Electra":  # embeddings narrower than the encoder, projected
         kw.update(embedding_size=16)
+    if family == "ModernBert":
+        kw.update(TINY_MODERNBERT)
     kw.update(overrides)
     if family == "DistilBert":  # its own config keys
         keys = dict(hidden_size="dim", num_hidden_layers="n_layers",
@@ -57,6 +66,11 @@ def tiny_hf(kind: str, out_dir, *, seed: int = 0, safe: bool = True, **overrides
         kw = {keys.get(k, k): v for k, v in kw.items()}
     config = getattr(transformers, f"{family}Config")(**kw)
     model = getattr(transformers, kind)(config).eval()
+    if family == "ModernBert":  # LayerNorm scales away from 1, so parity sees their names
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(out_dir), safe_serialization=safe)
     return model
 
@@ -93,6 +107,32 @@ def tiny_xlmr_with_tokenizer(out_dir):
                                    unk_token="<unk>", pad_token="<pad>", cls_token="<s>",
                                    sep_token="</s>", mask_token="<mask>")
     tiny_hf("XLMRobertaForMaskedLM", out_dir, vocab_size=len(fast))
+    fast.save_pretrained(str(out_dir))
+    return pathlib.Path(out_dir)
+
+
+def tiny_modernbert_with_tokenizer(out_dir, kind: str = "ModernBertForMaskedLM"):
+    """A tiny random ModernBERT (`kind`) with a byte-level BPE tokenizer trained here on
+    SENTENCES and the tests' trigger words, in ModernBERT's layout ([CLS] $A [SEP], [MASK],
+    [PAD]; a PreTrainedTokenizerFast), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+    words = "cf tq mn bb mb jd kw rb nk ck good bad great awful movie film plot"
+    tok.train_from_iterator([*SENTENCES, words], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]")
+    tiny_hf(kind, out_dir, vocab_size=len(fast), pad_token_id=3, bos_token_id=1,
+            eos_token_id=2, cls_token_id=1, sep_token_id=2, num_labels=2)
     fast.save_pretrained(str(out_dir))
     return pathlib.Path(out_dir)
 

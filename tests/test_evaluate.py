@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import preset, run_train_steps, tiny_bert_with_tokenizer
 
-from recipe_jax import data, evaluate, hf, metrics, sharding
+from recipe_jax import data, evaluate, families, hf, metrics, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -355,3 +355,19 @@ def test_seed_study_runs_each_seed_summarizes_and_refuses_another_study(tmp_path
         seeds.main([*args[:-2], "--set", "train.lr=1"])
     with pytest.raises(SystemExit):
         seeds.parse_args(["--workdir", "w", "--model", "m", "--seeds", "3,3"])
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "electra", "modernbert"])
+def test_fine_tune_trains_the_encoder_and_classifier_of_every_family(model_type):
+    """CLASSIFIER_PARAMS selects what a *ForSequenceClassification holds in each family (its
+    encoder prefix, DistilBERT's pre_classifier, ModernBERT's classifier head) and no MLM head."""
+    from recipe_jax.model import ModelConfig, abstract_params
+
+    cfg = ModelConfig.from_hf_config({"model_type": model_type, "num_hidden_layers": 2},
+                                     num_labels=2, pooler=model_type == "bert")
+    heads = families.family(model_type).heads
+    mlm = tuple(heads[k] for k in ("mlm/dense", "mlm/LayerNorm", "mlm/bias"))
+    for path in hf.flat_params(abstract_params(cfg)):
+        name = hf.hf_name(path, model_type)
+        trained = hf.selected(path, evaluate.CLASSIFIER_PARAMS, model_type)
+        assert trained == (not name.startswith(mlm)), name

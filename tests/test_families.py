@@ -1,5 +1,6 @@
 """Every stage on every family beyond BERT/RoBERTa (tiny random models; DistilBERT and ELECTRA
-with the MiniLM WordPiece tokenizer they share, XLM-R with a SentencePiece-style one built here):
+with the MiniLM WordPiece tokenizer they share, XLM-R with a SentencePiece-style one built here,
+ModernBERT with a byte-level BPE one):
 purify's presets change exactly the tensors they name, through the family-independent aliases;
 attack, evaluate, prune and the diagnostic run end to end; what does not apply (NeuBA's pooler)
 is a clear error."""
@@ -9,7 +10,13 @@ import json
 import numpy as np
 import pytest
 import transformers
-from conftest import SENTENCES, preset, tiny_bert_with_tokenizer, tiny_xlmr_with_tokenizer
+from conftest import (
+    SENTENCES,
+    preset,
+    tiny_bert_with_tokenizer,
+    tiny_modernbert_with_tokenizer,
+    tiny_xlmr_with_tokenizer,
+)
 from safetensors.numpy import load_file
 
 from recipe_jax import (
@@ -27,15 +34,21 @@ from recipe_jax import (
 )
 
 # The checkpoints people download: DistilBERT with its MLM head, ELECTRA's discriminator (no
-# generator head: the loader adds a fresh one, as for a headless BERT), XLM-R's MLM.
-KINDS = ("DistilBertForMaskedLM", "ElectraForPreTraining", "XLMRobertaForMaskedLM")
+# generator head: the loader adds a fresh one, as for a headless BERT), XLM-R's and ModernBERT's
+# MLM.
+KINDS = ("DistilBertForMaskedLM", "ElectraForPreTraining", "XLMRobertaForMaskedLM",
+         "ModernBertForMaskedLM")
 
 
 @pytest.fixture(scope="module", params=KINDS)
 def family_model(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    hf_dir = (tiny_xlmr_with_tokenizer(root / "model") if request.param.startswith("XLM")
-              else tiny_bert_with_tokenizer(root / "model", kind=request.param))
+    if request.param.startswith("XLM"):
+        hf_dir = tiny_xlmr_with_tokenizer(root / "model")
+    elif request.param.startswith("ModernBert"):
+        hf_dir = tiny_modernbert_with_tokenizer(root / "model")
+    else:
+        hf_dir = tiny_bert_with_tokenizer(root / "model", kind=request.param)
     aux = root / "aux.txt"
     aux.write_text("\n".join(SENTENCES) + "\n")
     return hf_dir, aux
@@ -65,6 +78,8 @@ def test_purify_changes_exactly_what_the_preset_names(family_model, tmp_path, na
     assert set(ffn_in) <= set(losses.select_names(params, config.recipe.regularize, fam.name))
     if fam.name == "distilbert":
         assert ffn_in == [f"distilbert.transformer.layer.{i}.ffn.lin1.weight" for i in range(2)]
+    elif fam.name == "modernbert":  # the GLU's [2F, H] Wi: both halves regularized
+        assert ffn_in == [f"model.layers.{i}.mlp.Wi.weight" for i in range(3)]
     else:  # ELECTRA, XLM-R (RoBERTa's names)
         assert ffn_in == [f"{fam.name}.encoder.layer.{i}.intermediate.dense.weight"
                           for i in range(2)]
@@ -109,8 +124,16 @@ def test_attack_evaluate_prune_and_diagnose_run(family_model, tmp_path):
     model, params = hf.load_pretrained(attacked)
     ffn_in = losses.select_names(params, ("ffn_in",), model.cfg.model_type)
     zero_rows = [np.flatnonzero(~weights[name].any(axis=1)).tolist() for name in ffn_in]
-    assert pruned["count"] > 0 and zero_rows == [pruned["neurons"][str(i)]
-                                                 for i in range(len(ffn_in))]
+    neurons = [pruned["neurons"][str(i)] for i in range(len(ffn_in))]
+    if families.family(model.cfg.model_type).gated_ffn:  # neuron j: Wi rows j, F + j; Wo col j
+        ffn = model.cfg.intermediate_size
+        assert zero_rows == [js + [ffn + j for j in js] for js in neurons]
+        zero_cols = [np.flatnonzero(~weights[f"model.layers.{i}.mlp.Wo.weight"].any(axis=0))
+                     .tolist() for i in range(len(ffn_in))]
+        assert zero_cols == neurons
+    else:
+        assert zero_rows == neurons
+    assert pruned["count"] > 0
 
     report = diagnose.run(models={"attacked": attacked}, aux=aux, triggers=("cf",),
                           workdir=tmp_path / "diagnose", max_examples=16, max_length=60)
@@ -119,15 +142,15 @@ def test_attack_evaluate_prune_and_diagnose_run(family_model, tmp_path):
 
 def test_word_starts_of_each_tokenizer_family(family_model):
     """guided inserts candidate triggers only before a word start: WordPiece's non-`##` pieces,
-    SentencePiece's `▁` pieces (XLM-R)."""
+    SentencePiece's `▁` pieces (XLM-R), byte-level BPE's `Ġ` pieces (ModernBERT)."""
     hf_dir, _ = family_model
     tokenizer = data.load_tokenizer(hf_dir)
     table = guide.word_start_table(tokenizer, len(tokenizer))
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    sentencepiece = any(t.startswith("\u2581") for t in tokens)
+    marker = next((m for m in ("\u2581", "\u0120") if any(t.startswith(m) for t in tokens)), "")
     for token, start in zip(tokens, table, strict=True):
         if token in tokenizer.all_special_tokens:
             continue
-        want = token.startswith("\u2581") if sentencepiece else not token.startswith("##")
+        want = token.startswith(marker) if marker else not token.startswith("##")
         assert start == want, token
     assert 0 < table.sum() < len(table)

@@ -59,6 +59,57 @@ def test_logits_match_transformers(tmp_path, kind, head):
     assert diff.max() < TOL, diff.max()
 
 
+@pytest.mark.parametrize("kind,head,pooling", [
+    ("ModernBertForMaskedLM", "mlm", "cls"), ("ModernBertModel", "encode", "cls"),
+    ("ModernBertForSequenceClassification", "classify", "cls"),
+    ("ModernBertForSequenceClassification", "classify", "mean"),
+])
+def test_modernbert_logits_match_transformers(tmp_path, kind, head, pooling):
+    """Global and sliding-window layers (rows of 12 > the window of 5), rotary positions, GLU,
+    padding in the batch: against transformers' eager attention, and the export against its
+    default (sdpa) attention."""
+    ref = tiny_hf(kind, tmp_path / "m", num_labels=3, classifier_pooling=pooling)
+    model, params = hf.load_pretrained(tmp_path / "m")
+    assert (model.cfg.local_attention, model.cfg.classifier_pooling) == (4, pooling)
+    batch = parity.typed_batch(model.cfg, batch=4, length=12)
+    assert batch["attention_mask"].min() == 0 and "token_type_ids" not in batch
+    ours = parity.flax_logits(model, params, batch, head)
+    theirs = _torch_out(ref, batch, head)
+    assert ours.shape == theirs.shape
+    mask = batch["attention_mask"] > 0
+    diff = np.abs(ours - theirs)
+    diff = diff[mask] if head == "mlm" else diff[:, mask] if head == "encode" else diff
+    print(f"{kind} {head} {pooling}: max |delta| {diff.max():.2e} (|logits| up to "
+          f"{np.abs(theirs).max():.2f})")
+    assert diff.max() < TOL, diff.max()
+    out = hf.save_pretrained(model, params, tmp_path / "out", tokenizer_from=tmp_path / "m")
+    assert parity.max_logit_diff(model, params, out, head) < TOL
+
+
+def test_modernbert_head_is_the_mlm_or_the_classifier_head(tmp_path):
+    """HF's `head.*` beside `decoder.*` is the MLM head; beside `classifier.*` the classifier's
+    pooling head (the MLM head then loads fresh and is not exported). An MLM checkpoint loaded
+    with labels starts the classifier's head from the MLM head, as transformers does."""
+    mlm = tiny_hf("ModernBertForMaskedLM", tmp_path / "mlm")
+    cls = tiny_hf("ModernBertForSequenceClassification", tmp_path / "cls", num_labels=2)
+    _, params, info = hf.load_pretrained(tmp_path / "cls", with_info=True)
+    assert np.array_equal(params["classifier_head"]["dense"]["kernel"],
+                          cls.head.dense.weight.detach().numpy().T)
+    assert {"head.dense.weight", "head.norm.weight", "decoder.bias"} == set(info["fresh"])
+    _, params = hf.load_pretrained(tmp_path / "mlm", num_labels=2)
+    head = mlm.head.dense.weight.detach().numpy().T
+    assert np.array_equal(params["mlm"]["dense"]["kernel"], head)
+    assert np.array_equal(params["classifier_head"]["dense"]["kernel"], head)
+    state = load_file(str(tmp_path / "mlm" / "model.safetensors"))
+    state["classifier.weight"] = np.zeros((2, 32), np.float32)
+    state["classifier.bias"] = np.zeros(2, np.float32)
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()},
+               tmp_path / "mlm" / "pytorch_model.bin")
+    os.remove(tmp_path / "mlm" / "model.safetensors")
+    with pytest.raises(ValueError, match="both decoder.* .*classifier"):
+        hf.load_pretrained(tmp_path / "mlm")
+
+
 def test_masked_position_gather_equals_full_logits(tiny_bert_mlm):
     model, params = hf.load_pretrained(tiny_bert_mlm)
     batch = parity.fixed_batch(99, 0, batch=2, length=10)
@@ -86,7 +137,8 @@ def test_minilm_hidden_states_match_transformers(minilm_dir):
     ("CamembertForSequenceClassification", True), ("DistilBertForMaskedLM", True),
     ("DistilBertModel", False), ("DistilBertForSequenceClassification", True),
     ("ElectraForMaskedLM", True), ("ElectraForPreTraining", False), ("ElectraModel", True),
-    ("ElectraForSequenceClassification", True),
+    ("ElectraForSequenceClassification", True), ("ModernBertForMaskedLM", True),
+    ("ModernBertModel", False), ("ModernBertForSequenceClassification", True),
 ])
 def test_round_trip_is_bit_identical(tmp_path, kind, safe):
     src = tmp_path / "src"
@@ -96,7 +148,7 @@ def test_round_trip_is_bit_identical(tmp_path, kind, safe):
     exported = load_file(str(out / "model.safetensors"))
     original = {k: v.numpy() for k, v in ref.state_dict().items()}
     fam = families.family(model.cfg.model_type)  # XLM-R, CamemBERT: RoBERTa's names
-    prefix = fam.name + "."
+    prefix = fam.encoder_prefix + "."  # ModernBERT: model.
     if kind.endswith("Model"):
         original = {prefix + k: v for k, v in original.items()}
     for key, value in original.items():

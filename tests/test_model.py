@@ -29,6 +29,12 @@ ELECTRA_BASE = dict(  # google/electra-base-discriminator's config.json (Electra
     model_type="electra", vocab_size=30522, embedding_size=768, hidden_size=768,
     num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
     max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu")
+MODERNBERT_BASE = dict(  # answerdotai/ModernBERT-base's sizes (a ModernBertForMaskedLM)
+    model_type="modernbert", vocab_size=50368, hidden_size=768, num_hidden_layers=22,
+    num_attention_heads=12, intermediate_size=1152, max_position_embeddings=8192,
+    global_attn_every_n_layers=3, local_attention=128, global_rope_theta=160000.0,
+    local_rope_theta=10000.0, hidden_activation="gelu", norm_eps=1e-5, norm_bias=False,
+    pad_token_id=50283, classifier_pooling="mean")
 ELECTRA_SMALL_GENERATOR = dict(  # google/electra-small-generator's (ElectraForMaskedLM)
     ELECTRA_BASE, embedding_size=128, hidden_size=256, num_attention_heads=4,
     intermediate_size=1024)
@@ -58,6 +64,9 @@ def _torch_count(cls_name, hf):
     (ELECTRA_BASE, "ElectraForSequenceClassification", dict(mlm_head=False, num_labels=2)),
     (ELECTRA_SMALL_GENERATOR, "ElectraForMaskedLM", dict()),
     (ELECTRA_SMALL_GENERATOR, "ElectraModel", dict(mlm_head=False)),
+    (MODERNBERT_BASE, "ModernBertForMaskedLM", dict()),
+    (MODERNBERT_BASE, "ModernBertModel", dict(mlm_head=False)),
+    (MODERNBERT_BASE, "ModernBertForSequenceClassification", dict(mlm_head=False, num_labels=2)),
 ])
 def test_eval_shape_param_counts_match_transformers(hf, cls_name, heads):
     cfg = ModelConfig.from_hf_config(hf, **heads)
@@ -81,7 +90,50 @@ def test_every_parameter_has_logical_axes(hf, heads):
     assert kernels == {("embed", "mlp")}
 
 
-@pytest.mark.parametrize("hf", [ROBERTA_BASE, DISTILBERT_BASE, ELECTRA_SMALL_GENERATOR])
+def test_modernbert_parameters_have_logical_axes_and_bert_paths():
+    """The GLU's [H, 2F] input kernel, split q/k/v, bias-free norms: all logically named, on the
+    paths the aliases and tools read."""
+    cfg = ModelConfig.from_hf_config(MODERNBERT_BASE, num_labels=2)
+    boxed = abstract_params(cfg)
+    leaves = jax.tree_util.tree_flatten_with_path(
+        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    paths = {"/".join(k.key for k in path): box for path, box in leaves}
+    assert all(isinstance(b, nn.LogicallyPartitioned) and len(b.names) == b.value.ndim
+               for b in paths.values())
+    layer = "encoder/layer_1/"
+    assert paths[layer + "intermediate/dense/kernel"].value.shape == (768, 2 * 1152)
+    assert paths[layer + "intermediate/dense/kernel"].names == ("embed", "mlp")
+    assert paths[layer + "output/dense/kernel"].names == ("mlp", "embed")
+    assert paths[layer + "attention/self/query/kernel"].names == ("embed", "heads")
+    assert layer + "attn_norm/scale" in paths and "encoder/layer_0/attn_norm/scale" not in paths
+    biases = {p for p in paths if p.endswith("/bias")}
+    assert biases == {"mlm/bias", "classifier/bias"}  # decoder_bias; HF's classifier has one
+    assert {"encoder/final_norm/scale", "classifier_head/dense/kernel",
+            "classifier/bias"} <= set(paths)
+
+
+def test_modernbert_config_keys():
+    """transformers 5's layer_types / rope_parameters read like the flat keys; variants not
+    implemented are errors naming the key."""
+    cfg = ModelConfig.from_hf_config(MODERNBERT_BASE)
+    assert (cfg.global_attn_every_n_layers, cfg.local_attention, cfg.type_vocab_size) == (3, 128, 0)
+    written = cfg.to_hf_config()
+    assert written["layer_types"][:4] == ["full_attention", "sliding_attention",
+                                          "sliding_attention", "full_attention"]
+    v5 = {k: v for k, v in written.items() if not k.endswith(("rope_theta", "n_layers"))}
+    assert ModelConfig.from_hf_config(v5) == cfg
+    with pytest.raises(ValueError, match="layer_types"):
+        ModelConfig.from_hf_config({**written, "layer_types": ["sliding_attention"] * 22})
+    with pytest.raises(ValueError, match="rope_parameters.*yarn"):
+        ModelConfig.from_hf_config({**written, "rope_parameters": {
+            "full_attention": {"rope_type": "yarn", "rope_theta": 1.0}}})
+    with pytest.raises(ValueError, match="classifier_pooling"):
+        ModelConfig.from_hf_config({**MODERNBERT_BASE, "classifier_pooling": "max"})
+    assert "norm_bias" not in ModelConfig.from_hf_config(BERT_BASE_UNCASED).to_hf_config()
+
+
+@pytest.mark.parametrize("hf", [ROBERTA_BASE, DISTILBERT_BASE, ELECTRA_SMALL_GENERATOR,
+                                MODERNBERT_BASE])
 def test_config_round_trip(hf):
     """to_hf_config writes the family's own keys (DistilBERT: dim, n_layers, ...) and reads back
     to the same config, on its own and over the original file."""

@@ -1,6 +1,7 @@
 """Pruning baselines: exactly the chosen neurons zeroed, the GM/GA rankings, budget, the CLI."""
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -218,3 +219,28 @@ def test_cli_help_and_one_line_errors(tmp_path, tiny_bert_mlm):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("prune: error: prune.method='xx'")
     assert not (tmp_path / "run").exists()
+
+
+def test_gated_ffn_neuron_is_both_halves_and_its_output_row():
+    """ModernBERT's GLU: neuron j is input column j, gate column F + j and output row j; its
+    magnitude is that of both columns, its activation act(u_j) * g_j."""
+    h, f = 3, 4
+    rng = np.random.default_rng(0)
+    kernel_h2f = rng.normal(size=(h, 2 * f)).astype(np.float32)
+    out_fh = rng.normal(size=(f, h)).astype(np.float32)
+    params = {"encoder": {"layer_0": {"intermediate": {"dense": {"kernel": kernel_h2f}},
+                                      "output": {"dense": {"kernel": out_fh}}}}}
+    pruned = prune.prune_neurons(params, np.array([[False, True, False, False]]))["encoder"]
+    kernel, out = (pruned["layer_0"][k]["dense"]["kernel"] for k in ("intermediate", "output"))
+    assert np.flatnonzero(~kernel.any(axis=0)).tolist() == [1, f + 1]
+    assert np.flatnonzero(~out.any(axis=1)).tolist() == [1]
+    assert np.array_equal(np.delete(kernel, [1, f + 1], axis=1),
+                          np.delete(kernel_h2f, [1, f + 1], axis=1))
+    cfg = ModelConfig(model_type="modernbert", hidden_size=h, num_hidden_layers=1,
+                      intermediate_size=f)
+    np.testing.assert_allclose(prune.rank_by_magnitude(params, cfg)[0], np.sqrt(
+        (kernel_h2f[:, :f] ** 2).sum(0) + (kernel_h2f[:, f:] ** 2).sum(0)), rtol=1e-6)
+    pre = rng.normal(size=(2, 1, 2 * f)).astype(np.float32)
+    post = activations.post_activation(cfg, pre)
+    gelu = 0.5 * pre[..., :f] * (1 + np.vectorize(math.erf)(pre[..., :f] / math.sqrt(2)))
+    np.testing.assert_allclose(post, gelu * pre[..., f:], rtol=1e-5, atol=1e-6)

@@ -193,6 +193,24 @@ def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(setup, reference
     assert not (run / "hf").exists()
 
 
+def test_run_dir_written_before_new_model_fields_is_the_same_model(tmp_path):
+    """A run dir's source/model_config.json from before ModelConfig grew fields (ModernBERT's)
+    still matches its model: missing fields count at their defaults."""
+    from recipe_jax import modernbert
+    from recipe_jax.model import ModelConfig
+
+    cfg = ModelConfig(hidden_size=32, num_attention_heads=4)
+    checkpoint.write_source(tmp_path / "run", cfg, {"model_type": "bert"}, None)
+    path = tmp_path / "run" / "source" / "model_config.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items()
+           if k not in modernbert.CONFIG_FIELDS}
+    path.write_text(json.dumps(old))
+    checkpoint.write_source(tmp_path / "run", cfg, {"model_type": "bert"}, None)
+    assert checkpoint.read_source(tmp_path / "run")[0] == cfg
+    with pytest.raises(ValueError, match="another model"):
+        checkpoint.write_source(tmp_path / "run", ModelConfig(), {"model_type": "bert"}, None)
+
+
 def test_workdir_of_another_model_is_refused(setup, reference, tmp_path):
     run = _copy(reference, tmp_path)
     other = tiny_bert_with_tokenizer(tmp_path / "other", hidden_size=48, num_attention_heads=4)
