@@ -35,6 +35,11 @@ SENTENCES = [f"the {a} {b} sat on the {c} near {d}." for a in ("quick", "lazy", 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64)
+# DeBERTa-v3's layout (no absolute positions, no token types, log-bucketed relative positions
+# through the shared query/key projections), with 8 buckets: exact within +-4, log beyond.
+TINY_DEBERTA_V3 = dict(relative_attention=True, position_buckets=8, max_relative_positions=-1,
+                       pos_att_type=["p2c", "c2p"], position_biased_input=False,
+                       norm_rel_ebd="layer_norm", share_att_key=True, type_vocab_size=0)
 
 
 def tiny_hf(kind: str, out_dir, *, seed: int = 0, safe: bool = True, **overrides):
@@ -44,12 +49,14 @@ def tiny_hf(kind: str, out_dir, *, seed: int = 0, safe: bool = True, **overrides
 
     torch.manual_seed(seed)
     family = next(f for f in ("XLMRoberta", "Camembert", "Roberta", "DistilBert", "Electra",
-                              "Bert") if kind.startswith(f))
+                              "DebertaV2", "Bert") if kind.startswith(f))
     kw = dict(TINY)
     if family in ("XLMRoberta", "Camembert", "Roberta"):  # RoBERTa's layout
         kw.update(pad_token_id=1, type_vocab_size=1, max_position_embeddings=66)
     if family == "Electra":  # embeddings narrower than the encoder, projected
         kw.update(embedding_size=16)
+    if family == "DebertaV2":
+        kw.update(TINY_DEBERTA_V3)
     kw.update(overrides)
     if family == "DistilBert":  # its own config keys
         keys = dict(hidden_size="dim", num_hidden_layers="n_layers",
