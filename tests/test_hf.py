@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_hf
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from recipe_jax import families, hf, parity, weights
 
@@ -105,6 +105,19 @@ def test_deberta_unsupported_settings_are_named(tmp_path, key, value, match):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, key: value}))
     with pytest.raises(ValueError, match=match):
         hf.load_pretrained(tmp_path / "m")
+
+
+def test_deberta_unused_position_embeddings_are_ignored_as_transformers_does(tmp_path, caplog):
+    """A DeBERTa-v3 file with absolute position embeddings its config does not use (transformers
+    drops them on load): a warning names them, the logits are unchanged."""
+    tiny_hf("DebertaV2ForMaskedLM", tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(path))
+    extra = "deberta.embeddings.position_embeddings.weight"
+    save_file({**state, extra: np.ones((64, 32), np.float32)}, str(path))
+    model, params = hf.load_pretrained(tmp_path / "m")
+    assert f"ignoring {extra}" in caplog.text
+    assert parity.max_logit_diff(model, params, tmp_path / "m") < TOL
 
 
 def test_masked_position_gather_equals_full_logits(tiny_bert_mlm):
