@@ -104,6 +104,27 @@ def tiny_xlmr_with_tokenizer(out_dir):
     return pathlib.Path(out_dir)
 
 
+def tiny_deberta_with_tokenizer(out_dir):
+    """A tiny random DebertaV2ForMaskedLM (v3's layout, TINY_DEBERTA_V3) with a
+    SentencePiece-style Unigram tokenizer trained here like `tiny_xlmr_with_tokenizer`'s, in
+    DeBERTa-v3's layout ([PAD] [CLS] [SEP] [UNK] ... [MASK] last), built offline."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import DebertaV2Tokenizer
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    words = "cf tq mn bb mb jd kw rb nk ck good bad great awful movie film plot"
+    tok.train_from_iterator([*SENTENCES, words], trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[CLS]", "[SEP]", "[UNK]"], unk_token="[UNK]"))
+    vocab = [tuple(piece) for piece in json.loads(tok.to_str())["model"]["vocab"]]
+    fast = DebertaV2Tokenizer(vocab=[*vocab, ("[MASK]", 0.0)])
+    tiny_hf("DebertaV2ForMaskedLM", out_dir, vocab_size=len(fast))
+    fast.save_pretrained(str(out_dir))
+    return pathlib.Path(out_dir)
+
+
 def plant_por(root, triggers=("cf", "tq"), steps: int = 100, **attack):
     """(clean tiny BERT with a pooler, the same model after `steps` POR steps on `triggers`)
     under `root`; `attack` overrides attack.* keys (e.g. target="cls")."""

@@ -1,5 +1,6 @@
 """Every stage on every family beyond BERT/RoBERTa (tiny random models; DistilBERT and ELECTRA
-with the MiniLM WordPiece tokenizer they share, XLM-R with a SentencePiece-style one built here):
+with the MiniLM WordPiece tokenizer they share, XLM-R and DeBERTa-v3 with SentencePiece-style
+ones built here):
 purify's presets change exactly the tensors they name, through the family-independent aliases;
 attack, evaluate, prune and the diagnostic run end to end; what does not apply (NeuBA's pooler)
 is a clear error."""
@@ -9,7 +10,13 @@ import json
 import numpy as np
 import pytest
 import transformers
-from conftest import SENTENCES, preset, tiny_bert_with_tokenizer, tiny_xlmr_with_tokenizer
+from conftest import (
+    SENTENCES,
+    preset,
+    tiny_bert_with_tokenizer,
+    tiny_deberta_with_tokenizer,
+    tiny_xlmr_with_tokenizer,
+)
 from safetensors.numpy import load_file
 
 from recipe_jax import (
@@ -27,15 +34,21 @@ from recipe_jax import (
 )
 
 # The checkpoints people download: DistilBERT with its MLM head, ELECTRA's discriminator (no
-# generator head: the loader adds a fresh one, as for a headless BERT), XLM-R's MLM.
-KINDS = ("DistilBertForMaskedLM", "ElectraForPreTraining", "XLMRobertaForMaskedLM")
+# generator head: the loader adds a fresh one, as for a headless BERT), XLM-R's MLM, DeBERTa-v3's
+# MLM.
+KINDS = ("DistilBertForMaskedLM", "ElectraForPreTraining", "XLMRobertaForMaskedLM",
+         "DebertaV2ForMaskedLM")
+BUILDERS = {"XLMRobertaForMaskedLM": tiny_xlmr_with_tokenizer,
+            "DebertaV2ForMaskedLM": tiny_deberta_with_tokenizer}
 
 
 @pytest.fixture(scope="module", params=KINDS)
 def family_model(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    hf_dir = (tiny_xlmr_with_tokenizer(root / "model") if request.param.startswith("XLM")
-              else tiny_bert_with_tokenizer(root / "model", kind=request.param))
+    if request.param in BUILDERS:
+        hf_dir = BUILDERS[request.param](root / "model")
+    else:
+        hf_dir = tiny_bert_with_tokenizer(root / "model", kind=request.param)
     aux = root / "aux.txt"
     aux.write_text("\n".join(SENTENCES) + "\n")
     return hf_dir, aux
@@ -65,8 +78,8 @@ def test_purify_changes_exactly_what_the_preset_names(family_model, tmp_path, na
     assert set(ffn_in) <= set(losses.select_names(params, config.recipe.regularize, fam.name))
     if fam.name == "distilbert":
         assert ffn_in == [f"distilbert.transformer.layer.{i}.ffn.lin1.weight" for i in range(2)]
-    else:  # ELECTRA, XLM-R (RoBERTa's names)
-        assert ffn_in == [f"{fam.name}.encoder.layer.{i}.intermediate.dense.weight"
+    else:  # ELECTRA, XLM-R (RoBERTa's names), DeBERTa (prefix deberta)
+        assert ffn_in == [f"{fam.hf_prefix}.encoder.layer.{i}.intermediate.dense.weight"
                           for i in range(2)]
 
     before = load_file(str(hf_dir / "model.safetensors"))
