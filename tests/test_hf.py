@@ -120,6 +120,22 @@ def test_deberta_unused_position_embeddings_are_ignored_as_transformers_does(tmp
     assert parity.max_logit_diff(model, params, tmp_path / "m") < TOL
 
 
+def test_deberta_unused_heads_are_extra_heads(tmp_path):
+    """v3's replaced-token-detection head (mask_predictions.*) and an lm_predictions head under
+    legacy=true (transformers leaves both unused) are refused by name, dropped on request."""
+    tiny_hf("DebertaV2Model", tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    extra = {"mask_predictions.classifier.weight": np.ones((1, 32), np.float32),
+             "lm_predictions.lm_head.bias": np.zeros(99, np.float32)}
+    save_file({**load_file(str(path)), **extra}, str(path))
+    with pytest.raises(ValueError, match="unknown weights.*lm_predictions.*drop-extra-heads"):
+        hf.load_pretrained(tmp_path / "m")
+    model, params, info = hf.load_pretrained(tmp_path / "m", drop_extra_heads=True,
+                                             with_info=True)
+    assert sorted(info["dropped"]) == sorted(extra)
+    assert parity.max_logit_diff(model, params, tmp_path / "m", head="encode") < TOL
+
+
 def test_masked_position_gather_equals_full_logits(tiny_bert_mlm):
     model, params = hf.load_pretrained(tiny_bert_mlm)
     batch = parity.fixed_batch(99, 0, batch=2, length=10)
