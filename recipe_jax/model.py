@@ -153,11 +153,6 @@ class ModelConfig:
         """Width of the embeddings (and of ELECTRA's generator head): hidden_size elsewhere."""
         return self.embedding_size or self.hidden_size
 
-    @property
-    def attention_scale(self) -> float:
-        """sqrt(D), times the number of score terms (DeBERTa's c2p and p2c add one each)."""
-        return float((self.head_dim * (1 + len(deberta.attention_types(self)))) ** 0.5)
-
 
 def _check_field_types(values: dict[str, Any]) -> None:
     """config.json values of the right kind: numbers where numbers belong, a known activation."""
@@ -252,17 +247,23 @@ class SelfAttention(nn.Module):
         key = _dense(cfg.hidden_size, cfg, ("embed", "heads"), "key")
         q_blnd, k_blnd = split(query(x_blh)), split(key(x_blh))
         v_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "value")(x_blh))
-        scores_bnll = jnp.einsum("bqnd,bknd->bnqk", q_blnd, k_blnd) / cfg.attention_scale
+        # sqrt(D), times the number of score terms (DeBERTa's c2p and p2c add one each).
+        scale = jnp.sqrt(cfg.head_dim * (1 + len(deberta.attention_types(cfg))))
+        scores_bnll = jnp.einsum("bqnd,bknd->bnqk", q_blnd, k_blnd) / scale
         if relative is not None:  # DeBERTa: (relative embeddings [R, H], positions [B, L, L])
             rel_rh, rel_bqk = relative
             rel_rh = nn.Dropout(cfg.hidden_dropout_prob)(rel_rh, deterministic=deterministic)
             types = deberta.attention_types(cfg)
-            project = lambda shared, name: split((shared if cfg.share_att_key else _dense(  # noqa: E731
-                cfg.hidden_size, cfg, ("embed", "heads"), name))(rel_rh))
+
+            def project(dense: nn.Dense, name: str):  # [R, N, D] through query/key or pos_*
+                if not cfg.share_att_key:
+                    dense = _dense(cfg.hidden_size, cfg, ("embed", "heads"), name)
+                return split(dense(rel_rh))
+
             pos_key_rnd = project(key, "pos_key_proj") if "c2p" in types else None
             pos_query_rnd = project(query, "pos_query_proj") if "p2c" in types else None
             scores_bnll += deberta.disentangled_scores(cfg, q_blnd, k_blnd, pos_query_rnd,
-                                                       pos_key_rnd, rel_bqk, cfg.attention_scale)
+                                                       pos_key_rnd, rel_bqk, scale)
         # Softmax in float32 (or wider) even under bf16 compute: masked logits need the range.
         wide = jnp.promote_types(scores_bnll.dtype, jnp.float32)
         probs_bnll = jax.nn.softmax(scores_bnll.astype(wide) + bias_b1ql, axis=-1)
