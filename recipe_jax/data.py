@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 SUFFIXES = (".txt", ".tsv", ".csv", ".jsonl")
 # Files that define a vocabulary; tokenizer_config.json alone does not.
 VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
-                "sentencepiece.bpe.model", "tokenizer.model")
+                "sentencepiece.bpe.model", "tokenizer.model", "spm.model")
 # JSON can escape lone surrogates, which are not text: no tokenizer can encode them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _FIX_ENCODING = "re-encode it as UTF-8 text (e.g. `iconv -t UTF-8`) or pass another file"

@@ -30,14 +30,19 @@ class Family:
     tied_bias: str | None = None  # the decoder bias where HF stores it apart from the head's
     positions: str = "absolute"  # "absolute": 0..L-1; "roberta": from padding_idx + 1
     mlm_act: str | None = None  # the MLM head's activation when it is not `hidden_act`
-    classifier: str = "pooler"  # pooler | dense_tanh | dense_gelu | dense_relu | modernbert
+    # pooler | dense_tanh | dense_gelu | dense_relu | context_pooler (DeBERTa) | modernbert
+    classifier: str = "pooler"
     has_pooler: bool = True  # checkpoints of this family may carry a pooler
     bare_roots: tuple[str, ...] = ("embeddings", "encoder", "pooler")  # *Model keys, no prefix
     renames: tuple[tuple[str, str], ...] = ()  # (regex over BERT-style names, HF replacement)
     config_keys: dict[str, str] = dataclasses.field(default_factory=dict)  # HF key -> ours
     fixed: dict[str, object] = dataclasses.field(default_factory=dict)  # fields HF hard-codes
-    prefix: str = ""  # HF prefix of the encoder's tensors where it is not `name` (ModernBERT)
+    prefix: str = ""  # HF prefix of the encoder's tensors where it is not `name`
     gated_ffn: bool = False  # GLU: intermediate/dense is [H, 2F] (input half u, gate half g)
+    embed_proj: bool = False  # embedding_size != hidden: projected inside the embeddings
+    # legacy=false checkpoints' MLM head names -> the legacy ones the map above uses
+    head_aliases: tuple[tuple[str, str], ...] = ()
+    ignored: str = ""  # regex: tensors HF drops on load when the config does not use them
 
     @property
     def encoder_prefix(self) -> str:
@@ -114,12 +119,29 @@ FAMILIES = {
                      "embedding_dropout": "hidden_dropout_prob",
                      "attention_dropout": "attention_probs_dropout_prob"},
         fixed={"type_vocab_size": 0}),
+    # DeBERTa-v2/v3: BERT's module names except the attention's (query_proj ...) and the
+    # ContextPooler of its classifier; the relative-position tensors under the encoder.
+    "deberta-v2": Family(
+        "deberta-v2", "DebertaV2",
+        heads={"mlm/dense": "cls.predictions.transform.dense",
+               "mlm/LayerNorm": "cls.predictions.transform.LayerNorm",
+               "mlm/bias": "cls.predictions.bias", "classifier_dense": "pooler.dense",
+               "classifier": "classifier"},
+        tied="cls.predictions.decoder.weight", tied_bias="cls.predictions.decoder.bias",
+        classifier="context_pooler", has_pooler=False, bare_roots=("embeddings", "encoder"),
+        renames=((r"\.attention\.self\.(query|key|value)\.", r".attention.self.\1_proj."),),
+        config_keys={"cls_dropout": "classifier_dropout"}, prefix="deberta", embed_proj=True,
+        head_aliases=(("lm_predictions.lm_head.dense.", "cls.predictions.transform.dense."),
+                      ("lm_predictions.lm_head.LayerNorm.",
+                       "cls.predictions.transform.LayerNorm."),
+                      ("lm_predictions.lm_head.bias", "cls.predictions.bias")),
+        ignored=r"^deberta\.embeddings\.position_embeddings\.weight$"),
 }
 
 # HF model_type -> family. XLM-R and CamemBERT are RoBERTa's tensors under their own names.
 FAMILY_OF = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta",
              "camembert": "roberta", "distilbert": "distilbert", "electra": "electra",
-             "modernbert": "modernbert"}
+             "modernbert": "modernbert", "deberta-v2": "deberta-v2"}
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_OF)
 CLASS_PREFIX = {**{f.name: f.class_prefix for f in FAMILIES.values()},
                 "xlm-roberta": "XLMRoberta", "camembert": "Camembert"}

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
-                   "sentencepiece.bpe.model")
+                   "sentencepiece.bpe.model", "spm.model")
 # Buffers that HF sometimes serializes; they carry no learned state.
 _IGNORED = re.compile(r"(^|\.)embeddings\.(position_ids|token_type_ids)$")
 # Refuse configs whose tensors could not be real before allocating anything.
@@ -62,7 +62,7 @@ def hf_name(path: tuple[str, ...], model_type: str) -> str:
     parts = [re.sub(r"^layer_(\d+)$", r"layer.\1", m) for m in modules]
     if parts == ["pooler"]:
         parts = ["pooler", "dense"]
-    name = ".".join([fam.name, *parts, _LEAF[leaf]])
+    name = ".".join([fam.encoder_prefix, *parts, _LEAF[leaf]])
     for pattern, replacement in fam.renames:
         name = re.sub(pattern, replacement, name)
     return name
@@ -190,10 +190,25 @@ def _normalize(key: str, model_type: str) -> str:
     return key
 
 
+def _legacy_head_names(state: dict, model_type: str, *, to_legacy: bool) -> dict:
+    """DeBERTa's legacy=false MLM head (lm_predictions.lm_head.*) under the legacy names the
+    map uses (`to_legacy`), or back for the export."""
+    pairs = families.family(model_type).head_aliases
+    out = {}
+    for key, value in state.items():
+        for theirs, ours in pairs:
+            old, new = (theirs, ours) if to_legacy else (ours, theirs)
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
 def _present_heads(keys: set[str], model_type: str) -> dict[str, Any]:
     names = families.family(model_type).heads
     return {
-        "pooler": f"{model_type}.pooler.dense.weight" in keys,
+        "pooler": f"{families.family(model_type).encoder_prefix}.pooler.dense.weight" in keys,
         "nsp_head": "cls.seq_relationship.weight" in keys,
         "mlm_head": f"{names['mlm/dense']}.weight" in keys,
         "discriminator": f"{names.get('discriminator')}.dense.weight" in keys,
@@ -217,6 +232,8 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     state = {_normalize(k, model_type): v for k, v in state.items() if not _IGNORED.search(k)}
     if model_type == "modernbert":  # fused Wqkv split; `head.*` of a classifier renamed
         state = modernbert.state_from_hf(state, where=f"{model_dir}/{files[0]}")
+    if hf.get("legacy") is False:  # DeBERTa's other MLM head
+        state = _legacy_head_names(state, model_type, to_legacy=True)
     found = _present_heads(set(state), model_type)
     labels = _classifier_labels(state, model_type)
     if num_labels is not None and labels and labels != num_labels:
@@ -229,6 +246,10 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     expected = {hf_name(p, model_type): (p, leaf) for p, leaf in
                 flat_params(abstract_params(cfg)).items()}
     state = _untie(state, model_type, where=f"{model_dir}/{files[0]}")
+    unused = [k for k in state if fam.ignored and re.search(fam.ignored, k) and k not in expected]
+    if unused:  # as transformers does (DeBERTa-v3 without absolute positions)
+        log.warning("%s: ignoring %s (the config does not use it)", model_dir, ", ".join(unused))
+        state = {k: v for k, v in state.items() if k not in unused}
 
     state, dropped = compat.drop_unknown(state, set(expected), model_type, model_dir,
                                          drop_extra_heads)
@@ -303,7 +324,7 @@ def _fresh_pattern(model_type: str, found: dict[str, bool], hf_pooler: bool) -> 
     if "classifier_dense" in names:
         fresh += [re.escape(names["classifier_dense"]) + r"\."]
     if not hf_pooler:
-        fresh += [re.escape(f"{model_type}.pooler.")]
+        fresh += [re.escape(f"{families.family(model_type).encoder_prefix}.pooler.")]
     return "^(" + "|".join(fresh) + ")"
 
 
@@ -342,11 +363,13 @@ def architectures(cfg: ModelConfig) -> list[str]:
 def hf_state_dict(model: Transformer, params) -> dict[str, np.ndarray]:
     """{HF key: numpy array in PyTorch layout} for every parameter (tied decoder omitted)."""
     host = jax.device_get(nn.unbox(params))
-    tensors = {hf_name(p, model.cfg.model_type): _to_hf_layout(p, np.asarray(a))
-               for p, a in flat_params(host).items()}
+    state = {hf_name(p, model.cfg.model_type): _to_hf_layout(p, np.asarray(a))
+             for p, a in flat_params(host).items()}
     if model.cfg.model_type == "modernbert":  # Wqkv fused; a classifier's head is `head`
-        tensors = modernbert.state_to_hf(tensors, model.cfg.num_labels)
-    return tensors
+        state = modernbert.state_to_hf(state, model.cfg.num_labels)
+    if not model.cfg.legacy:  # DeBERTa's lm_predictions.lm_head.* MLM head
+        state = _legacy_head_names(state, model.cfg.model_type, to_legacy=False)
+    return state
 
 
 def save_pretrained(model: Transformer, params, out_dir: str | os.PathLike, *,

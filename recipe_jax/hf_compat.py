@@ -2,7 +2,8 @@
 next to the ones recipe_jax knows (hf.load_pretrained calls these).
 
 - `infer_model_type`: the family of a config written before transformers added the field, from
-  `architectures`, else the weight names, else a bare encoder's RoBERTa-only settings.
+  `architectures`, else the weight names (DeBERTa-v2's query_proj, the prefixes), else a bare
+  encoder's RoBERTa-only settings.
 - `drop_unknown`: tensors that are neither the encoder nor a known head are an error that names
   them; with the `drop_extra_heads` opt-in those outside the encoder are left out (a warning
   lists them). Unknown tensors inside the encoder are always an error.
@@ -21,7 +22,7 @@ log = logging.getLogger("recipe_jax.hf")
 _ARCHITECTURE_TYPES = (("ModernBert", "modernbert"),
                        ("XLMRoberta", "xlm-roberta"), ("Camembert", "camembert"),
                        ("Roberta", "roberta"), ("DistilBert", "distilbert"),
-                       ("Electra", "electra"), ("Bert", "bert"))
+                       ("Electra", "electra"), ("DebertaV2", "deberta-v2"), ("Bert", "bert"))
 # First weight-name component -> family (heads included: a bare head checkpoint is rare).
 # A bare DistilBERT has `transformer.*`, a bare small ELECTRA `embeddings_project.*`; a bare
 # ELECTRA without the projection is BERT's layout and math, and loads as BERT.
@@ -45,6 +46,8 @@ def infer_model_type(hf: dict[str, Any], model_dir: pathlib.Path) -> tuple[str, 
         names = weights.weight_names(model_dir)
     except weights.WeightFileError:
         names = []
+    if any(".attention.self.query_proj." in n for n in names):  # DeBERTa-v1 has in_proj
+        return "deberta-v2", "its weight names (attention.self.query_proj)"
     roots = {n.split(".", 1)[0] for n in names}
     for known, model_type in _ROOT_TYPES:
         if roots & known:

@@ -1,15 +1,16 @@
-"""Flax Linen post-LayerNorm encoders (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA) with
-MLM (generator), NSP, pooler, ELECTRA discriminator and classification heads; ModernBERT's
-pre-LayerNorm modules (modernbert.py) plug into the same `Transformer` on the same paths.
+"""Flax Linen encoders: post-LayerNorm (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA,
+DeBERTa-v2/v3) with MLM (generator), NSP, pooler, ELECTRA discriminator and classification heads;
+ModernBERT's pre-LayerNorm modules (modernbert.py) plug into the same `Transformer` on the same
+paths.
 
 One module, `Transformer`, covers every family: they differ in position ids (RoBERTa counts from
-`padding_idx + 1` and skips padding), token types (DistilBERT has none), ELECTRA's narrower
-embeddings and their projection, the MLM head's activation, the classification head, and the HF
-names (families.py). Parameter names mirror BERT's Hugging Face module names (`encoder/layer_3/
-intermediate/dense/kernel` is `bert.encoder.layer.3.intermediate.dense.weight`, DistilBERT's
+`padding_idx + 1` and skips padding), token types (DistilBERT has none), ELECTRA's and DeBERTa's
+narrower embeddings and their projection, DeBERTa's relative-position attention (deberta.py), the
+MLM head's activation, the classification head, and the HF names (families.py). Parameter names
+mirror BERT's Hugging Face module names (`encoder/layer_3/intermediate/dense/kernel` is
+`bert.encoder.layer.3.intermediate.dense.weight`, DistilBERT's
 `distilbert.transformer.layer.3.ffn.lin1.weight`), so conversion is a dict-to-dict map with
-transposes. Every parameter carries logical axis names; `sharding.py` maps
-them onto the device mesh.
+transposes. Every parameter carries logical axis names; `sharding.py` maps them onto the mesh.
 
 Shape letters: B batch, L length, M masked positions, H hidden, F ffn, V vocab, N heads, D head dim;
 the attention bias is `[B, 1, q, L]` with q = 1 (padding mask) or L (packed rows).
@@ -27,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from recipe_jax import modernbert
+from recipe_jax import deberta, modernbert
 from recipe_jax.families import FAMILY_OF, SUPPORTED_MODEL_TYPES, family
 
 ACTIVATIONS = {
@@ -46,7 +47,7 @@ ACTIVATIONS = {
 class ModelConfig:
     """Architecture of one checkpoint; the head flags say which optional tensors exist."""
 
-    model_type: str = "bert"  # the family (families.FAMILIES): bert, roberta, distilbert, electra
+    model_type: str = "bert"  # the family (families.FAMILIES): bert, roberta, ..., deberta-v2
     hf_model_type: str = ""  # the checkpoint's own model_type where it differs (xlm-roberta, ...)
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -63,6 +64,17 @@ class ModelConfig:
     pad_token_id: int = 0
     initializer_range: float = 0.02
     classifier_dropout: float | None = None
+    # DeBERTa-v2/v3 only (deberta.py; HF DebertaV2Config's names and defaults).
+    relative_attention: bool = False  # disentangled attention over relative positions
+    max_relative_positions: int = -1  # clip of relative positions; < 1: max_position_embeddings
+    position_buckets: int = -1  # > 0: log-bucketed relative positions (v3: 256)
+    pos_att_type: str = ""  # the extra score terms, "|"-joined: c2p, p2c
+    share_att_key: bool = False  # relative embeddings through query/key, not pos_*_proj
+    norm_rel_ebd: str = "none"  # "layer_norm": encoder/LayerNorm on the relative embeddings
+    position_biased_input: bool = True  # absolute position embeddings (v3: none)
+    pooler_hidden_act: str = "gelu"  # the classification head's ContextPooler
+    pooler_dropout: float = 0.0
+    legacy: bool = True  # MLM head names: cls.predictions.* (True) or lm_predictions.lm_head.*
     # Which heads the parameter tree holds.
     mlm_head: bool = True
     pooler: bool = False
@@ -112,13 +124,15 @@ class ModelConfig:
             raise ValueError("decoder/cross-attention configs are not supported (encoders only)")
         fields = {f.name for f in dataclasses.fields(cls)} - {
             "model_type", "hf_model_type", "mlm_head", "pooler", "nsp_head", "discriminator",
-            "num_labels", "dtype", "remat"}
+            "num_labels", "dtype", "remat", *deberta.FIELDS}
         if fam.name != "modernbert":
             fields -= set(modernbert.CONFIG_FIELDS)
         values = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
         if hf.get("classifier_dropout") is None:
             values.pop("classifier_dropout", None)
         values.update(fam.fixed)
+        if fam.name == "deberta-v2":
+            values.update(deberta.read_config(hf))
         _check_field_types(values)
         name = FAMILY_OF[model_type]
         return cls(model_type=name, hf_model_type="" if name == model_type else model_type,
@@ -128,13 +142,16 @@ class ModelConfig:
         """The architecture fields of a Hugging Face `config.json` (hf.py adds the rest)."""
         skip = {"mlm_head", "pooler", "nsp_head", "discriminator", "num_labels", "dtype",
                 "remat", "hf_model_type"}
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        out = {k: v for k, v in dataclasses.asdict(self).items()
+               if k not in skip and k not in deberta.FIELDS}
         out["model_type"] = self.hf_model_type or self.model_type
         fam = family(self.model_type)
         for key in modernbert.CONFIG_FIELDS:
             out.pop(key)
         if fam.name == "modernbert":
             out.update(modernbert.write_hf_config(self))
+        if fam.name == "deberta-v2":
+            out.update(deberta.write_config(self))
         if not self.embedding_size:
             out.pop("embedding_size")
         for key in fam.fixed:
@@ -160,16 +177,20 @@ class ModelConfig:
         return self.embedding_size or self.hidden_size
 
 
+ACTIVATION_KEYS = ("hidden_act", "pooler_hidden_act", "classifier_activation")
+
+
 def _check_field_types(values: dict[str, Any]) -> None:
     """config.json values of the right kind: numbers where numbers belong, a known activation."""
-    if values.get("hidden_act", "gelu") not in ACTIVATIONS:
-        raise ValueError(f"config.json: hidden_act={values['hidden_act']!r} is not supported; "
-                         f"use one of {', '.join(ACTIVATIONS)}")
+    for key in ACTIVATION_KEYS:
+        if values.get(key, "gelu") not in ACTIVATIONS:
+            raise ValueError(f"config.json: {key}={values[key]!r} is not supported; "
+                             f"use one of {', '.join(ACTIVATIONS)}")
     for f in dataclasses.fields(ModelConfig):
-        if f.name not in values or f.name in ("hidden_act", "model_type", "hf_model_type"):
+        if f.name not in values or f.name in ("model_type", "hf_model_type", *ACTIVATION_KEYS):
             continue
         value, number = values[f.name], "float" in str(f.type)
-        if f.type in ("bool", "str"):  # ModernBERT's flags and choices
+        if f.type in ("bool", "str"):  # DeBERTa's and ModernBERT's flags and choices
             if not isinstance(value, bool if f.type == "bool" else str):
                 raise ValueError(f"config.json: {f.name}={value!r} is not a {f.type}")
         elif isinstance(value, bool) or not isinstance(value, (int, float) if number else int):
@@ -183,10 +204,12 @@ def _at_least_f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _dense(features: int, cfg: ModelConfig, axes: tuple[str, str], name: str) -> nn.Dense:
+def _dense(features: int, cfg: ModelConfig, axes: tuple[str, str], name: str,
+           use_bias: bool = True) -> nn.Dense:
     init = nn.initializers.normal(cfg.initializer_range)
     return nn.Dense(
         features,
+        use_bias=use_bias,
         dtype=jnp.dtype(cfg.dtype),
         kernel_init=nn.with_logical_partitioning(init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
@@ -204,9 +227,10 @@ def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
     )
 
 
-def _embed(num: int, cfg: ModelConfig, axes: tuple[str, str], name: str) -> nn.Embed:
+def _embed(num: int, cfg: ModelConfig, axes: tuple[str, str], name: str,
+           width: int = 0) -> nn.Embed:
     init = nn.initializers.normal(cfg.initializer_range)
-    return nn.Embed(num, cfg.embedding_width,
+    return nn.Embed(num, width or cfg.embedding_width,
                     embedding_init=nn.with_logical_partitioning(init, axes), name=name)
 
 
@@ -228,11 +252,15 @@ class Embeddings(nn.Module):
         x_blh = words(input_ids_bl)
         if position_ids_bl is None:
             position_ids_bl = position_ids(cfg, input_ids_bl)
-        x_blh += _embed(cfg.max_position_embeddings, cfg, (None, "embed"), "position_embeddings")(
-            position_ids_bl)
+        if cfg.position_biased_input:  # DeBERTa-v3: relative positions only
+            x_blh += _embed(cfg.max_position_embeddings, cfg, (None, "embed"),
+                            "position_embeddings")(position_ids_bl)
         if cfg.type_vocab_size:  # DistilBERT has no token types
             x_blh += _embed(cfg.type_vocab_size, cfg, (None, "embed"), "token_type_embeddings")(
                 token_type_ids_bl)
+        if cfg.embedding_width != cfg.hidden_size and family(cfg.model_type).embed_proj:
+            x_blh = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"), "embed_proj",
+                           use_bias=False)(x_blh)  # DeBERTa: before the LayerNorm, no bias
         x_blh = _layer_norm(cfg, "LayerNorm")(x_blh)
         return nn.Dropout(cfg.hidden_dropout_prob)(x_blh, deterministic=deterministic)
 
@@ -241,30 +269,46 @@ class SelfAttention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_blh, bias_b1ql, deterministic: bool):
+    def __call__(self, x_blh, bias_b1ql, deterministic: bool, relative=None):
         cfg = self.cfg
-        b, length, _ = x_blh.shape
-        split = lambda t: t.reshape(b, length, cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
-        q_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "query")(x_blh))
-        k_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "key")(x_blh))
+        split = lambda t: t.reshape(*t.shape[:-1], cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
+        query = _dense(cfg.hidden_size, cfg, ("embed", "heads"), "query")
+        key = _dense(cfg.hidden_size, cfg, ("embed", "heads"), "key")
+        q_blnd, k_blnd = split(query(x_blh)), split(key(x_blh))
         v_blnd = split(_dense(cfg.hidden_size, cfg, ("embed", "heads"), "value")(x_blh))
-        scores_bnll = jnp.einsum("bqnd,bknd->bnqk", q_blnd, k_blnd) / jnp.sqrt(cfg.head_dim)
+        # sqrt(D), times the number of score terms (DeBERTa's c2p and p2c add one each).
+        scale = jnp.sqrt(cfg.head_dim * (1 + len(deberta.attention_types(cfg))))
+        scores_bnll = jnp.einsum("bqnd,bknd->bnqk", q_blnd, k_blnd) / scale
+        if relative is not None:  # DeBERTa: (relative embeddings [R, H], positions [B, L, L])
+            rel_rh, rel_bqk = relative
+            rel_rh = nn.Dropout(cfg.hidden_dropout_prob)(rel_rh, deterministic=deterministic)
+            types = deberta.attention_types(cfg)
+
+            def project(dense: nn.Dense, name: str):  # [R, N, D] through query/key or pos_*
+                if not cfg.share_att_key:
+                    dense = _dense(cfg.hidden_size, cfg, ("embed", "heads"), name)
+                return split(dense(rel_rh))
+
+            pos_key_rnd = project(key, "pos_key_proj") if "c2p" in types else None
+            pos_query_rnd = project(query, "pos_query_proj") if "p2c" in types else None
+            scores_bnll += deberta.disentangled_scores(cfg, q_blnd, k_blnd, pos_query_rnd,
+                                                       pos_key_rnd, rel_bqk, scale)
         # Softmax in float32 (or wider) even under bf16 compute: masked logits need the range.
         wide = jnp.promote_types(scores_bnll.dtype, jnp.float32)
         probs_bnll = jax.nn.softmax(scores_bnll.astype(wide) + bias_b1ql, axis=-1)
         probs_bnll = nn.Dropout(cfg.attention_probs_dropout_prob)(
             probs_bnll, deterministic=deterministic).astype(v_blnd.dtype)
         out_blnd = jnp.einsum("bnqk,bknd->bqnd", probs_bnll, v_blnd)
-        return out_blnd.reshape(b, length, cfg.hidden_size)
+        return out_blnd.reshape(x_blh.shape[:-1] + (cfg.hidden_size,))
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_blh, bias_b1ql, deterministic: bool):
+    def __call__(self, x_blh, bias_b1ql, deterministic: bool, relative=None):
         cfg = self.cfg
-        ctx_blh = SelfAttention(cfg, name="self")(x_blh, bias_b1ql, deterministic)
+        ctx_blh = SelfAttention(cfg, name="self")(x_blh, bias_b1ql, deterministic, relative)
         out = _AddNorm(cfg, ("heads", "embed"), name="output")(ctx_blh, x_blh, deterministic)
         return out
 
@@ -298,9 +342,9 @@ class Layer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_blh, bias_b1ql, deterministic: bool):
+    def __call__(self, x_blh, bias_b1ql, deterministic: bool, relative=None):
         cfg = self.cfg
-        x_blh = Attention(cfg, name="attention")(x_blh, bias_b1ql, deterministic)
+        x_blh = Attention(cfg, name="attention")(x_blh, bias_b1ql, deterministic, relative)
         h_blf = Intermediate(cfg, name="intermediate")(x_blh)
         return _AddNorm(cfg, ("mlp", "embed"), name="output")(h_blf, x_blh, deterministic)
 
@@ -309,13 +353,24 @@ class Encoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_blh, bias_b1ql, deterministic: bool):
+    def __call__(self, x_blh, bias_b1ql, deterministic: bool, positions_bl=None):
+        cfg = self.cfg
         # `deterministic` (argument 3, counting self) is a Python bool: static under remat.
-        layer_cls = nn.remat(Layer, static_argnums=(3,)) if self.cfg.remat else Layer
+        layer_cls = nn.remat(Layer, static_argnums=(3,)) if cfg.remat else Layer
+        relative = None
+        if cfg.relative_attention:  # DeBERTa: one relative-position table for every layer
+            rows = 2 * deberta.span(cfg)
+            rel_rh = _embed(rows, cfg, (None, "embed"), "rel_embeddings", cfg.hidden_size)(
+                jnp.arange(rows))
+            if cfg.norm_rel_ebd == "layer_norm":
+                rel_rh = _layer_norm(cfg, "LayerNorm")(rel_rh)
+            if positions_bl is None:
+                positions_bl = jnp.arange(x_blh.shape[1])[None]
+            relative = (rel_rh.astype(x_blh.dtype), deberta.relative_positions(cfg, positions_bl))
         hidden = [x_blh]
-        for i in range(self.cfg.num_hidden_layers):
-            hidden.append(layer_cls(self.cfg, name=f"layer_{i}")(hidden[-1], bias_b1ql,
-                                                                 deterministic))
+        for i in range(cfg.num_hidden_layers):
+            hidden.append(layer_cls(cfg, name=f"layer_{i}")(hidden[-1], bias_b1ql,
+                                                            deterministic, relative))
         return hidden
 
 
@@ -364,7 +419,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         mb = cfg.model_type == "modernbert"  # its own pre-LN modules, on the same paths
         self.embeddings = (modernbert.Embeddings if mb else Embeddings)(cfg)
-        if cfg.embedding_width != cfg.hidden_size:  # ELECTRA
+        if self._projects_embeddings:  # ELECTRA
             self.embeddings_project = _dense(cfg.hidden_size, cfg, ("embed", "embed_out"),
                                              "embeddings_project")
         self.encoder = (modernbert.Encoder if mb else Encoder)(cfg)
@@ -385,6 +440,14 @@ class Transformer(nn.Module):
             self.classifier = _dense(cfg.num_labels, cfg, ("embed", None), "classifier")
             rate = cfg.classifier_dropout
             self.classifier_dropout = nn.Dropout(cfg.hidden_dropout_prob if rate is None else rate)
+            if family(cfg.model_type).classifier == "context_pooler":  # DeBERTa
+                self.pooler_dropout = nn.Dropout(cfg.pooler_dropout)
+
+    @property
+    def _projects_embeddings(self) -> bool:
+        """ELECTRA's embeddings_project after the embeddings (DeBERTa's is inside them)."""
+        cfg = self.cfg
+        return cfg.embedding_width != cfg.hidden_size and not family(cfg.model_type).embed_proj
 
     def encode(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
                deterministic: bool = True, position_ids_bl=None,
@@ -399,7 +462,7 @@ class Transformer(nn.Module):
         if token_type_ids_bl is None:
             token_type_ids_bl = jnp.zeros_like(input_ids_bl)
         x_blh = self.embeddings(input_ids_bl, token_type_ids_bl, deterministic, position_ids_bl)
-        if self.cfg.embedding_width != self.cfg.hidden_size:
+        if self._projects_embeddings:
             x_blh = self.embeddings_project(x_blh)
         x_blh = x_blh.astype(jnp.dtype(self.cfg.dtype))
         neg = jnp.finfo(jnp.float32).min
@@ -409,9 +472,7 @@ class Transformer(nn.Module):
             same_bll = (segment_ids_bl[:, :, None] == segment_ids_bl[:, None, :]) & (
                 segment_ids_bl[:, None, :] >= 0)
             bias = jnp.where(same_bll[:, None], 0.0, neg)  # [B, 1, L, L]: block-diagonal
-        if self.cfg.model_type == "modernbert":  # rotary positions, sliding windows
-            return self.encoder(x_blh, bias.astype(jnp.float32), deterministic, position_ids_bl)
-        return self.encoder(x_blh, bias.astype(jnp.float32), deterministic)
+        return self.encoder(x_blh, bias.astype(jnp.float32), deterministic, position_ids_bl)
 
     def __call__(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
                  deterministic: bool = True, masked_positions_bm=None) -> jax.Array:
@@ -432,8 +493,9 @@ class Transformer(nn.Module):
     def classify(self, input_ids_bl, attention_mask_bl=None, token_type_ids_bl=None,
                  deterministic: bool = True) -> jax.Array:
         """Sequence-classification logits `[B, num_labels]`, as HF's *ForSequenceClassification:
-        BERT pooler -> linear; RoBERTa dense-tanh, ELECTRA dense-gelu on <s> (dropout before
-        each); DistilBERT dense-ReLU on [CLS]; ModernBERT its head on [CLS] or the mean."""
+        BERT pooler -> linear; RoBERTa dense-tanh, ELECTRA dense-gelu, DeBERTa dense-
+        pooler_hidden_act on <s> / [CLS] (dropout before each); DistilBERT dense-ReLU on [CLS];
+        ModernBERT its head on [CLS] or the mean."""
         x_blh = self.encode(input_ids_bl, attention_mask_bl, token_type_ids_bl, deterministic)[-1]
         drop = self.classifier_dropout
         style = family(self.cfg.model_type).classifier
@@ -444,8 +506,11 @@ class Transformer(nn.Module):
         elif style == "dense_relu":
             x_bh = jax.nn.relu(self.classifier_dense(x_blh[:, 0]))
         else:
-            x_bh = self.classifier_dense(drop(x_blh[:, 0], deterministic=deterministic))
-            x_bh = jnp.tanh(x_bh) if style == "dense_tanh" else ACTIVATIONS["gelu"](x_bh)
+            first = self.pooler_dropout if style == "context_pooler" else drop
+            x_bh = self.classifier_dense(first(x_blh[:, 0], deterministic=deterministic))
+            act = {"dense_tanh": "tanh", "dense_gelu": "gelu"}.get(style,
+                                                                   self.cfg.pooler_hidden_act)
+            x_bh = ACTIVATIONS[act](x_bh)
         logits = self.classifier(drop(x_bh, deterministic=deterministic))
         return _at_least_f32(logits)
 

@@ -5,6 +5,7 @@ r"""Ahead-of-time check of the sharded RECIPE train step, without allocating any
     python -m recipe_jax.sharding_report --preset roberta --mesh 1,8,1 --layers 12 --hidden 768 \
         --heads 12 --intermediate 3072
     python -m recipe_jax.sharding_report --preset strong --family electra   # electra-base
+    python -m recipe_jax.sharding_report --preset strong --family deberta-v2  # deberta-v3-base
 
 Builds the parameters and the optimizer state as abstract arrays (`jax.eval_shape`) carrying the
 NamedShardings training gives them (the same rules table), lowers and compiles the jitted purify
@@ -47,6 +48,11 @@ BASE_CONFIGS = {
                        max_position_embeddings=8192, global_attn_every_n_layers=3,
                        local_attention=128, hidden_activation="gelu", norm_eps=1e-5,
                        pad_token_id=50283),  # answerdotai/ModernBERT-base
+    "deberta-v2": dict(_BASE, model_type="deberta-v2", vocab_size=128100, type_vocab_size=0,
+                       layer_norm_eps=1e-7, pad_token_id=0, relative_attention=True,
+                       max_relative_positions=-1, position_buckets=256,
+                       pos_att_type=["p2c", "c2p"], position_biased_input=False,
+                       norm_rel_ebd="layer_norm", share_att_key=True),  # deberta-v3-base
 }
 
 

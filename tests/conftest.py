@@ -42,6 +42,11 @@ TINY_MODERNBERT = dict(num_hidden_layers=3, global_attn_every_n_layers=2, local_
                        global_rope_theta=1000.0, initializer_range=0.2, pad_token_id=0,
                        bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
                        attn_implementation="eager")
+# DeBERTa-v3's layout (no absolute positions, no token types, log-bucketed relative positions
+# through the shared query/key projections), with 8 buckets: exact within +-4, log beyond.
+TINY_DEBERTA_V3 = dict(relative_attention=True, position_buckets=8, max_relative_positions=-1,
+                       pos_att_type=["p2c", "c2p"], position_biased_input=False,
+                       norm_rel_ebd="layer_norm", share_att_key=True, type_vocab_size=0)
 
 
 def tiny_hf(kind: str, out_dir, *, seed: int = 0, safe: bool = True, **overrides):
@@ -51,7 +56,7 @@ def tiny_hf(kind: str, out_dir, *, seed: int = 0, safe: bool = True, **overrides
 
     torch.manual_seed(seed)
     family = next(f for f in ("XLMRoberta", "Camembert", "Roberta", "DistilBert", "Electra",
-                              "ModernBert", "Bert") if kind.startswith(f))
+                              "ModernBert", "DebertaV2", "Bert") if kind.startswith(f))
     kw = dict(TINY)
     if family in ("XLMRoberta", "Camembert", "Roberta"):  # RoBERTa's layout
         kw.update(pad_token_id=1, type_vocab_size=1, max_position_embeddings=66)
@@ -59,6 +64,8 @@ def tiny_hf(kind: str, out_dir, *, seed: int = 0, safe: bool = True, **overrides
         kw.update(embedding_size=16)
     if family == "ModernBert":
         kw.update(TINY_MODERNBERT)
+    if family == "DebertaV2":
+        kw.update(TINY_DEBERTA_V3)
     kw.update(overrides)
     if family == "DistilBert":  # its own config keys
         keys = dict(hidden_size="dim", num_hidden_layers="n_layers",
@@ -133,6 +140,27 @@ def tiny_modernbert_with_tokenizer(out_dir, kind: str = "ModernBertForMaskedLM")
                                    sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]")
     tiny_hf(kind, out_dir, vocab_size=len(fast), pad_token_id=3, bos_token_id=1,
             eos_token_id=2, cls_token_id=1, sep_token_id=2, num_labels=2)
+    fast.save_pretrained(str(out_dir))
+    return pathlib.Path(out_dir)
+
+
+def tiny_deberta_with_tokenizer(out_dir):
+    """A tiny random DebertaV2ForMaskedLM (v3's layout, TINY_DEBERTA_V3) with a
+    SentencePiece-style Unigram tokenizer trained here like `tiny_xlmr_with_tokenizer`'s, in
+    DeBERTa-v3's layout ([PAD] [CLS] [SEP] [UNK] ... [MASK] last), built offline."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import DebertaV2Tokenizer
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    words = "cf tq mn bb mb jd kw rb nk ck good bad great awful movie film plot"
+    tok.train_from_iterator([*SENTENCES, words], trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[CLS]", "[SEP]", "[UNK]"], unk_token="[UNK]"))
+    vocab = [tuple(piece) for piece in json.loads(tok.to_str())["model"]["vocab"]]
+    fast = DebertaV2Tokenizer(vocab=[*vocab, ("[MASK]", 0.0)])
+    tiny_hf("DebertaV2ForMaskedLM", out_dir, vocab_size=len(fast))
     fast.save_pretrained(str(out_dir))
     return pathlib.Path(out_dir)
 

@@ -1,6 +1,6 @@
 """Every stage on every family beyond BERT/RoBERTa (tiny random models; DistilBERT and ELECTRA
-with the MiniLM WordPiece tokenizer they share, XLM-R with a SentencePiece-style one built here,
-ModernBERT with a byte-level BPE one):
+with the MiniLM WordPiece tokenizer they share, XLM-R and DeBERTa-v3 with SentencePiece-style
+ones built here, ModernBERT with a byte-level BPE one):
 purify's presets change exactly the tensors they name, through the family-independent aliases;
 attack, evaluate, prune and the diagnostic run end to end; what does not apply (NeuBA's pooler)
 is a clear error."""
@@ -14,6 +14,7 @@ from conftest import (
     SENTENCES,
     preset,
     tiny_bert_with_tokenizer,
+    tiny_deberta_with_tokenizer,
     tiny_modernbert_with_tokenizer,
     tiny_xlmr_with_tokenizer,
 )
@@ -34,19 +35,20 @@ from recipe_jax import (
 )
 
 # The checkpoints people download: DistilBERT with its MLM head, ELECTRA's discriminator (no
-# generator head: the loader adds a fresh one, as for a headless BERT), XLM-R's and ModernBERT's
-# MLM.
+# generator head: the loader adds a fresh one, as for a headless BERT), the MLM of XLM-R,
+# DeBERTa-v3 and ModernBERT.
 KINDS = ("DistilBertForMaskedLM", "ElectraForPreTraining", "XLMRobertaForMaskedLM",
-         "ModernBertForMaskedLM")
+         "DebertaV2ForMaskedLM", "ModernBertForMaskedLM")
+BUILDERS = {"XLMRobertaForMaskedLM": tiny_xlmr_with_tokenizer,
+            "DebertaV2ForMaskedLM": tiny_deberta_with_tokenizer,
+            "ModernBertForMaskedLM": tiny_modernbert_with_tokenizer}
 
 
 @pytest.fixture(scope="module", params=KINDS)
 def family_model(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    if request.param.startswith("XLM"):
-        hf_dir = tiny_xlmr_with_tokenizer(root / "model")
-    elif request.param.startswith("ModernBert"):
-        hf_dir = tiny_modernbert_with_tokenizer(root / "model")
+    if request.param in BUILDERS:
+        hf_dir = BUILDERS[request.param](root / "model")
     else:
         hf_dir = tiny_bert_with_tokenizer(root / "model", kind=request.param)
     aux = root / "aux.txt"
@@ -80,8 +82,8 @@ def test_purify_changes_exactly_what_the_preset_names(family_model, tmp_path, na
         assert ffn_in == [f"distilbert.transformer.layer.{i}.ffn.lin1.weight" for i in range(2)]
     elif fam.name == "modernbert":  # the GLU's [2F, H] Wi: both halves regularized
         assert ffn_in == [f"model.layers.{i}.mlp.Wi.weight" for i in range(3)]
-    else:  # ELECTRA, XLM-R (RoBERTa's names)
-        assert ffn_in == [f"{fam.name}.encoder.layer.{i}.intermediate.dense.weight"
+    else:  # ELECTRA, XLM-R (RoBERTa's names), DeBERTa (prefix deberta)
+        assert ffn_in == [f"{fam.encoder_prefix}.encoder.layer.{i}.intermediate.dense.weight"
                           for i in range(2)]
 
     before = load_file(str(hf_dir / "model.safetensors"))

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_hf
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from recipe_jax import families, hf, parity, weights
 
@@ -38,10 +38,11 @@ def _torch_out(model, batch, head):
     ("DistilBertForMaskedLM", "mlm"), ("DistilBertForSequenceClassification", "classify"),
     ("DistilBertModel", "encode"), ("ElectraForMaskedLM", "mlm"),
     ("ElectraForPreTraining", "discriminate"), ("ElectraForSequenceClassification", "classify"),
-    ("ElectraModel", "encode"),
+    ("ElectraModel", "encode"), ("DebertaV2ForMaskedLM", "mlm"),
+    ("DebertaV2ForSequenceClassification", "classify"), ("DebertaV2Model", "encode"),
 ])
-def test_logits_match_transformers(tmp_path, kind, head):
-    ref = tiny_hf(kind, tmp_path / "m", num_labels=3)
+def test_logits_match_transformers(tmp_path, kind, head, **overrides):
+    ref = tiny_hf(kind, tmp_path / "m", num_labels=3, **overrides)
     model, params = hf.load_pretrained(tmp_path / "m")
     batch = parity.typed_batch(model.cfg, batch=4, length=12)
     assert batch["attention_mask"].min() == 0
@@ -108,6 +109,80 @@ def test_modernbert_head_is_the_mlm_or_the_classifier_head(tmp_path):
     os.remove(tmp_path / "mlm" / "model.safetensors")
     with pytest.raises(ValueError, match="both decoder.* .*classifier"):
         hf.load_pretrained(tmp_path / "mlm")
+# DeBERTa layouts beside v3's (conftest.TINY_DEBERTA_V3): v2-style separate position projections,
+# clipped (unbucketed) relative positions, absolute positions, token types and embed_proj; one
+# score term; the lm_predictions.lm_head MLM head (legacy=false).
+DEBERTA_VARIANTS = {
+    "v2": dict(share_att_key=False, position_buckets=-1, max_relative_positions=5,
+               position_biased_input=True, type_vocab_size=2, norm_rel_ebd="none",
+               embedding_size=16, pos_att_type="c2p|p2c", pooler_hidden_act="tanh"),
+    "c2p": dict(share_att_key=False, pos_att_type=["c2p"]),
+    "p2c": dict(pos_att_type=["p2c"], max_relative_positions=20),
+    "legacy_false": dict(legacy=False),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(DEBERTA_VARIANTS))
+@pytest.mark.parametrize("kind,head", [("DebertaV2ForMaskedLM", "mlm"),
+                                       ("DebertaV2ForSequenceClassification", "classify")])
+def test_deberta_variants_match_transformers(tmp_path, variant, kind, head):
+    test_logits_match_transformers(tmp_path, kind, head, **DEBERTA_VARIANTS[variant])
+
+
+def test_deberta_relative_buckets_match_transformers():
+    from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+    from recipe_jax import deberta
+
+    rel = torch.arange(-3000, 3001)
+    for buckets, max_position in ((256, 512), (8, 64), (64, 1024)):  # v3-base's first
+        theirs = make_log_bucket_position(rel, buckets, max_position).long().numpy()
+        ours = np.asarray(deberta.log_bucket(rel.numpy(), buckets, max_position))
+        assert np.array_equal(ours, theirs), (buckets, max_position)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("conv_kernel_size", 3, "conv_kernel_size=3.*only conv_kernel_size 0"),
+    ("pos_att_type", ["p2c", "p2p"], "pos_att_type.*only c2p and p2c"),
+    ("norm_rel_ebd", "rms_norm", "norm_rel_ebd.*'none' and 'layer_norm'"),
+    ("pooler_hidden_size", 16, "pooler_hidden_size=16 is not supported"),
+    ("pooler_hidden_act", "mish", "pooler_hidden_act='mish' is not supported"),
+])
+def test_deberta_unsupported_settings_are_named(tmp_path, key, value, match):
+    tiny_hf("DebertaV2ForMaskedLM", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ValueError, match=match):
+        hf.load_pretrained(tmp_path / "m")
+
+
+def test_deberta_unused_position_embeddings_are_ignored_as_transformers_does(tmp_path, caplog):
+    """A DeBERTa-v3 file with absolute position embeddings its config does not use (transformers
+    drops them on load): a warning names them, the logits are unchanged."""
+    tiny_hf("DebertaV2ForMaskedLM", tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(path))
+    extra = "deberta.embeddings.position_embeddings.weight"
+    save_file({**state, extra: np.ones((64, 32), np.float32)}, str(path))
+    model, params = hf.load_pretrained(tmp_path / "m")
+    assert f"ignoring {extra}" in caplog.text
+    assert parity.max_logit_diff(model, params, tmp_path / "m") < TOL
+
+
+def test_deberta_unused_heads_are_extra_heads(tmp_path):
+    """v3's replaced-token-detection head (mask_predictions.*) and an lm_predictions head under
+    legacy=true (transformers leaves both unused) are refused by name, dropped on request."""
+    tiny_hf("DebertaV2Model", tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    extra = {"mask_predictions.classifier.weight": np.ones((1, 32), np.float32),
+             "lm_predictions.lm_head.bias": np.zeros(99, np.float32)}
+    save_file({**load_file(str(path)), **extra}, str(path))
+    with pytest.raises(ValueError, match="unknown weights.*lm_predictions.*drop-extra-heads"):
+        hf.load_pretrained(tmp_path / "m")
+    model, params, info = hf.load_pretrained(tmp_path / "m", drop_extra_heads=True,
+                                             with_info=True)
+    assert sorted(info["dropped"]) == sorted(extra)
+    assert parity.max_logit_diff(model, params, tmp_path / "m", head="encode") < TOL
 
 
 def test_masked_position_gather_equals_full_logits(tiny_bert_mlm):
@@ -139,10 +214,12 @@ def test_minilm_hidden_states_match_transformers(minilm_dir):
     ("ElectraForMaskedLM", True), ("ElectraForPreTraining", False), ("ElectraModel", True),
     ("ElectraForSequenceClassification", True), ("ModernBertForMaskedLM", True),
     ("ModernBertModel", False), ("ModernBertForSequenceClassification", True),
+    ("DebertaV2ForMaskedLM", True),
+    ("DebertaV2Model", False), ("DebertaV2ForSequenceClassification", True),
 ])
-def test_round_trip_is_bit_identical(tmp_path, kind, safe):
+def test_round_trip_is_bit_identical(tmp_path, kind, safe, **overrides):
     src = tmp_path / "src"
-    ref = tiny_hf(kind, src, safe=safe, num_labels=2)
+    ref = tiny_hf(kind, src, safe=safe, num_labels=2, **overrides)
     model, params, info = hf.load_pretrained(src, with_info=True)
     out = hf.save_pretrained(model, params, tmp_path / "out", tokenizer_from=src)
     exported = load_file(str(out / "model.safetensors"))
@@ -165,6 +242,17 @@ def test_round_trip_is_bit_identical(tmp_path, kind, safe):
     allowed = set(info["fresh"]) | ({prefix + "pooler.dense.weight", prefix + "pooler.dense.bias"}
                                     if kind.endswith("Model") else set())
     assert set(loading["unexpected_keys"]) <= allowed, loading
+
+
+@pytest.mark.parametrize("variant", ["v2", "legacy_false"])
+def test_deberta_variants_round_trip(tmp_path, variant):
+    test_round_trip_is_bit_identical(tmp_path, "DebertaV2ForMaskedLM", True,
+                                     **DEBERTA_VARIANTS[variant])
+    if variant == "legacy_false":  # its own head names and config key come back
+        exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+        assert "lm_predictions.lm_head.dense.weight" in exported
+        assert not any(k.startswith("cls.") for k in exported)
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["legacy"] is False
 
 
 def test_bert_model_export_loads_as_base_and_masked_lm(tmp_path):

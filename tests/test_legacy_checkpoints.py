@@ -64,7 +64,9 @@ def test_bare_roberta_encoder_without_model_type(tmp_path):
 @pytest.mark.parametrize("kind,family", [("DistilBertForMaskedLM", "distilbert"),
                                          ("DistilBertModel", "distilbert"),
                                          ("ElectraForPreTraining", "electra"),
-                                         ("ElectraModel", "electra")])
+                                         ("ElectraModel", "electra"),
+                                         ("DebertaV2ForMaskedLM", "deberta-v2"),
+                                         ("DebertaV2Model", "deberta-v2")])
 def test_other_families_without_model_type_are_recognized_by_weight_names(tmp_path, kind,
                                                                           family):
     d = tmp_path / "legacy"

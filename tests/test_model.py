@@ -38,6 +38,14 @@ MODERNBERT_BASE = dict(  # answerdotai/ModernBERT-base's sizes (a ModernBertForM
 ELECTRA_SMALL_GENERATOR = dict(  # google/electra-small-generator's (ElectraForMaskedLM)
     ELECTRA_BASE, embedding_size=128, hidden_size=256, num_attention_heads=4,
     intermediate_size=1024)
+DEBERTA_V3_BASE = dict(  # microsoft/deberta-v3-base's config.json
+    model_type="deberta-v2", vocab_size=128100, hidden_size=768, num_hidden_layers=12,
+    num_attention_heads=12, intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=0,
+    initializer_range=0.02, layer_norm_eps=1e-7, relative_attention=True,
+    max_relative_positions=-1, pad_token_id=0, position_biased_input=False,
+    pos_att_type=["p2c", "c2p"], position_buckets=256, norm_rel_ebd="layer_norm",
+    share_att_key=True, pooler_hidden_size=768, pooler_dropout=0, pooler_hidden_act="gelu")
 
 
 def _torch_count(cls_name, hf):
@@ -67,6 +75,11 @@ def _torch_count(cls_name, hf):
     (MODERNBERT_BASE, "ModernBertForMaskedLM", dict()),
     (MODERNBERT_BASE, "ModernBertModel", dict(mlm_head=False)),
     (MODERNBERT_BASE, "ModernBertForSequenceClassification", dict(mlm_head=False, num_labels=2)),
+    (DEBERTA_V3_BASE, "DebertaV2ForMaskedLM", dict()),
+    (DEBERTA_V3_BASE, "DebertaV2Model", dict(mlm_head=False)),
+    (DEBERTA_V3_BASE, "DebertaV2ForSequenceClassification", dict(mlm_head=False, num_labels=2)),
+    (dict(DEBERTA_V3_BASE, share_att_key=False, position_biased_input=True, type_vocab_size=2,
+          embedding_size=128), "DebertaV2ForMaskedLM", dict()),
 ])
 def test_eval_shape_param_counts_match_transformers(hf, cls_name, heads):
     cfg = ModelConfig.from_hf_config(hf, **heads)
@@ -79,6 +92,7 @@ def test_eval_shape_param_counts_match_transformers(hf, cls_name, heads):
     (BERT_BASE_UNCASED, dict(pooler=True, nsp_head=True, num_labels=2)),
     (DISTILBERT_BASE, dict(num_labels=2)),
     (dict(ELECTRA_BASE, embedding_size=128), dict(discriminator=True, num_labels=2)),
+    (dict(DEBERTA_V3_BASE, share_att_key=False, embedding_size=128), dict(num_labels=2)),
 ])
 def test_every_parameter_has_logical_axes(hf, heads):
     cfg = ModelConfig.from_hf_config(hf, **heads)
@@ -133,7 +147,7 @@ def test_modernbert_config_keys():
 
 
 @pytest.mark.parametrize("hf", [ROBERTA_BASE, DISTILBERT_BASE, ELECTRA_SMALL_GENERATOR,
-                                MODERNBERT_BASE])
+                                MODERNBERT_BASE, DEBERTA_V3_BASE])
 def test_config_round_trip(hf):
     """to_hf_config writes the family's own keys (DistilBERT: dim, n_layers, ...) and reads back
     to the same config, on its own and over the original file."""
@@ -141,7 +155,8 @@ def test_config_round_trip(hf):
     written = cfg.to_hf_config()
     assert ModelConfig.from_hf_config({**hf, **written}) == cfg
     assert ModelConfig.from_hf_config(written) == cfg
-    assert set(hf) - {"bos_token_id", "eos_token_id", "sinusoidal_pos_embds"} <= set(written)
+    assert set(hf) - {"bos_token_id", "eos_token_id", "sinusoidal_pos_embds",
+                      "pooler_hidden_size"} <= set(written)
     if hf["model_type"] == "distilbert":
         assert "hidden_size" not in written and written["dim"] == 768
         assert cfg.type_vocab_size == 0 and cfg.classifier_dropout == 0.2

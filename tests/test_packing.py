@@ -101,11 +101,13 @@ def test_plan_refuses_left_padding_and_uneven_groups():
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """{"bert": (model, params), "roberta": ...}: tiny random BertForMaskedLM,
-    RobertaForMaskedLM and ModernBertForMaskedLM (sliding window |i - j| <= 2, shorter than the
-    rows), as hf.load_pretrained reads them."""
+    RobertaForMaskedLM, ModernBertForMaskedLM (sliding window |i - j| <= 2, shorter than the
+    rows) and DebertaV2ForMaskedLM (relative positions from the packed rows' per-sentence
+    positions), as hf.load_pretrained reads them."""
     out = {}
     for family, kind in (("bert", "BertForMaskedLM"), ("roberta", "RobertaForMaskedLM"),
-                         ("modernbert", "ModernBertForMaskedLM")):
+                         ("modernbert", "ModernBertForMaskedLM"),
+                         ("deberta-v2", "DebertaV2ForMaskedLM")):
         d = tmp_path_factory.mktemp("packing") / kind
         tiny_hf(kind, d, max_position_embeddings=L + 2)
         model, params = hf.load_pretrained(d)
@@ -137,7 +139,7 @@ def _assert_same(packed, unpacked, tol=1e-5):
     assert worst <= tol, f"largest relative gradient difference {worst:.2e}"
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "modernbert"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "modernbert", "deberta-v2"])
 @pytest.mark.parametrize("masking,groups", [("static", 1), ("dynamic", 2)])
 def test_packed_purify_loss_and_gradients_equal_unpacked(tiny_models, family, masking, groups):
     model, params = tiny_models[family]
