@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recipe_jax import cli, data, hf, outputs, sharding, synthetic
+from recipe_jax import cli, data, families, hf, outputs, sharding, synthetic
 from recipe_jax.model import Transformer, abstract_params
 from recipe_jax.scan_report import is_flagged, summary_line, write_report
 
@@ -297,7 +297,8 @@ class Scanner:
 def _flops_per_token(cfg) -> float:
     """Forward FLOPs per sequence position (2 per multiply-add) of the encoder's matmuls."""
     h, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    return 2.0 * layers * (4 * h * h + 2 * h * f)
+    ffn = 3 if families.family(cfg.model_type).gated_ffn else 2  # a GLU's Wi is [H, 2F]
+    return 2.0 * layers * (4 * h * h + ffn * h * f)
 
 
 # ------------------------------------------------------------------------------------- scan
