@@ -129,10 +129,14 @@ def test_guided_unlearns_a_planted_trigger_that_strong_leaves(tmp_path):
         results[name] = {c["token"]: c for c in report["candidates"]}, summary
     loaded = scan_report.read_report(tmp_path / "guided" / "scan_loaded" / "report.json")
     unlearned = results["guided"][1]["guide"]["candidates"]
-    assert unlearned and set(unlearned) <= {"cf", "tq"}, unlearned
+    # single tokens, and pairs the relaxed search finds (e.g. `cf+cf`: the attack inserted each
+    # trigger three times), all made of the planted triggers
+    assert unlearned and all(set(u.split("+")) <= {"cf", "tq"} for u in unlearned), unlearned
+    singles = [u for u in unlearned if "+" not in u]
     before = {c["token"]: c["score"] for c in loaded["candidates"]}
     min_score = loaded["settings"]["min_score"]
-    for token in unlearned:
+    assert singles, unlearned
+    for token in singles:
         strong, guided = results["strong"][0][token], results["guided"][0][token]
         assert strong["score"] > min_score and strong["score"] > 0.8 * before[token]
         assert guided["score"] < min_score and guided["score"] < 0.6 * strong["score"], (
