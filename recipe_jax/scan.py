@@ -351,11 +351,8 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
     if s.search_restarts:
         searched, halves, search_cost = scan_pairs.search_pairs(
             scanner, tokenizer, texts, vocab, vocab[ref_idx], reference, s)
-    names_flagged = [c["token"] for c in flagged]
-    names_flagged += [h["token"] for h in halves if h["token"] not in names_flagged]
-    names_flagged += [" ".join(p["tokens"]) for p in flagged_pairs]
-    names_flagged += [" ".join(p["tokens"]) for p in searched if p["flagged"]
-                      and " ".join(p["tokens"]) not in names_flagged]
+    names_flagged = _flagged_names(flagged + halves, flagged_pairs
+                                   + [p for p in searched if p["flagged"]])
     verdict = "backdoor" if names_flagged else "clean"
     seconds = time.time() - t0
     arrays = {"screen_ids": vocab, "screen_stats": screen_stats, "confirm_ids": vocab[both],
@@ -383,6 +380,12 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
                  "mesh": dict(mesh.shape)},
         "probes": {"screen": list(screen.texts), "confirm": list(confirm.texts)},
     }
+
+
+def _flagged_names(tokens: list[dict], pairs: list[dict]) -> list[str]:
+    """The report's `flagged`: single tokens, then pairs as "a b", each once, in order."""
+    names = [t["token"] for t in tokens] + [" ".join(p["tokens"]) for p in pairs]
+    return list(dict.fromkeys(names))
 
 
 def _probe_sets(tokenizer, texts, vocab_size: int, s: Settings) -> tuple[Probes, Probes]:

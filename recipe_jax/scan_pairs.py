@@ -157,7 +157,7 @@ def search_pairs(scanner, tokenizer, texts, vocab: np.ndarray, reference_ids: np
                           for _ in range(max(8, s.reference_tokens // 2))]).astype(np.int32)
     stats = scanner.stats(np.concatenate([proposed, ref_pairs]), probes, "pair search")
     score = scan.score_of(stats).max(-1)
-    far = np.log(stats[..., 0] + 1e-4).max(-1)
+    far = scan.distance_of(stats).max(-1)
     k = len(proposed)
     z_fixed = scan.robust_z(score[:k], score[k:])
     z_far = scan.robust_z(far[:k], far[k:])
