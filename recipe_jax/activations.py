@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recipe_jax.arch import ACTIVATIONS, ModelConfig
 from recipe_jax.families import family
-from recipe_jax.model import ACTIVATIONS, ModelConfig, Transformer
+from recipe_jax.model import Transformer
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

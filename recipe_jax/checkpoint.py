@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from recipe_jax import faults, hf, outputs
-from recipe_jax.model import ModelConfig, Transformer, abstract_params
+from recipe_jax.arch import ModelConfig
+from recipe_jax.model import Transformer, abstract_params
 
 log = logging.getLogger(__name__)
 ITEMS = ("params", "opt_state", "meta")

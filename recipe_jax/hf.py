@@ -29,7 +29,9 @@ from safetensors.numpy import save_file
 
 from recipe_jax import families, faults, modernbert, outputs, weights
 from recipe_jax import hf_compat as compat
-from recipe_jax.model import FAMILY_OF, ModelConfig, Transformer, abstract_params, init_params
+from recipe_jax.arch import ModelConfig
+from recipe_jax.families import FAMILY_OF
+from recipe_jax.model import Transformer, abstract_params, init_params
 
 log = logging.getLogger(__name__)
 

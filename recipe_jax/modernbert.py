@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 if TYPE_CHECKING:
-    from recipe_jax.model import ModelConfig
+    from recipe_jax.arch import ModelConfig
 
 log = logging.getLogger("recipe_jax.hf")
 
@@ -57,7 +57,7 @@ CONFIG_FIELDS = ("norm_bias", "attention_bias", "mlp_bias", "classifier_bias", "
 
 
 def _activation(name: str):
-    from recipe_jax.model import ACTIVATIONS  # late: model.py imports this module
+    from recipe_jax.arch import ACTIVATIONS  # late: arch.py imports this module
 
     return ACTIVATIONS[name]
 
@@ -68,7 +68,7 @@ def read_hf_config(hf: dict[str, Any]) -> dict[str, Any]:
     """config.json with ModernBertConfig's defaults filled in, and transformers 5's
     `layer_types` / `rope_parameters` read into `global_attn_every_n_layers` and the two
     rope thetas. What recipe_jax does not implement is a ValueError naming the key."""
-    from recipe_jax.model import ACTIVATIONS
+    from recipe_jax.arch import ACTIVATIONS
 
     hf = {**DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
     if hf.get("rope_scaling"):

@@ -30,7 +30,8 @@ import ml_collections
 import numpy as np
 
 from recipe_jax import activations, checkpoint, cli, data, hf, outputs
-from recipe_jax.model import ModelConfig, Transformer
+from recipe_jax.arch import ModelConfig
+from recipe_jax.model import Transformer
 
 METHODS = ("fp", "fp_gm", "fp_ga")
 # Aux rows per activation pass: bounds host memory at CHUNK x L x F floats whatever the data size.

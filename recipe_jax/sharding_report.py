@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from recipe_jax import cli, masks, optim, purify, sharding, trainer
-from recipe_jax.model import ModelConfig, abstract_params
+from recipe_jax.arch import ModelConfig
+from recipe_jax.model import abstract_params
 
 BERT_LARGE = dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
                   intermediate_size=4096, vocab_size=30522)
