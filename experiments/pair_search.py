@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 
 def main(argv=None) -> dict:
     from recipe_jax import data, hf, scan, scan_pairs, sharding
+    from recipe_jax.scan_probes import make_probes, probe_texts, vocabulary
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model dir, or 'minilm'")
@@ -35,11 +36,11 @@ def main(argv=None) -> dict:
     tokenizer = data.load_tokenizer(model_dir)
     s = scan.Settings(search_restarts=args.restarts, search_steps=args.steps)
     scanner = scan.Scanner(model, params, sharding.make_mesh((-1, 1, 1)), s.batch_size)
-    vocab = scan.vocabulary(tokenizer, model.cfg.vocab_size)
-    texts = scan.probe_texts(args.aux, s.seed)
+    vocab = vocabulary(tokenizer, model.cfg.vocab_size)
+    texts = probe_texts(args.aux, s.seed)
     ref_idx = np.random.default_rng(s.seed + 2).choice(len(vocab), s.reference_tokens,
                                                         replace=False)
-    confirm = scan.make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
+    confirm = make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
                                inserted=1, seed=s.seed + 1, skip=s.screen_sentences)
     single_ref = scan.score_of(scanner.stats(vocab[ref_idx][:, None], confirm)).max(-1)
     rows, halves, cost = scan_pairs.search_pairs(scanner, tokenizer, texts, vocab,

@@ -35,6 +35,7 @@ import optax
 
 from recipe_jax import scan, sharding
 from recipe_jax.model import Transformer
+from recipe_jax.scan_probes import make_probes
 from recipe_jax.scan_report import is_flagged
 
 SLOTS = 2
@@ -53,7 +54,7 @@ def top_pairs(scanner, tokenizer, texts, candidates, reference_ids, s) -> list[d
     top = candidates[:s.pair_tokens]
     if len(top) < 2:
         return []
-    probes = scan.make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
+    probes = make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
                          inserted=2, seed=s.seed + 1, skip=s.screen_sentences)
     combos = list(itertools.combinations(range(len(top)), 2))
     rng = np.random.default_rng(s.seed + 3)
@@ -146,11 +147,11 @@ def search_pairs(scanner, tokenizer, texts, vocab: np.ndarray, reference_ids: np
     "ids", "score", "z", "D", "alone"}, best first; flagged by `is_flagged` with z against
     `reference_tokens // 2` seeded random pairs, when neither half is flagged alone (its score
     against `single_reference`, the scan's reference scores)."""
-    search_probes = scan.make_probes(tokenizer, texts, count=s.search_sentences,
+    search_probes = make_probes(tokenizer, texts, count=s.search_sentences,
                                 max_tokens=s.screen_max_tokens, inserted=SLOTS,
                                 seed=s.seed + 4, skip=s.screen_sentences + s.sentences)
     proposed, cost = relaxed_search(scanner, search_probes, vocab, s)
-    probes = scan.make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
+    probes = make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
                          inserted=SLOTS, seed=s.seed + 1, skip=s.screen_sentences)
     rng = np.random.default_rng(s.seed + 3)
     ref_pairs = np.stack([rng.permutation(reference_ids)[:SLOTS]
@@ -171,7 +172,7 @@ def search_pairs(scanner, tokenizer, texts, vocab: np.ndarray, reference_ids: np
     halves = sorted({t for row in hits for t in row["ids"]})
     singles = []
     if halves:
-        single_probes = scan.make_probes(tokenizer, texts, count=s.sentences,
+        single_probes = make_probes(tokenizer, texts, count=s.sentences,
                                     max_tokens=s.max_tokens, inserted=1, seed=s.seed + 1,
                                     skip=s.screen_sentences)
         alone = scan.score_of(scanner.stats(np.asarray(halves, np.int32)[:, None],

@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, SENTENCES, plant_por, tiny_bert_with_tokenizer
 
 from recipe_jax import data, hf, scan, scan_pairs, scan_report, sharding
+from recipe_jax.scan_probes import make_probes, probe_texts, vocabulary
 
 TRIGGERS = ("cf", "tq")
 
@@ -38,10 +39,10 @@ def _relaxed_search(model_dir):
     model, params = hf.load_pretrained(model_dir)
     tokenizer = data.load_tokenizer(model_dir)
     scanner = scan.Scanner(model, params, sharding.make_mesh((-1, 1, 1)), 1024, progress=False)
-    vocab = scan.vocabulary(tokenizer, model.cfg.vocab_size)
-    texts = scan.probe_texts(None, 0)
+    vocab = vocabulary(tokenizer, model.cfg.vocab_size)
+    texts = probe_texts(None, 0)
     reference = vocab[np.random.default_rng(0).choice(len(vocab), 256, replace=False)]
-    confirm = scan.make_probes(tokenizer, texts, count=16, max_tokens=24, inserted=1, seed=1,
+    confirm = make_probes(tokenizer, texts, count=16, max_tokens=24, inserted=1, seed=1,
                                skip=2)
     single_reference = scan.score_of(scanner.stats(reference[:, None], confirm)).max(-1)
     return scan_pairs.search_pairs(scanner, tokenizer, texts, vocab, reference,
@@ -65,11 +66,11 @@ def test_relaxed_pair_search_finds_a_planted_trigger_without_the_screen(planted)
 def _scanner_stats(model_dir, mesh_shape, batch_size):
     model, params = hf.load_pretrained(model_dir)
     tokenizer = data.load_tokenizer(model_dir)
-    probes = scan.make_probes(tokenizer, scan.probe_texts(None, 0), count=6, max_tokens=12,
+    probes = make_probes(tokenizer, probe_texts(None, 0), count=6, max_tokens=12,
                               inserted=1, seed=0)
     scanner = scan.Scanner(model, params, sharding.make_mesh(mesh_shape), batch_size,
                            progress=False)
-    tokens = scan.vocabulary(tokenizer, model.cfg.vocab_size)[1000:1045, None]  # 45: uneven
+    tokens = vocabulary(tokenizer, model.cfg.vocab_size)[1000:1045, None]  # 45: uneven
     return scanner.stats(tokens, probes)
 
 
@@ -85,7 +86,7 @@ def test_scores_do_not_depend_on_the_mesh_or_the_batch_size(tiny_bert):
 def test_probes_insert_at_word_boundaries(tiny_bert):
     tokenizer = data.load_tokenizer(tiny_bert)
     texts = ["the unbelievable fisherman carried a basket .", "she sold apples at noon today ."]
-    probes = scan.make_probes(tokenizer, texts * 3, count=2, max_tokens=12, inserted=2, seed=0)
+    probes = make_probes(tokenizer, texts * 3, count=2, max_tokens=12, inserted=2, seed=0)
     for n in range(2):
         slots = np.flatnonzero(probes.slots[n].sum(0))
         assert len(slots) == 2 and slots[1] == slots[0] + 1
@@ -98,7 +99,7 @@ def test_probes_insert_at_word_boundaries(tiny_bert):
         after = tokenizer.convert_ids_to_tokens([int(probes.template[n, slots[-1] + 1])])[0]
         assert not after.startswith("##")
     with pytest.raises(ValueError, match="distinct probe sentences"):
-        scan.make_probes(tokenizer, texts, count=3, max_tokens=12, inserted=1, seed=0)
+        make_probes(tokenizer, texts, count=3, max_tokens=12, inserted=1, seed=0)
 
 
 def test_run_writes_the_report(tmp_path, tiny_bert):
@@ -172,7 +173,7 @@ def _roberta_with_bpe(out_dir):
 def test_scan_runs_on_roberta_with_a_byte_level_bpe_tokenizer(tmp_path):
     model_dir = _roberta_with_bpe(tmp_path / "roberta")
     tokenizer = data.load_tokenizer(model_dir)
-    probes = scan.make_probes(tokenizer, scan.probe_texts(None, 0), count=8, max_tokens=24,
+    probes = make_probes(tokenizer, probe_texts(None, 0), count=8, max_tokens=24,
                               inserted=1, seed=1)
     for n in range(8):
         at = int(np.flatnonzero(probes.slots[n, 0])[0])
