@@ -6,10 +6,18 @@ classifier head; a weakened vector crosses the boundary in some fine-tunes and n
 (docs/results.md, "Seed study"). This fine-tunes the same model with each seed (WORKDIR/seed<N>,
 an ordinary evaluate run dir: rerun to resume, finished seeds are read back) and prints each
 seed's ACC, AASR, floor (control words) and per-trigger ASR, then the mean, min and max over the
-seeds. The worst seed's AASR is the number to hold a defense to.
+seeds. The worst seed's AASR is the number to hold a defense to. Seeds finished by earlier runs
+of the same study (same model, config, overrides) are read back and summarized with the new ones,
+so a study can grow one seed per command.
 
     python experiments/seeds.py --workdir runs/seeds_por2 --model runs/por2/hf \
-        --config configs/evaluate.py:sst2 --seeds 42,43,44 [--set data.max_examples=1000 ...]
+        --config configs/evaluate.py:sst2 --seeds 42,43,44 [--set data.max_examples=1000 ...] \
+        [--clean runs/seeds_clean]
+
+`--clean DIR` names the clean model's seed study under the same config and overrides (the same
+triggers and control words): each seed both studies hold is compared, AASR − the clean AASR (the
+clean model's floor for these words at that seed) and ACC − the clean ACC, and the worst of each
+is held to `--max-aasr-gap` and `--max-acc-drop` points (3 and 1: docs/results.md's bar).
 
 Writes WORKDIR/seeds.json and WORKDIR/seeds.md.
 """
@@ -34,6 +42,12 @@ def parse_args(argv):
     p.add_argument("--seeds", default="42,43,44", help="comma-separated fine-tuning seeds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override, e.g. data.max_examples=1000 (repeatable)")
+    p.add_argument("--clean", default="", help="the clean model's seed study (a --workdir of "
+                   "this script, same config and overrides) to compare each seed with")
+    p.add_argument("--max-aasr-gap", type=float, default=3.0,
+                   help="points of AASR over the clean model's allowed at the worst seed")
+    p.add_argument("--max-acc-drop", type=float, default=1.0,
+                   help="points of ACC under the clean model's allowed at the worst seed")
     args = p.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -98,6 +112,68 @@ def format_table(results: dict[int, dict], summary: dict) -> str:
     return "\n".join(lines)
 
 
+def finished_seeds(workdir: pathlib.Path) -> dict[int, dict]:
+    """Every seed<N>/results.json of a study dir, by seed."""
+    out = {}
+    for path in workdir.glob("seed*/results.json"):
+        name = path.parent.name[len("seed"):]
+        if name.isdigit():
+            out[int(name)] = json.loads(path.read_text())
+    return dict(sorted(out.items()))
+
+
+def check_clean(clean_dir: pathlib.Path, record: dict) -> None:
+    """The clean study exists and measured the same config, triggers and control words."""
+    study = clean_dir / "study.json"
+    if not study.is_file():
+        raise FileNotFoundError(f"--clean {clean_dir}: no study.json; run this script on the "
+                                "clean model there first (same --config and --set)")
+    old = json.loads(study.read_text())
+    diff = [k for k in ("config", "overrides") if old.get(k) != record[k]]
+    if diff:
+        raise ValueError(f"--clean {clean_dir}: a study with another {' and '.join(diff)} "
+                         f"({', '.join(repr(old.get(k)) for k in diff)}); the clean floor must "
+                         "be measured with the same config, triggers and control words")
+
+
+def versus_clean(results: dict[int, dict], clean_dir: pathlib.Path, record: dict,
+                 max_aasr_gap: float, max_acc_drop: float) -> dict:
+    """Per seed both studies hold: AASR and ACC minus the clean model's (points); the worst."""
+    check_clean(clean_dir, record)
+    clean = finished_seeds(clean_dir)
+    common = [s for s in results if s in clean]
+    if not common:
+        raise ValueError(f"--clean {clean_dir}: no seed in common (it has {sorted(clean)}, "
+                         f"this study {sorted(results)}); run the clean model at these seeds")
+    rows = {s: {"aasr_gap": 100 * (results[s]["aasr"] - clean[s]["aasr"]),
+                "acc_drop": 100 * (clean[s]["clean_acc"] - results[s]["clean_acc"]),
+                "clean_aasr": clean[s]["aasr"], "clean_acc": clean[s]["clean_acc"]}
+            for s in common}
+    worst_gap = max(r["aasr_gap"] for r in rows.values())
+    worst_drop = max(r["acc_drop"] for r in rows.values())
+    return {"clean": str(clean_dir), "seeds": rows, "worst_aasr_gap": worst_gap,
+            "without_clean": [s for s in results if s not in clean],
+            "worst_acc_drop": worst_drop, "max_aasr_gap": max_aasr_gap,
+            "max_acc_drop": max_acc_drop,
+            "passes": worst_gap <= max_aasr_gap + 1e-9 and worst_drop <= max_acc_drop + 1e-9}
+
+
+def format_versus(v: dict) -> str:
+    lines = [f"Against the clean study {v['clean']} (points):", "",
+             "| seed | clean ACC | clean AASR | AASR − clean | ACC − clean |",
+             "|---|---|---|---|---|"]
+    for seed, r in v["seeds"].items():
+        lines.append(f"| {seed} | {100 * r['clean_acc']:.2f} | {100 * r['clean_aasr']:.2f} | "
+                     f"{r['aasr_gap']:+.2f} | {-r['acc_drop']:+.2f} |")
+    verdict = "within" if v["passes"] else "NOT within"
+    lines += ["", f"Worst seed: AASR {v['worst_aasr_gap']:+.2f} over the clean model's, ACC "
+              f"{-v['worst_acc_drop']:+.2f}: {verdict} the bar (AASR ≤ +{v['max_aasr_gap']:g}, "
+              f"ACC ≥ −{v['max_acc_drop']:g}) over {len(v['seeds'])} seed(s)."]
+    if v["without_clean"]:
+        lines.append(f"Not compared (no clean run at that seed): {v['without_clean']}.")
+    return "\n".join(lines)
+
+
 def _write(path: pathlib.Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -127,8 +203,12 @@ def main(argv=None) -> dict:
 
     workdir = outputs.claim_dir(args.workdir, "seeds")
     build_config(args.config, args.model, args.set)  # a bad --set fails before anything runs
-    check_study(workdir, {"model": args.model, "config": args.config, "overrides": args.set})
-    results = {}
+    record = {"model": args.model, "config": args.config, "overrides": args.set}
+    check_study(workdir, record)
+    clean_dir = pathlib.Path(args.clean) if args.clean else None
+    if clean_dir is not None:
+        check_clean(clean_dir, record)  # before any fine-tune
+    results = finished_seeds(workdir)
     for i, seed in enumerate(args.seeds):
         run = workdir / f"seed{seed}"
         print(f"\n=== seeds: {i + 1}/{len(args.seeds)}: seed {seed} -> {run} ===", flush=True)
@@ -138,11 +218,15 @@ def main(argv=None) -> dict:
         config = build_config(args.config, args.model, args.set)
         config.train.seed = seed
         results[seed] = evaluate.run(config, str(run))
+    results = dict(sorted(results.items()))
     summary = summarize(results)
     table = format_table(results, summary)
-    _write(workdir / "seeds.json", json.dumps(
-        {"model": args.model, "config": args.config, "overrides": args.set,
-         "seeds": {str(k): r for k, r in results.items()}, "summary": summary}, indent=2))
+    record.update(seeds={str(k): r for k, r in results.items()}, summary=summary)
+    if clean_dir is not None:
+        record["versus_clean"] = versus_clean(results, clean_dir, record, args.max_aasr_gap,
+                                              args.max_acc_drop)
+        table += "\n\n" + format_versus(record["versus_clean"])
+    _write(workdir / "seeds.json", json.dumps(record, indent=2))
     _write(workdir / "seeds.md", f"Model: {args.model}; {args.config}; overrides {args.set}\n\n"
            + table + "\n")
     print(table)

@@ -371,3 +371,48 @@ def test_fine_tune_trains_the_encoder_and_classifier_of_every_family(model_type)
         name = hf.hf_name(path, model_type)
         trained = hf.selected(path, evaluate.CLASSIFIER_PARAMS, model_type)
         assert trained == (not name.startswith(mlm)), name
+
+
+def _fake_study(workdir, record: dict, runs: dict[int, tuple[float, float]]):
+    """A seed-study dir as seeds.py leaves it, without fine-tuning: seed -> (ACC, AASR)."""
+    from recipe_jax import outputs
+
+    outputs.claim_dir(workdir, "seeds")
+    (workdir / "study.json").write_text(json.dumps(record))
+    for seed, (acc, aasr) in runs.items():
+        (workdir / f"seed{seed}").mkdir()
+        result = {"clean_acc": acc, "aasr": aasr, "masr": aasr + 0.05,
+                  "control": {"aasr": 0.1}, "asr_max": {"cf": aasr + 0.05}}
+        (workdir / f"seed{seed}" / "results.json").write_text(json.dumps(result))
+
+
+def test_seed_study_reads_back_earlier_seeds_and_compares_with_the_clean_study(tmp_path,
+                                                                                capsys):
+    seeds = _seeds_module()
+    record = {"model": "m", "config": "configs/evaluate.py:tiny", "overrides": []}
+    _fake_study(tmp_path / "study", record, {42: (0.87, 0.17), 43: (0.86, 0.20), 44: (0.88, 0.16)})
+    _fake_study(tmp_path / "clean", {**record, "model": "minilm"},
+                {42: (0.875, 0.16), 43: (0.875, 0.15)})
+    args = ["--workdir", str(tmp_path / "study"), "--model", "m", "--config", record["config"],
+            "--seeds", "44", "--clean", str(tmp_path / "clean")]
+    summary = seeds.main(args)  # seed 44 is finished: nothing runs; 42 and 43 are read back
+    assert "evaluate step" not in capsys.readouterr().out
+    assert summary["AASR"]["max"] == 0.20 and summary["ACC"]["min"] == 0.86
+    got = json.loads((tmp_path / "study" / "seeds.json").read_text())
+    assert list(got["seeds"]) == ["42", "43", "44"]
+    v = got["versus_clean"]
+    assert list(v["seeds"]) == ["42", "43"] and v["without_clean"] == [44]
+    assert v["worst_aasr_gap"] == pytest.approx(5.0) and v["worst_acc_drop"] == pytest.approx(1.5)
+    assert not v["passes"]
+    table = (tmp_path / "study" / "seeds.md").read_text()
+    assert "| 43 | 87.50 | 15.00 | +5.00 | -1.50 |" in table and "NOT within the bar" in table
+    loose = seeds.main([*args, "--max-aasr-gap", "5", "--max-acc-drop", "1.5"])
+    assert loose == summary
+    assert json.loads((tmp_path / "study" / "seeds.json").read_text())["versus_clean"]["passes"]
+
+    other = {**record, "overrides": ["data.triggers=('mn',)"]}
+    _fake_study(tmp_path / "clean_other", other, {42: (0.875, 0.16)})
+    with pytest.raises(ValueError, match="another overrides"):
+        seeds.main([*args[:-1], str(tmp_path / "clean_other")])
+    with pytest.raises(FileNotFoundError, match="no study.json; run this script on the clean"):
+        seeds.main([*args[:-1], str(tmp_path / "nowhere")])
