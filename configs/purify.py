@@ -101,6 +101,10 @@ def _add_scan(c: ml_collections.ConfigDict) -> None:
     c.scan.reference_tokens = 256  # the vocabulary sample scores are taken against
     c.scan.pair_tokens = 16  # pairs among the top candidates (docs/scan.md)
     c.scan.search_restarts = 8  # relaxed searches for pairs that do nothing alone (0 = none)
+    c.scan.search_steps = 60  # gradient steps of each relaxed search
+    c.scan.sentences = 16  # probes per token when confirming (>= 2)
+    c.scan.max_tokens = 24  # word pieces per confirm probe at most
+    c.scan.batch_size = 1024  # sequences per forward: lower it if a scan runs out of memory
 
 
 def _add_guide(c: ml_collections.ConfigDict) -> None:

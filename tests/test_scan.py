@@ -1,6 +1,7 @@
 """The trigger scan: finds a planted trigger, flags nothing on the clean model, mesh- and
 batch-invariant scores, report files, probe layout, errors."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -193,3 +194,14 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
     tiny_hf("BertForMaskedLM", model_dir)  # vocab_size 99 next to a 30,522-token tokenizer
     with pytest.raises(ValueError, match="vocab_size=99.*save its own tokenizer"):
         scan.scan(model_dir, settings=scan.Settings(max_vocab=50), progress=False)
+
+
+def test_purify_config_scan_block_defaults_are_the_scan_defaults():
+    """`purify --config.scan.*` names scan.Settings fields, with the documented defaults."""
+    from recipe_jax import cli
+
+    for preset in ("bert", "strong", "guided"):
+        block = cli.load_config(REPO / "configs" / "purify.py", preset).scan
+        keys = set(block) - {"enabled"}
+        assert keys <= {f.name for f in dataclasses.fields(scan.Settings)}, keys
+        assert scan.Settings.of(block) == scan.Settings(), preset
