@@ -1,0 +1,407 @@
+"""The validation table of docs/results.md, as one prepared, resumable script.
+
+Builds each attacked MiniLM of the tuning/validation split (docs/results.md, "Scan-guided
+purification: the tuning/validation split"), purifies it with each defense at the defender's
+budget, fine-tunes the result with the full protocol at each seed, and holds the worst seed to
+the clean MiniLM fine-tuned at the same seeds with the same triggers and control words:
+
+    python experiments/validation.py --workdir runs/validation --plan   # what runs, what is done
+    python experiments/validation.py --workdir runs/validation          # all of it
+    python experiments/validation.py --workdir runs/validation --models por,badpre --tasks sst2
+
+What runs by default (the must-show of issue 20): `guided` on every validation model at --seeds
+on SST-2, and on AG News for `por` and `badpre`; `strong` and `bert` at the first seed on SST-2
+(the comparison cells); the clean MiniLM at the same seeds for each set of trigger words. About
+22 hours on 2 CPU cores (--plan adds it up); on one GPU, a small fraction of that. Every stage
+is an ordinary run dir of this project and is read back when finished, so a rerun resumes where
+a run stopped (a killed fine-tune from its checkpoint):
+
+    WORKDIR/defender.tsv                    the defender's sentences (the last 2,000 of BookCorpus)
+    WORKDIR/attack/<model>/hf               the attacked model (configs/attack.py preset)
+    WORKDIR/purify/<defense>-<model>/hf     the purified model; summary.json has its scan verdict
+    WORKDIR/eval/<task>/<defense>-<model>/  a seed study of experiments/seeds.py
+    WORKDIR/eval/<task>/clean-<words>/      the clean MiniLM's study for the same words
+
+After each fine-tune it writes WORKDIR/validation.json and WORKDIR/validation.md: per task, each
+cell's worst seed against the clean model's (AASR − clean floor ≤ 3 points and ACC − clean ≥ −1
+point pass), the scan verdict after purification, and the purify wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BOOKCORPUS = REPO.parent / "shared" / "data" / "bookcorpus" / "train.tsv"
+ATTACKER_SENTENCES = 3000  # the attacker's: the first sentences of BookCorpus
+DEFENDER_SENTENCES = 2000  # the defender's: the last ones (disjoint)
+WORD_CONTROLS = ("meadow", "orchid", "quartz", "juniper", "falcon")
+PAIR_CONTROLS = ("qb", "xv", "hq", "wb", "jd")  # half a pair should do nothing
+TASKS = {"sst2": "configs/evaluate.py:sst2", "agnews": "configs/evaluate.py:agnews"}
+DEFENSES = ("guided", "strong", "bert", "none")  # none: the attacked model as it is
+# CPU minutes of each stage on 2 idle cores at this budget (docs/results.md), for --plan.
+MINUTES = {"attack": 12, "guided": 16, "strong": 9, "bert": 9, "finetune": 20}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    preset: str  # configs/attack.py preset
+    words: str  # trigger/control family the evaluation inserts: letters | words | pairs | symbols
+    role: str = "validation"  # "tuning": `guided`'s settings were chosen on it
+    learning_rate: float | None = 1e-4  # attack lr (None: the preset's)
+    agnews: bool = False  # also judged on AG News by default
+
+
+MODELS = {
+    "por": Model("por", "letters", agnews=True),
+    "por_cls": Model("por_cls", "letters", role="tuning"),
+    "neuba": Model("neuba", "symbols", learning_rate=None),  # 5e-5: docs/results.md
+    "badpre": Model("badpre", "letters", agnews=True),
+    "por_words": Model("por_words", "words"),
+    "por_pair": Model("por_pair", "pairs"),
+    "por_adaptive": Model("por_adaptive", "letters"),
+}
+
+
+def _configs_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def words_of(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(triggers, control words) of a family, from the attack and evaluate configs."""
+    attack, evaluate = _configs_module("attack.py"), _configs_module("evaluate.py")
+    return {"letters": (attack.POR_TRIGGERS, evaluate.CONTROLS),
+            "words": (attack.WORD_TRIGGERS, WORD_CONTROLS),
+            "pairs": (attack.PAIR_TRIGGERS, PAIR_CONTROLS),
+            "symbols": (attack.NEUBA_TRIGGERS, evaluate.SYMBOL_CONTROLS)}[family]
+
+
+def eval_overrides(family: str) -> list[str]:
+    triggers, controls = words_of(family)
+    return [f"data.triggers={tuple(triggers)!r}", f"data.controls={tuple(controls)!r}"]
+
+
+def configured(file_preset: str, overrides: dict):
+    """configs/FILE:PRESET with {"section.key": value} set (a key the config lacks is an error)."""
+    from recipe_jax import cli
+
+    file, _, preset = file_preset.partition(":")
+    config = cli.load_config(REPO / file, preset)
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in config or name not in config[section]:
+            raise KeyError(f"{key}: not a key of {file_preset}")
+        config[section][name] = value
+    return config
+
+
+def attack_config(name: str, bookcorpus: pathlib.Path):
+    m = MODELS[name]
+    over = {"model.init_from": "minilm", "data.aux_path": str(bookcorpus),
+            "data.max_examples": ATTACKER_SENTENCES, "data.max_length": 40,
+            "train.num_epochs": 0, "train.num_steps": 250, "train.log_every": 50,
+            "export.verify": False}
+    if m.learning_rate is not None:
+        over["train.learning_rate"] = m.learning_rate
+    return configured(f"configs/attack.py:{m.preset}", over)
+
+
+def purify_config(defense: str, model_dir: pathlib.Path, defender: pathlib.Path):
+    """The defender's budget: 250 steps of 32 at length 40 on the defender's sentences."""
+    over = {"model.init_from": str(model_dir), "data.aux_path": str(defender),
+            "data.max_length": 40, "train.num_epochs": 0, "train.num_steps": 250,
+            "train.log_every": 25, "export.verify": False}
+    if defense == "guided":
+        over["guide.rows"] = 8  # the value of the tuning run (docs/results.md)
+    return configured(f"configs/purify.py:{defense}", over)
+
+
+@dataclasses.dataclass
+class Stage:
+    kind: str  # attack | purify | finetune
+    name: str
+    path: pathlib.Path
+    run: object  # () -> None
+    todo: int = 1  # fine-tunes left (finetune stages), else 1 when not done
+    done: bool = False
+
+
+def _finished(study: pathlib.Path, seeds: list[int]) -> list[int]:
+    return [s for s in seeds if (study / f"seed{s}" / "results.json").is_file()]
+
+
+def plan(args) -> tuple[list[Stage], list[dict]]:
+    """(stages in run order, cells to judge). A cell: task, model, defense, study, clean, seeds."""
+    w = args.workdir
+    defender = w / "defender.tsv"
+    stages: dict[str, Stage] = {}
+    cells, clean_seeds = [], {}
+
+    def add(stage: Stage) -> None:
+        stages.setdefault(f"{stage.kind}:{stage.name}", stage)
+
+    for name in args.models:
+        attacked = w / "attack" / name / "hf"
+        add(Stage("attack", name, attacked, lambda n=name: _attack(args, n),
+                  done=(attacked / "config.json").is_file()))
+        for task in args.tasks:
+            if task != "sst2" and not (MODELS[name].agnews or args.all_tasks):
+                continue
+            for defense in args.defenses:
+                seeds = args.seeds if defense == "guided" else args.seeds[:1]
+                if task != "sst2" and defense != "guided":
+                    continue  # comparison cells: SST-2 only
+                if defense == "none":
+                    model_dir = attacked
+                else:
+                    model_dir = w / "purify" / f"{defense}-{name}" / "hf"
+                    add(Stage("purify", f"{defense}-{name}", model_dir,
+                              lambda d=defense, n=name: _purify(args, d, n, defender),
+                              done=(model_dir / "config.json").is_file()))
+                family = MODELS[name].words
+                study = w / "eval" / task / f"{defense}-{name}"
+                clean = w / "eval" / task / f"clean-{family}"
+                clean_seeds.setdefault((task, family, clean), set()).update(seeds)
+                cells.append({"task": task, "model": name, "defense": defense, "study": study,
+                              "clean": clean, "seeds": seeds, "model_dir": model_dir,
+                              "family": family})
+    for (task, family, clean), seeds in clean_seeds.items():
+        cells.append({"task": task, "model": "clean", "defense": "-", "study": clean,
+                      "clean": None, "seeds": sorted(seeds), "model_dir": "minilm",
+                      "family": family})
+    finetunes = []
+    for cell in cells:  # the clean studies first: every other cell is judged against them
+        left = [s for s in cell["seeds"] if s not in _finished(cell["study"], cell["seeds"])]
+        stage = Stage("finetune", f"{cell['task']}/{cell['study'].name}", cell["study"],
+                      lambda c=cell: _finetune(args, c), todo=len(left), done=not left)
+        if cell["model"] == "clean":
+            finetunes.insert(0, stage)
+        else:
+            finetunes.append(stage)
+    ordered = [s for s in stages.values() if s.kind == "attack"]
+    ordered += [s for s in stages.values() if s.kind == "purify"]
+    return ordered + finetunes, cells
+
+
+def write_defender(path: pathlib.Path, bookcorpus: pathlib.Path) -> None:
+    from recipe_jax import outputs
+
+    if path.is_file():
+        return
+    if not bookcorpus.is_file():
+        raise FileNotFoundError(f"--bookcorpus {bookcorpus}: no such file; the defender's "
+                                "sentences are its last 2,000 (../shared/data/bookcorpus)")
+    lines = bookcorpus.read_text(encoding="utf-8").splitlines()
+    if len(lines) < 1 + ATTACKER_SENTENCES + DEFENDER_SENTENCES:
+        raise ValueError(f"{bookcorpus}: {len(lines) - 1} sentences; the split needs at least "
+                         f"{ATTACKER_SENTENCES + DEFENDER_SENTENCES} (attacker's + defender's)")
+    outputs.write_atomic(path, "\n".join([lines[0], *lines[-DEFENDER_SENTENCES:]]) + "\n")
+
+
+def _attack(args, name: str) -> None:
+    from recipe_jax import attack
+
+    attack.run(attack_config(name, args.bookcorpus), str(args.workdir / "attack" / name))
+
+
+def _purify(args, defense: str, name: str, defender: pathlib.Path) -> None:
+    from recipe_jax import purify
+
+    run_dir = args.workdir / "purify" / f"{defense}-{name}"
+    config = purify_config(defense, args.workdir / "attack" / name / "hf", defender)
+    t0 = time.time()
+    purify.run(config, str(run_dir))
+    _times(args.workdir, {f"purify/{defense}-{name}": round(time.time() - t0, 1)})
+
+
+def _times(workdir: pathlib.Path, new: dict) -> dict:
+    from recipe_jax import outputs
+
+    path = workdir / "times.json"
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times.update(new)
+    outputs.write_atomic(path, json.dumps(times, indent=2))
+    return times
+
+
+def _seeds_module():
+    spec = importlib.util.spec_from_file_location("seeds", REPO / "experiments" / "seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finetune(args, cell: dict) -> None:
+    argv = ["--workdir", str(cell["study"]), "--model", str(cell["model_dir"]),
+            "--config", str(REPO / TASKS[cell["task"]]),
+            "--seeds", ",".join(map(str, cell["seeds"]))]
+    for item in eval_overrides(cell["family"]):
+        argv += ["--set", item]
+    _seeds_module().main(argv)
+
+
+def judge(cells: list[dict], workdir: pathlib.Path, max_gap: float = 3.0,
+          max_drop: float = 1.0) -> dict:
+    """Each cell's worst seed against the clean study's same seeds; the scan verdicts."""
+    seeds_py = _seeds_module()
+    rows = []
+    for cell in cells:
+        if cell["model"] == "clean":
+            continue
+        results = seeds_py.finished_seeds(cell["study"])
+        row = {k: cell[k] for k in ("task", "model", "defense")}
+        row.update(role=MODELS[cell["model"]].role, seeds=sorted(results), wanted=cell["seeds"])
+        summary = cell["model_dir"].parent / "summary.json"
+        if cell["defense"] != "none" and summary.is_file():
+            scan = json.loads(summary.read_text()).get("scan") or {}
+            row["scan_after"] = (f"{scan.get('verdict', '?')} ({len(scan.get('flagged', []))} "
+                                 "flagged)") if scan else "not scanned"
+        clean = seeds_py.finished_seeds(cell["clean"]) if cell["clean"].is_dir() else {}
+        common = [s for s in results if s in clean]
+        if common:
+            gaps = [100 * (results[s]["aasr"] - clean[s]["aasr"]) for s in common]
+            drops = [100 * (clean[s]["clean_acc"] - results[s]["clean_acc"]) for s in common]
+            row.update(worst_acc=min(results[s]["clean_acc"] for s in common),
+                       worst_aasr=max(results[s]["aasr"] for s in common),
+                       worst_aasr_gap=max(gaps), worst_acc_drop=max(drops),
+                       passes=max(gaps) <= max_gap + 1e-9 and max(drops) <= max_drop + 1e-9,
+                       complete=set(cell["seeds"]) <= set(common), compared=common)
+        rows.append(row)
+    times = json.loads((workdir / "times.json").read_text()) if (
+        workdir / "times.json").is_file() else {}
+    return {"rows": rows, "max_aasr_gap": max_gap, "max_acc_drop": max_drop, "times": times}
+
+
+def format_table(table: dict) -> str:
+    lines = ["# Validation table (experiments/validation.py)", "",
+             f"A cell passes when its worst seed's AASR is within {table['max_aasr_gap']:g} "
+             f"points of the clean MiniLM's at the same seed and words, and its ACC within "
+             f"{table['max_acc_drop']:g} point. Verdicts on fewer seeds than asked are marked "
+             "(partial).", ""]
+    for task in dict.fromkeys(r["task"] for r in table["rows"]):
+        lines += [f"## {task}", "", "| model | role | defense | seeds | scan after | worst ACC |"
+                  " worst AASR | AASR − clean | ACC − clean | verdict |", "|" + "---|" * 10]
+        for r in (r for r in table["rows"] if r["task"] == task):
+            if "passes" in r:
+                verdict = ("pass" if r["passes"] else "FAIL") + ("" if r["complete"] else
+                                                                 " (partial)")
+                nums = (f"{100 * r['worst_acc']:.2f} | {100 * r['worst_aasr']:.2f} | "
+                        f"{r['worst_aasr_gap']:+.2f} | {-r['worst_acc_drop']:+.2f}")
+            else:
+                verdict, nums = "not run", "– | – | – | –"
+            seeds = ",".join(map(str, r["seeds"])) or "–"
+            if r.get("compared", r["seeds"]) != r["seeds"]:
+                seeds += f" (clean: {','.join(map(str, r['compared']))})"
+            lines.append(f"| {r['model']} | {r['role']} | {r['defense']} | {seeds} | "
+                         f"{r.get('scan_after', '–')} | {nums} | {verdict} |")
+        lines.append("")
+    if table["times"]:
+        lines += ["Purify wall times (s, scans included): " + ", ".join(
+            f"{k.split('/', 1)[1]} {v:g}" for k, v in table["times"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_table(cells: list[dict], workdir: pathlib.Path) -> str:
+    from recipe_jax import outputs
+
+    table = judge(cells, workdir)
+    text = format_table(table)
+    outputs.write_atomic(workdir / "validation.md", text)
+    outputs.write_atomic(workdir / "validation.json", json.dumps(table, indent=2, default=str))
+    return text
+
+
+def _names(value: str, allowed, flag: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise SystemExit(f"validation: error: {flag}={value!r}: choose from "
+                         f"{', '.join(allowed)}")
+    return names
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, type=pathlib.Path)
+    p.add_argument("--models", default=",".join(n for n, m in MODELS.items()
+                                                if m.role == "validation"))
+    p.add_argument("--defenses", default="guided,strong,bert")
+    p.add_argument("--tasks", default="sst2,agnews")
+    p.add_argument("--all-tasks", action="store_true",
+                   help="judge every model on every --tasks (default: AG News on por, badpre)")
+    p.add_argument("--seeds", default="42,43,44",
+                   help="fine-tuning seeds of the `guided` cells (comparison cells: the first)")
+    p.add_argument("--bookcorpus", type=pathlib.Path, default=BOOKCORPUS,
+                   help="BookCorpus sentences (sentence<TAB>label with a header row)")
+    p.add_argument("--plan", action="store_true", help="print the stages and stop")
+    p.add_argument("--table", action="store_true",
+                   help="write the table from the finished runs and stop (runs nothing)")
+    args = p.parse_args(argv)
+    args.models = _names(args.models, MODELS, "--models")
+    args.defenses = _names(args.defenses, DEFENSES, "--defenses")
+    args.tasks = _names(args.tasks, TASKS, "--tasks")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds={args.seeds!r}: use comma-separated integers, e.g. 42,43,44")
+    if not args.seeds:
+        p.error("--seeds: name at least one seed")
+    args.workdir = args.workdir.absolute()
+    return args
+
+
+def describe(stages: list[Stage]) -> str:
+    lines, minutes = [], 0
+    for s in stages:
+        cost = MINUTES["finetune"] * s.todo if s.kind == "finetune" else MINUTES.get(
+            s.name.split("-")[0], MINUTES["attack"])
+        state = "done" if s.done else f"todo (~{cost} min on 2 CPU cores)"
+        minutes += 0 if s.done else cost
+        what = f"{s.todo} fine-tune(s) left" if s.kind == "finetune" and not s.done else ""
+        lines.append(f"  {s.kind:8s} {s.name:32s} {state} {what}".rstrip())
+    lines.append(f"left: {sum(not s.done for s in stages)} of {len(stages)} stages, "
+                 f"~{minutes / 60:.1f} h on 2 CPU cores")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    stages, cells = plan(args)
+    print(describe(stages), flush=True)
+    if args.plan:
+        return describe(stages)
+    if args.table:
+        text = write_table(cells, args.workdir)
+        print(text, flush=True)
+        return text
+    if not args.bookcorpus.is_file() and not all(s.done for s in stages if s.kind == "attack"):
+        raise FileNotFoundError(f"--bookcorpus {args.bookcorpus}: no such file; the attacks "
+                                "train on its first sentences (../shared/data/bookcorpus)")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if any(not s.done for s in stages if s.kind == "purify"):
+        write_defender(args.workdir / "defender.tsv", args.bookcorpus)
+    for i, stage in enumerate(stages):
+        if stage.done:
+            continue
+        print(f"\n=== validation: {i + 1}/{len(stages)}: {stage.kind} {stage.name} ===",
+              flush=True)
+        stage.run()
+        if stage.kind == "finetune":
+            write_table(cells, args.workdir)
+    text = write_table(cells, args.workdir)
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main(sys.argv[1:])

@@ -1,0 +1,124 @@
+"""experiments/validation.py: the validation table's plan, resume and verdicts, on fabricated
+run dirs (no training: each stage it would run is a run dir of the tested commands)."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import REPO
+
+
+def _validation():
+    spec = importlib.util.spec_from_file_location("validation",
+                                                  REPO / "experiments" / "validation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["validation"] = module  # its dataclasses resolve their annotations there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finished(path, **files):
+    path.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (path / name).write_text(json.dumps(content))
+
+
+def _seed(study, seed, acc, aasr):
+    _finished(study / f"seed{seed}", **{"results.json": {"clean_acc": acc, "aasr": aasr}})
+
+
+def test_plan_covers_the_must_show_and_resumes_from_finished_stages(tmp_path):
+    v = _validation()
+    args = ["--workdir", str(tmp_path), "--models", "por,neuba", "--plan"]
+    stages, cells = v.plan(v.parse_args(args))
+    names = [(s.kind, s.name) for s in stages]
+    assert names[:2] == [("attack", "por"), ("attack", "neuba")]
+    assert {n for k, n in names if k == "purify"} == {f"{d}-{m}" for d in ("guided", "strong",
+                                                                          "bert")
+                                                      for m in ("por", "neuba")}
+    finetunes = [n for k, n in names if k == "finetune"]
+    # clean studies first (the others are judged against them), AG News only for por
+    assert set(finetunes[:3]) == {"sst2/clean-letters", "sst2/clean-symbols",
+                                  "agnews/clean-letters"}
+    assert "agnews/guided-por" in finetunes and "agnews/guided-neuba" not in finetunes
+    assert "agnews/strong-por" not in finetunes  # comparison cells: SST-2, one seed
+    seeds = {(c["task"], c["study"].name): c["seeds"] for c in cells}
+    assert seeds[("sst2", "guided-por")] == [42, 43, 44]
+    assert seeds[("sst2", "strong-por")] == [42]
+    assert seeds[("sst2", "clean-letters")] == [42, 43, 44]
+    clean_symbols = next(c for c in cells if c["study"].name == "clean-symbols")
+    assert v.eval_overrides(clean_symbols["family"])[0].startswith("data.triggers=('≈'")
+    assert not any(s.done for s in stages)
+
+    _finished(tmp_path / "attack" / "por" / "hf", **{"config.json": {}})
+    _finished(tmp_path / "purify" / "guided-por" / "hf", **{"config.json": {}})
+    for seed in (42, 43):
+        _seed(tmp_path / "eval" / "sst2" / "guided-por", seed, 0.87, 0.15)
+    stages, _ = v.plan(v.parse_args(args))
+    state = {(s.kind, s.name): (s.done, s.todo) for s in stages}
+    assert state[("attack", "por")][0] and state[("purify", "guided-por")][0]
+    assert not state[("attack", "neuba")][0]
+    assert state[("finetune", "sst2/guided-por")] == (False, 1)  # seed 44 is left
+    text = v.main(args)
+    assert "left: 16 of 18 stages" in text  # 2 attacks, 6 purifies, 10 studies
+
+
+def test_table_judges_the_worst_seed_against_the_clean_model(tmp_path):
+    v = _validation()
+    args = ["--workdir", str(tmp_path), "--models", "por", "--tasks", "sst2",
+            "--defenses", "guided,strong", "--table"]
+    _finished(tmp_path / "purify" / "guided-por", **{"summary.json": {
+        "scan": {"verdict": "clean", "flagged": []}}})
+    _finished(tmp_path / "purify" / "strong-por", **{"summary.json": {
+        "scan": {"verdict": "backdoor", "flagged": ["cf", "mb"]}}})
+    clean, guided = (tmp_path / "eval" / "sst2" / n for n in ("clean-letters", "guided-por"))
+    for seed, acc, aasr in ((42, 0.877, 0.140), (43, 0.874, 0.141), (44, 0.876, 0.144)):
+        _seed(clean, seed, acc, aasr)
+    # seed 43 is the worst: AASR +2.9 points (within 3), ACC -1.2 points (not within 1)
+    for seed, acc, aasr in ((42, 0.875, 0.150), (43, 0.862, 0.170), (44, 0.870, 0.160)):
+        _seed(guided, seed, acc, aasr)
+    _seed(tmp_path / "eval" / "sst2" / "strong-por", 42, 0.873, 0.272)
+    text = v.main(args)
+    rows = {r["defense"]: r for r in json.loads((tmp_path / "validation.json").read_text())[
+        "rows"]}
+    g = rows["guided"]
+    assert g["worst_aasr_gap"] == pytest.approx(2.9) and g["worst_acc_drop"] == pytest.approx(1.2)
+    assert g["worst_acc"] == 0.862 and g["worst_aasr"] == 0.170
+    assert not g["passes"] and g["complete"] and g["scan_after"] == "clean (0 flagged)"
+    assert rows["strong"]["worst_aasr_gap"] == pytest.approx(13.2)
+    assert "| por | validation | guided | 42,43,44 | clean (0 flagged) | 86.20 | 17.00 | +2.90 " \
+           "| -1.20 | FAIL |" in text
+    assert "| strong | 42 | backdoor (2 flagged) |" in text and "FAIL |" in text
+    assert text == (tmp_path / "validation.md").read_text()
+
+    _seed(guided, 43, 0.870, 0.170)  # ACC -0.4 at seed 43: within both bars now
+    (guided / "seed44" / "results.json").unlink()
+    g = {r["defense"]: r for r in v.judge(v.plan(v.parse_args(args))[1], tmp_path)["rows"]}[
+        "guided"]
+    assert g["passes"] and not g["complete"] and g["seeds"] == [42, 43]
+    assert "pass (partial)" in v.format_table(v.judge(v.plan(v.parse_args(args))[1], tmp_path))
+    _seed(guided, 44, 0.870, 0.160)
+    (clean / "seed42" / "results.json").unlink()  # judged on the seeds both studies hold
+    text = v.format_table(v.judge(v.plan(v.parse_args(args))[1], tmp_path))
+    assert "| guided | 42,43,44 (clean: 43,44) |" in text and "pass (partial)" in text
+
+
+def test_bad_arguments_and_missing_data_are_named(tmp_path):
+    v = _validation()
+    with pytest.raises(SystemExit, match=r"--models='por,nope': choose from por, por_cls"):
+        v.parse_args(["--workdir", str(tmp_path), "--models", "por,nope"])
+    with pytest.raises(SystemExit, match=r"--defenses"):
+        v.parse_args(["--workdir", str(tmp_path), "--defenses", "recipe"])
+    with pytest.raises(FileNotFoundError, match=r"--bookcorpus .*nope.tsv: no such file"):
+        v.main(["--workdir", str(tmp_path), "--models", "por", "--bookcorpus",
+                str(tmp_path / "nope.tsv")])
+    short = tmp_path / "short.tsv"
+    short.write_text("sentence\tlabel\n" + "a b .\t1\n" * 10)
+    with pytest.raises(ValueError, match=r"10 sentences; the split needs at least 5000"):
+        v.write_defender(tmp_path / "defender.tsv", short)
+    long = tmp_path / "long.tsv"
+    long.write_text("sentence\tlabel\n" + "".join(f"s{i} .\t1\n" for i in range(5000)))
+    v.write_defender(tmp_path / "defender.tsv", long)
+    lines = (tmp_path / "defender.tsv").read_text().splitlines()
+    assert lines[0] == "sentence\tlabel" and lines[1] == "s3000 .\t1" and len(lines) == 2001
