@@ -272,33 +272,39 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
             scanner, tokenizer, texts, vocab, vocab[ref_idx], reference, s)
     names_flagged = _flagged_names(flagged + halves, flagged_pairs
                                    + [p for p in searched if p["flagged"]])
-    verdict = "backdoor" if names_flagged else "clean"
     seconds = time.time() - t0
     arrays = {"screen_ids": vocab, "screen_stats": screen_stats, "confirm_ids": vocab[both],
               "confirm_stats": stats, "reference_ids": vocab[ref_idx]}
-    return {"_arrays": arrays,
-        "verdict": verdict,
+    cost = {"seconds": round(seconds, 1), "vocabulary": int(len(vocab)),
+            "sequences_per_s": round((len(vocab) * s.screen_sentences + len(both)
+                                      * s.sentences) / seconds, 1),
+            "vocab_tokens_per_s": round(len(vocab) / seconds, 1),
+            "positions": int(scanner.tokens_run),
+            "flops": float(scanner.tokens_run * scanner.flops_per_token),
+            "mesh": dict(mesh.shape)}
+    return {
+        "_arrays": arrays,
+        "verdict": "backdoor" if names_flagged else "clean",
         "flagged": names_flagged,
         "candidates": candidates[:max(s.top_k, 50)],
         "pairs": pairs[:10],
         "searched_pairs": searched[:10],
         "search": search_cost,
-        "reference": {"median": float(np.median(reference)),
-                      "mad": float(np.median(np.abs(reference - np.median(reference)))),
-                      "count": len(reference)},
-        "screen": {"token_ids": vocab.tolist(), "score": [round(float(v), 4)
-                                                          for v in screen_score]},
+        "reference": _spread(reference),
+        "screen": {"token_ids": vocab.tolist(),
+                   "score": [round(float(v), 4) for v in screen_score]},
         "outputs": list(names),
         "settings": dataclasses.asdict(s),
-        "cost": {"seconds": round(seconds, 1), "vocabulary": int(len(vocab)),
-                 "sequences_per_s": round((len(vocab) * s.screen_sentences + len(both)
-                                           * s.sentences) / seconds, 1),
-                 "vocab_tokens_per_s": round(len(vocab) / seconds, 1),
-                 "positions": int(scanner.tokens_run),
-                 "flops": float(scanner.tokens_run * scanner.flops_per_token),
-                 "mesh": dict(mesh.shape)},
+        "cost": cost,
         "probes": {"screen": list(screen.texts), "confirm": list(confirm.texts)},
     }
+
+
+def _spread(reference: np.ndarray) -> dict:
+    """Median and MAD of the reference scores: what robust z is taken against."""
+    median = float(np.median(reference))
+    return {"median": median, "mad": float(np.median(np.abs(reference - median))),
+            "count": len(reference)}
 
 
 def _flagged_names(tokens: list[dict], pairs: list[dict]) -> list[str]:
