@@ -261,13 +261,22 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     if required:
         raise ValueError(f"{model_dir}: missing weights: {required[:10]}"
                          f"{' ...' if len(required) > 10 else ''}")
+    flat = _matched(state, expected, model_dir)
+    _check_finite(flat, model_type, model_dir)
+    if missing:
+        _fill_fresh(flat, cfg, {name: expected[name][0] for name in missing}, seed, model_dir)
+    info = {"files": files, "fresh": missing, "dropped": dropped}
+    return (Transformer(cfg), _unflatten(flat), info)[:3 if with_info else 2]
+
+
+def _matched(state: dict, expected: dict, model_dir) -> dict:
+    """{param path: float32 array} of the file's tensors (kernels transposed), each checked
+    against the shape the config gives it."""
     flat, mismatched = {}, []
     for name, (path, abstract) in expected.items():
         if name not in state:
             continue
-        array = state[name]
-        if path[-1] == "kernel":
-            array = array.T
+        array = state[name].T if path[-1] == "kernel" else state[name]
         if tuple(array.shape) != tuple(abstract.shape):
             want = tuple(abstract.shape)[::-1] if path[-1] == "kernel" else tuple(abstract.shape)
             mismatched.append(f"{name}: file {tuple(state[name].shape)}, config expects {want}")
@@ -275,20 +284,20 @@ def load_pretrained(model_dir: str | os.PathLike, *, num_labels: int | None = No
     if mismatched:
         raise ValueError(f"{model_dir}: shape mismatch between config.json and weights: "
                          f"{mismatched[:10]}")
-    _check_finite(flat, model_type, model_dir)
-    if missing:
-        log.warning("%s: no %s in the checkpoint; initialized fresh (seed %d)", model_dir,
-                    ", ".join(sorted({m.rsplit('.', 1)[0] for m in missing})), seed)
-        fresh = flat_params(_jit_init(cfg, jax.random.PRNGKey(seed)))
-        for name in missing:
-            path = expected[name][0]
-            flat[path] = np.asarray(fresh[path], dtype=np.float32)
-        if model_type == "modernbert" and modernbert.classifier_head_from_mlm(
-                flat, [expected[name][0] for name in missing]):
-            log.warning("%s: the classifier's `head` starts from the MLM head's, as in "
-                        "transformers", model_dir)
-    info = {"files": files, "fresh": missing, "dropped": dropped}
-    return (Transformer(cfg), _unflatten(flat), info)[:3 if with_info else 2]
+    return flat
+
+
+def _fill_fresh(flat: dict, cfg: ModelConfig, missing: dict, seed: int, model_dir) -> None:
+    """Initializes the tensors the file lacks ({HF name: param path}) from `seed`, in place."""
+    log.warning("%s: no %s in the checkpoint; initialized fresh (seed %d)", model_dir,
+                ", ".join(sorted({m.rsplit('.', 1)[0] for m in missing})), seed)
+    fresh = flat_params(_jit_init(cfg, jax.random.PRNGKey(seed)))
+    for path in missing.values():
+        flat[path] = np.asarray(fresh[path], dtype=np.float32)
+    if cfg.model_type == "modernbert" and modernbert.classifier_head_from_mlm(
+            flat, list(missing.values())):
+        log.warning("%s: the classifier's `head` starts from the MLM head's, as in "
+                    "transformers", model_dir)
 
 
 def _check_finite(flat: dict, model_type: str, model_dir) -> None:
