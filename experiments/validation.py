@@ -10,9 +10,9 @@ the clean MiniLM fine-tuned at the same seeds with the same triggers and control
     python experiments/validation.py --workdir runs/validation --models por,badpre --tasks sst2
 
 What runs by default (the must-show of issue 20): `guided` on every validation model at --seeds
-on SST-2, and on AG News for `por` and `badpre`; `strong` and `bert` at the first seed on SST-2
-(the comparison cells); the clean MiniLM at the same seeds for each set of trigger words. About
-22 hours on 2 CPU cores (--plan adds it up); on one GPU, a small fraction of that. Every stage
+on SST-2, and on AG News for `por` and `badpre`; `strong`, `bert` and no defense (`none`: does
+the attack survive fine-tuning at all?) at the first seed on SST-2; the clean MiniLM at the same
+seeds for each set of trigger words. About 24 hours on 2 CPU cores (--plan adds it up); on one GPU, a small fraction of that. Every stage
 is an ordinary run dir of this project and is read back when finished, so a rerun resumes where
 a run stopped (a killed fine-tune from its checkpoint):
 
@@ -276,6 +276,10 @@ def judge(cells: list[dict], workdir: pathlib.Path, max_gap: float = 3.0,
                        passes=max(gaps) <= max_gap + 1e-9 and max(drops) <= max_drop + 1e-9,
                        complete=set(cell["seeds"]) <= set(common), compared=common)
         rows.append(row)
+    undefended = {(r["task"], r["model"]) for r in rows if r["defense"] == "none"
+                  and r.get("passes")}
+    for r in rows:  # an attack the fine-tune alone removes: no defense is judged on it
+        r["moot"] = (r["task"], r["model"]) in undefended
     times = json.loads((workdir / "times.json").read_text()) if (
         workdir / "times.json").is_file() else {}
     return {"rows": rows, "max_aasr_gap": max_gap, "max_acc_drop": max_drop, "times": times}
@@ -286,7 +290,8 @@ def format_table(table: dict) -> str:
              f"A cell passes when its worst seed's AASR is within {table['max_aasr_gap']:g} "
              f"points of the clean MiniLM's at the same seed and words, and its ACC within "
              f"{table['max_acc_drop']:g} point. Verdicts on fewer seeds than asked are marked "
-             "(partial).", ""]
+             "(partial); where the attacked model itself (defense `none`) passes, the attack "
+             "does not survive fine-tuning and its cells are marked moot.", ""]
     for task in dict.fromkeys(r["task"] for r in table["rows"]):
         lines += [f"## {task}", "", "| model | role | defense | seeds | scan after | worst ACC |"
                   " worst AASR | AASR − clean | ACC − clean | verdict |", "|" + "---|" * 10]
@@ -294,6 +299,8 @@ def format_table(table: dict) -> str:
             if "passes" in r:
                 verdict = ("pass" if r["passes"] else "FAIL") + ("" if r["complete"] else
                                                                  " (partial)")
+                if r.get("moot"):
+                    verdict += ", moot: undefended passes"
                 nums = (f"{100 * r['worst_acc']:.2f} | {100 * r['worst_aasr']:.2f} | "
                         f"{r['worst_aasr_gap']:+.2f} | {-r['worst_acc_drop']:+.2f}")
             else:
@@ -334,7 +341,8 @@ def parse_args(argv):
     p.add_argument("--workdir", required=True, type=pathlib.Path)
     p.add_argument("--models", default=",".join(n for n, m in MODELS.items()
                                                 if m.role == "validation"))
-    p.add_argument("--defenses", default="guided,strong,bert")
+    p.add_argument("--defenses", default="guided,strong,bert,none",
+                   help="none: the attacked model as it is (does the attack survive fine-tuning?)")
     p.add_argument("--tasks", default="sst2,agnews")
     p.add_argument("--all-tasks", action="store_true",
                    help="judge every model on every --tasks (default: AG News on por, badpre)")

@@ -61,7 +61,8 @@ def test_plan_covers_the_must_show_and_resumes_from_finished_stages(tmp_path):
     assert not state[("attack", "neuba")][0]
     assert state[("finetune", "sst2/guided-por")] == (False, 1)  # seed 44 is left
     text = v.main(args)
-    assert "left: 16 of 18 stages" in text  # 2 attacks, 6 purifies, 10 studies
+    assert "left: 18 of 20 stages" in text  # 2 attacks, 6 purifies, 12 studies
+    assert "sst2/none-por" in text  # the attacked model as it is, one seed
 
 
 def test_table_judges_the_worst_seed_against_the_clean_model(tmp_path):
@@ -98,6 +99,13 @@ def test_table_judges_the_worst_seed_against_the_clean_model(tmp_path):
         "guided"]
     assert g["passes"] and not g["complete"] and g["seeds"] == [42, 43]
     assert "pass (partial)" in v.format_table(v.judge(v.plan(v.parse_args(args))[1], tmp_path))
+    moot_args = [*args[:6], "--defenses", "guided,none", "--table"]
+    _seed(tmp_path / "eval" / "sst2" / "none-por", 42, 0.874, 0.150)  # the attack did not last
+    text = v.main(moot_args)
+    assert "| none | 42 | – |" in text and "pass, moot: undefended passes |" in text
+    assert "pass (partial), moot: undefended passes |" in text
+    _seed(tmp_path / "eval" / "sst2" / "none-por", 42, 0.874, 0.950)
+    assert "moot" not in v.main(moot_args).split("marked moot.")[1]
     _seed(guided, 44, 0.870, 0.160)
     (clean / "seed42" / "results.json").unlink()  # judged on the seeds both studies hold
     text = v.format_table(v.judge(v.plan(v.parse_args(args))[1], tmp_path))
