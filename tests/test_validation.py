@@ -50,6 +50,14 @@ def test_plan_covers_the_must_show_and_resumes_from_finished_stages(tmp_path):
     clean_symbols = next(c for c in cells if c["study"].name == "clean-symbols")
     assert v.eval_overrides(clean_symbols["family"])[0].startswith("data.triggers=('≈'")
     assert not any(s.done for s in stages)
+    for name, model in v.MODELS.items():  # every stage's config builds (its keys exist)
+        config = v.attack_config(name, tmp_path / "bc.tsv")
+        assert config.train.num_steps == 250 and config.data.max_examples == 3000
+        assert config.train.learning_rate == (model.learning_rate or 5e-5)
+    for defense in ("guided", "strong", "bert"):
+        config = v.purify_config(defense, tmp_path / "m", tmp_path / "defender.tsv")
+        assert (config.train.num_steps, config.data.max_length) == (250, 40)
+        assert config.guide.enabled == (defense == "guided")
 
     _finished(tmp_path / "attack" / "por" / "hf", **{"config.json": {}})
     _finished(tmp_path / "purify" / "guided-por" / "hf", **{"config.json": {}})
