@@ -70,16 +70,12 @@ MODELS = {
 }
 
 
-def _configs_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def words_of(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(triggers, control words) of a family, from the attack and evaluate configs."""
-    attack, evaluate = _configs_module("attack.py"), _configs_module("evaluate.py")
+    from recipe_jax import cli
+
+    attack, evaluate = (cli.load_module(REPO / "configs" / f) for f in ("attack.py",
+                                                                       "evaluate.py"))
     return {"letters": (attack.POR_TRIGGERS, evaluate.CONTROLS),
             "words": (attack.WORD_TRIGGERS, WORD_CONTROLS),
             "pairs": (attack.PAIR_TRIGGERS, PAIR_CONTROLS),
