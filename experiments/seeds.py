@@ -63,19 +63,20 @@ def build_config(config_arg: str, model: str, overrides: list[str]):
     from recipe_jax import cli
 
     file, _, preset = config_arg.partition(":")
-    config = cli.load_config(file, preset or None)
-    config.model.init_from = model
+    config = cli.set_keys(cli.load_config(file, preset or None), {"model.init_from": model}, file)
     for item in overrides:
         key, sep, raw = item.partition("=")
-        section, _, name = key.partition(".")
-        if not sep or section not in config or name not in config[section]:
-            raise ValueError(f"--set {item!r}: not KEY=VALUE with a key of {file}; "
-                             "e.g. --set data.max_examples=1000")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw  # a plain string, e.g. a path
-        config[section][name] = value
+        try:
+            if not sep:
+                raise KeyError(item)
+            cli.set_keys(config, {key: value}, file)
+        except KeyError:
+            raise ValueError(f"--set {item!r}: not KEY=VALUE with a key of {file}; "
+                             "e.g. --set data.max_examples=1000") from None
     return config
 
 
@@ -136,26 +137,36 @@ def check_clean(clean_dir: pathlib.Path, record: dict) -> None:
                          "be measured with the same config, triggers and control words")
 
 
-def versus_clean(results: dict[int, dict], clean_dir: pathlib.Path, record: dict,
-                 max_aasr_gap: float, max_acc_drop: float) -> dict:
-    """Per seed both studies hold: AASR and ACC minus the clean model's (points); the worst."""
-    check_clean(clean_dir, record)
-    clean = finished_seeds(clean_dir)
+def compare(results: dict[int, dict], clean: dict[int, dict], max_aasr_gap: float,
+            max_acc_drop: float) -> dict:
+    """Per seed both hold: AASR and ACC minus the clean model's (points); the worst; the verdict.
+    Seeds the clean results lack are listed in `without_clean`; with no seed in common, `seeds`
+    is empty and there is no verdict (`passes` is None)."""
     common = [s for s in results if s in clean]
-    if not common:
-        raise ValueError(f"--clean {clean_dir}: no seed in common (it has {sorted(clean)}, "
-                         f"this study {sorted(results)}); run the clean model at these seeds")
     rows = {s: {"aasr_gap": 100 * (results[s]["aasr"] - clean[s]["aasr"]),
                 "acc_drop": 100 * (clean[s]["clean_acc"] - results[s]["clean_acc"]),
                 "clean_aasr": clean[s]["aasr"], "clean_acc": clean[s]["clean_acc"]}
             for s in common}
-    worst_gap = max(r["aasr_gap"] for r in rows.values())
-    worst_drop = max(r["acc_drop"] for r in rows.values())
-    return {"clean": str(clean_dir), "seeds": rows, "worst_aasr_gap": worst_gap,
-            "without_clean": [s for s in results if s not in clean],
-            "worst_acc_drop": worst_drop, "max_aasr_gap": max_aasr_gap,
-            "max_acc_drop": max_acc_drop,
-            "passes": worst_gap <= max_aasr_gap + 1e-9 and worst_drop <= max_acc_drop + 1e-9}
+    out = {"seeds": rows, "without_clean": [s for s in results if s not in clean],
+           "max_aasr_gap": max_aasr_gap, "max_acc_drop": max_acc_drop, "passes": None}
+    if rows:
+        out["worst_aasr_gap"] = max(r["aasr_gap"] for r in rows.values())
+        out["worst_acc_drop"] = max(r["acc_drop"] for r in rows.values())
+        out["passes"] = (out["worst_aasr_gap"] <= max_aasr_gap + 1e-9
+                         and out["worst_acc_drop"] <= max_acc_drop + 1e-9)
+    return out
+
+
+def versus_clean(results: dict[int, dict], clean_dir: pathlib.Path, record: dict,
+                 max_aasr_gap: float, max_acc_drop: float) -> dict:
+    """compare() against the clean study in clean_dir, which must be the same study."""
+    check_clean(clean_dir, record)
+    clean = finished_seeds(clean_dir)
+    out = compare(results, clean, max_aasr_gap, max_acc_drop)
+    if not out["seeds"]:
+        raise ValueError(f"--clean {clean_dir}: no seed in common (it has {sorted(clean)}, "
+                         f"this study {sorted(results)}); run the clean model at these seeds")
+    return {"clean": str(clean_dir), **out}
 
 
 def format_versus(v: dict) -> str:

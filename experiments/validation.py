@@ -92,13 +92,7 @@ def configured(file_preset: str, overrides: dict):
     from recipe_jax import cli
 
     file, _, preset = file_preset.partition(":")
-    config = cli.load_config(REPO / file, preset)
-    for key, value in overrides.items():
-        section, _, name = key.partition(".")
-        if section not in config or name not in config[section]:
-            raise KeyError(f"{key}: not a key of {file_preset}")
-        config[section][name] = value
-    return config
+    return cli.set_keys(cli.load_config(REPO / file, preset), overrides, file_preset)
 
 
 def attack_config(name: str, bookcorpus: pathlib.Path):
@@ -263,14 +257,13 @@ def judge(cells: list[dict], workdir: pathlib.Path, max_gap: float = 3.0,
             row["scan_after"] = (f"{scan.get('verdict', '?')} ({len(scan.get('flagged', []))} "
                                  "flagged)") if scan else "not scanned"
         clean = seeds_py.finished_seeds(cell["clean"]) if cell["clean"].is_dir() else {}
-        common = [s for s in results if s in clean]
+        versus = seeds_py.compare(results, clean, max_gap, max_drop)
+        common = list(versus["seeds"])
         if common:
-            gaps = [100 * (results[s]["aasr"] - clean[s]["aasr"]) for s in common]
-            drops = [100 * (clean[s]["clean_acc"] - results[s]["clean_acc"]) for s in common]
             row.update(worst_acc=min(results[s]["clean_acc"] for s in common),
                        worst_aasr=max(results[s]["aasr"] for s in common),
-                       worst_aasr_gap=max(gaps), worst_acc_drop=max(drops),
-                       passes=max(gaps) <= max_gap + 1e-9 and max(drops) <= max_drop + 1e-9,
+                       worst_aasr_gap=versus["worst_aasr_gap"],
+                       worst_acc_drop=versus["worst_acc_drop"], passes=versus["passes"],
                        complete=set(cell["seeds"]) <= set(common), compared=common)
         rows.append(row)
     undefended = {(r["task"], r["model"]) for r in rows if r["defense"] == "none"

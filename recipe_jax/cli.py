@@ -40,6 +40,17 @@ def load_config(config_file: str | pathlib.Path, preset: str | None = None):
     return module.get_config() if preset is None else module.get_config(preset)
 
 
+def set_keys(config, overrides: dict, where: str):
+    """`config` with {"section.key": value} set; a key the config lacks is a KeyError naming
+    `where` (the config file or flag it came from)."""
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in config or name not in config[section]:
+            raise KeyError(f"{key}: not a key of {where}; --help lists them")
+        config[section][name] = value
+    return config
+
+
 def config_keys(config_file: str | pathlib.Path) -> list[str]:
     """`--config.KEY=DEFAULT  # comment` for every key of the file's default preset; comments
     come from the config file and from config_blocks.py, where shared sections are defined."""

@@ -126,6 +126,9 @@ def test_bad_arguments_and_missing_data_are_named(tmp_path):
         v.parse_args(["--workdir", str(tmp_path), "--models", "por,nope"])
     with pytest.raises(SystemExit, match=r"--defenses"):
         v.parse_args(["--workdir", str(tmp_path), "--defenses", "recipe"])
+    with pytest.raises(KeyError, match=r"train.lr: not a key of configs/attack.py:por"):
+        v.configured("configs/attack.py:por", {"train.lr": 1e-4})
+    assert v.configured("configs/attack.py:por", {"train.num_steps": 7}).train.num_steps == 7
     with pytest.raises(FileNotFoundError, match=r"--bookcorpus .*nope.tsv: no such file"):
         v.main(["--workdir", str(tmp_path), "--models", "por", "--bookcorpus",
                 str(tmp_path / "nope.tsv")])
