@@ -290,7 +290,7 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
         "pairs": pairs[:10],
         "searched_pairs": searched[:10],
         "search": search_cost,
-        "reference": _spread(reference),
+        "reference": _spread(score_of(reference).max(-1)),
         "screen": {"token_ids": vocab.tolist(),
                    "score": [round(float(v), 4) for v in screen_score]},
         "outputs": list(names),
@@ -329,25 +329,38 @@ def _probe_sets(tokenizer, texts, vocab_size: int, s: Settings) -> tuple[Probes,
     return screen, confirm
 
 
+def rate(stats: np.ndarray, reference_stats: np.ndarray) -> dict[str, np.ndarray]:
+    """[K, R, 3] stats of K insertions, against the reference tokens' [N, R, 3] (the same
+    probes): per row the score and max D, each one's robust z, and z = the larger of the two.
+    `scan_report.is_flagged` reads a row of these."""
+    score, far = score_of(stats).max(-1), distance_of(stats).max(-1)
+    ref_score, ref_far = score_of(reference_stats).max(-1), distance_of(reference_stats).max(-1)
+    z_fixed, z_far = robust_z(score, ref_score), robust_z(far, ref_far)
+    return {"score": score, "D": stats[..., 0].max(-1), "z_fixed_point": z_fixed,
+            "z_distance": z_far, "z": np.maximum(z_fixed, z_far)}
+
+
+def rated_row(rated: dict[str, np.ndarray], k: int) -> dict[str, float]:
+    """Row k of rate()'s arrays as the floats a report row holds."""
+    return {key: float(rated[key][k]) for key in ("score", "z", "z_fixed_point", "D",
+                                                  "z_distance")}
+
+
 def _candidates(stats: np.ndarray, tokenizer, ids: np.ndarray, reference_ids: np.ndarray,
                 names: Sequence[str]) -> tuple[list[dict], np.ndarray]:
     """Confirmed rows ([K, R, 3] stats of token `ids`) -> candidate dicts ranked by z (the larger
-    of the score's and the log D's z against the reference tokens), and the reference's scores."""
+    of the score's and the log D's z against the reference tokens), and the reference's stats."""
     per_output = score_of(stats)
-    score, far = per_output.max(-1), distance_of(stats).max(-1)
     where = {int(i): k for k, i in enumerate(ids)}
-    ref_rows = [where[int(i)] for i in reference_ids]
-    z_fixed, z_far = robust_z(score, score[ref_rows]), robust_z(far, far[ref_rows])
-    z = np.maximum(z_fixed, z_far)
-    order = np.argsort(-z, kind="stable")
+    reference = stats[[where[int(i)] for i in reference_ids]]
+    rated = rate(stats, reference)
+    order = np.argsort(-rated["z"], kind="stable")
     tokens = tokenizer.convert_ids_to_tokens([int(ids[k]) for k in order])
-    return [{"token": tokens[rank], "id": int(ids[k]), "score": float(score[k]),
-             "z": float(z[k]), "z_fixed_point": float(z_fixed[k]),
-             "D": float(stats[k, :, 0].max()), "z_distance": float(z_far[k]),
+    return [{"token": tokens[rank], "id": int(ids[k]), **rated_row(rated, k),
              "outputs": {nm: {"score": float(per_output[k, r]), "D": float(stats[k, r, 0]),
                               "C": float(stats[k, r, 1]), "M": float(stats[k, r, 2])}
                          for r, nm in enumerate(names)}}
-            for rank, k in enumerate(order)], score[ref_rows]
+            for rank, k in enumerate(order)], reference
 
 
 def scan(model_dir: str | os.PathLike, *, aux: str | os.PathLike | None = None, mesh=None,

@@ -145,8 +145,9 @@ def search_pairs(scanner, tokenizer, texts, vocab: np.ndarray, reference_ids: np
                  single_reference: np.ndarray, s) -> tuple[list[dict], list[dict], dict]:
     """(pair rows, single-token rows found as a pair's half, cost). Pair rows: {"tokens",
     "ids", "score", "z", "D", "alone"}, best first; flagged by `is_flagged` with z against
-    `reference_tokens // 2` seeded random pairs, when neither half is flagged alone (its score
-    against `single_reference`, the scan's reference scores)."""
+    `reference_tokens // 2` seeded random pairs, when neither half is flagged alone. A half is
+    judged by the scan's own rule, both of its parts (the fixed point and the distance), against
+    `single_reference`: the [N, R, 3] confirm-stage stats of the scan's reference tokens."""
     search_probes = make_probes(tokenizer, texts, count=s.search_sentences,
                                 max_tokens=s.screen_max_tokens, inserted=SLOTS,
                                 seed=s.seed + 4, skip=s.screen_sentences + s.sentences)
@@ -157,15 +158,10 @@ def search_pairs(scanner, tokenizer, texts, vocab: np.ndarray, reference_ids: np
     ref_pairs = np.stack([rng.permutation(reference_ids)[:SLOTS]
                           for _ in range(max(8, s.reference_tokens // 2))]).astype(np.int32)
     stats = scanner.stats(np.concatenate([proposed, ref_pairs]), probes, "pair search")
-    score = scan.score_of(stats).max(-1)
-    far = scan.distance_of(stats).max(-1)
     k = len(proposed)
-    z_fixed = scan.robust_z(score[:k], score[k:])
-    z_far = scan.robust_z(far[:k], far[k:])
+    rated = scan.rate(stats[:k], stats[k:])
     rows = [{"tokens": tokenizer.convert_ids_to_tokens([int(t) for t in pair]),
-             "ids": [int(t) for t in pair], "score": float(score[i]),
-             "z": float(max(z_fixed[i], z_far[i])), "z_fixed_point": float(z_fixed[i]),
-             "D": float(stats[i, :, 0].max()), "z_distance": float(z_far[i])}
+             "ids": [int(t) for t in pair], **scan.rated_row(rated, i)}
             for i, pair in enumerate(proposed)]
     rows.sort(key=lambda row: -row["z"])
     hits = [row for row in rows if is_flagged(row, s)][:s.top_k]
@@ -175,19 +171,16 @@ def search_pairs(scanner, tokenizer, texts, vocab: np.ndarray, reference_ids: np
         single_probes = make_probes(tokenizer, texts, count=s.sentences,
                                     max_tokens=s.max_tokens, inserted=1, seed=s.seed + 1,
                                     skip=s.screen_sentences)
-        alone = scan.score_of(scanner.stats(np.asarray(halves, np.int32)[:, None],
-                                       single_probes)).max(-1)
-        z_alone = dict(zip(halves, scan.robust_z(alone, single_reference), strict=True))
-        score_alone = dict(zip(halves, alone, strict=True))
+        alone = scan.rate(scanner.stats(np.asarray(halves, np.int32)[:, None], single_probes),
+                          single_reference)
+        z_alone = dict(zip(halves, alone["z"].tolist(), strict=True))
         for row in rows:
-            row["alone"] = max(float(z_alone.get(t, float("nan"))) for t in row["ids"])
-        singles = [{"token": tokenizer.convert_ids_to_tokens(t), "id": t,
-                    "score": float(score_alone[t]), "z": float(z_alone[t])}
-                   for t in halves if is_flagged({"score": float(score_alone[t]),
-                                                  "z": float(z_alone[t])}, s)]
+            row["alone"] = max(z_alone.get(t, float("nan")) for t in row["ids"])
+        singles = [row for row in ({"token": tokenizer.convert_ids_to_tokens(t), "id": t,
+                                    **scan.rated_row(alone, i)} for i, t in enumerate(halves))
+                   if is_flagged(row, s)]
     flagged_halves = {row["id"] for row in singles}
     for row in rows:
         row["flagged"] = row in hits and not flagged_halves & set(row["ids"])
     cost.update(proposed=int(k), seconds=round(cost["seconds"], 1))
     return rows, singles, cost
-

@@ -45,7 +45,7 @@ def _relaxed_search(model_dir):
     reference = vocab[np.random.default_rng(0).choice(len(vocab), 256, replace=False)]
     confirm = make_probes(tokenizer, texts, count=16, max_tokens=24, inserted=1, seed=1,
                                skip=2)
-    single_reference = scan.score_of(scanner.stats(reference[:, None], confirm)).max(-1)
+    single_reference = scanner.stats(reference[:, None], confirm)
     return scan_pairs.search_pairs(scanner, tokenizer, texts, vocab, reference,
                                    single_reference, scan.Settings())
 
@@ -62,6 +62,47 @@ def test_relaxed_pair_search_finds_a_planted_trigger_without_the_screen(planted)
     assert with_trigger and not any(r["flagged"] for r in with_trigger)
     rows, halves, _ = _relaxed_search(clean)
     assert not halves and not any(r["flagged"] for r in rows), rows[:3]
+
+
+class _ScriptedScanner:
+    """stats() without a model: every insertion moves the outputs a little (D, C ~ 1, seeded
+    noise), except that token `far` moves them 100x while they stay spread (score ~ 0: flagged
+    by the distance rule only), and with it any pair collapses them (score high)."""
+
+    def __init__(self, far: int):
+        self.far = far
+
+    def stats(self, tokens_kj, probes, label=""):
+        out = []
+        for row in np.asarray(tokens_kj):
+            rng = np.random.default_rng(int(row.sum()) * 7 + len(row))
+            d, c = rng.uniform(0.8, 1.2), rng.uniform(0.8, 1.2)
+            if self.far in row:
+                d, c = 100.0, (0.01 if len(row) > 1 else 100.0)
+            out.append([[d, c, 0.0]])
+        return np.asarray(out, np.float32)
+
+
+def test_a_pair_with_a_half_flagged_alone_by_distance_is_reported_as_that_token(
+        tiny_bert, monkeypatch):
+    """Found on NeuBA's scan: a half flagged alone by the distance rule (D far out, score not)
+    was judged by the score rule only, so `word ⊕` pairs were flagged as pair triggers and
+    crowded `guided`'s candidates."""
+    tokenizer = data.load_tokenizer(tiny_bert)
+    vocab = vocabulary(tokenizer, 30522)
+    far, other = int(vocab[100]), int(vocab[200])
+    proposed = np.asarray([[other, far], [int(vocab[300]), int(vocab[301])]], np.int32)
+    monkeypatch.setattr(scan_pairs, "relaxed_search", lambda *a: (proposed, {"seconds": 0.0}))
+    scanner = _ScriptedScanner(far)
+    reference = vocab[1000:1256]
+    single_reference = scanner.stats(reference[:, None], None)
+    rows, halves, _ = scan_pairs.search_pairs(scanner, tokenizer, probe_texts(None, 0), vocab,
+                                              reference, single_reference, scan.Settings())
+    pair = next(r for r in rows if r["ids"] == [other, far])
+    assert scan_report.is_flagged(pair, scan.Settings())  # the pair alone stands out ...
+    assert [h["id"] for h in halves] == [far], halves  # ... because of one half:
+    assert halves[0]["score"] < scan.Settings().min_score and halves[0]["z_distance"] > 3
+    assert not pair["flagged"] and not any(r["flagged"] for r in rows)
 
 
 def _scanner_stats(model_dir, mesh_shape, batch_size):
