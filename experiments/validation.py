@@ -46,6 +46,7 @@ WORD_CONTROLS = ("meadow", "orchid", "quartz", "juniper", "falcon")
 PAIR_CONTROLS = ("qb", "xv", "hq", "wb", "jd")  # half a pair should do nothing
 TASKS = {"sst2": "configs/evaluate.py:sst2", "agnews": "configs/evaluate.py:agnews"}
 DEFENSES = ("guided", "strong", "bert", "none")  # none: the attacked model as it is
+STAGES = ("attack", "purify", "clean", "finetune")  # clean: the clean MiniLM's fine-tunes
 # CPU minutes of each stage on 2 idle cores at this budget (docs/results.md), for --plan.
 MINUTES = {"attack": 12, "guided": 16, "strong": 9, "bert": 9, "finetune": 20}
 
@@ -340,6 +341,9 @@ def parse_args(argv):
                    help="fine-tuning seeds of the `guided` cells (comparison cells: the first)")
     p.add_argument("--bookcorpus", type=pathlib.Path, default=BOOKCORPUS,
                    help="BookCorpus sentences (sentence<TAB>label with a header row)")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="which kinds of stage run (clean: the clean MiniLM's fine-tunes, "
+                        "finetune: the others), e.g. attack,purify to build the models only")
     p.add_argument("--plan", action="store_true", help="print the stages and stop")
     p.add_argument("--table", action="store_true",
                    help="write the table from the finished runs and stop (runs nothing)")
@@ -347,6 +351,7 @@ def parse_args(argv):
     args.models = _names(args.models, MODELS, "--models")
     args.defenses = _names(args.defenses, DEFENSES, "--defenses")
     args.tasks = _names(args.tasks, TASKS, "--tasks")
+    args.stages = _names(args.stages, STAGES, "--stages")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -355,6 +360,12 @@ def parse_args(argv):
         p.error("--seeds: name at least one seed")
     args.workdir = args.workdir.absolute()
     return args
+
+
+def category(stage: Stage) -> str:
+    """The --stages name of a stage: its kind, or "clean" for the clean MiniLM's fine-tunes."""
+    clean = stage.kind == "finetune" and stage.name.split("/")[-1].startswith("clean-")
+    return "clean" if clean else stage.kind
 
 
 def describe(stages: list[Stage]) -> str:
@@ -388,7 +399,7 @@ def main(argv=None) -> str:
     if any(not s.done for s in stages if s.kind == "purify"):
         write_defender(args.workdir / "defender.tsv", args.bookcorpus)
     for i, stage in enumerate(stages):
-        if stage.done:
+        if stage.done or category(stage) not in args.stages:
             continue
         print(f"\n=== validation: {i + 1}/{len(stages)}: {stage.kind} {stage.name} ===",
               flush=True)

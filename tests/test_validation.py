@@ -126,6 +126,12 @@ def test_bad_arguments_and_missing_data_are_named(tmp_path):
         v.parse_args(["--workdir", str(tmp_path), "--models", "por,nope"])
     with pytest.raises(SystemExit, match=r"--defenses"):
         v.parse_args(["--workdir", str(tmp_path), "--defenses", "recipe"])
+    with pytest.raises(SystemExit, match=r"--stages='build': choose from attack, purify, clean"):
+        v.parse_args(["--workdir", str(tmp_path), "--stages", "build"])
+    stages, _ = v.plan(v.parse_args(["--workdir", str(tmp_path), "--models", "neuba"]))
+    kinds = {v.category(st) for st in stages}
+    assert kinds == {"attack", "purify", "clean", "finetune"}
+    assert [st.name for st in stages if v.category(st) == "clean"] == ["sst2/clean-symbols"]
     with pytest.raises(KeyError, match=r"train.lr: not a key of configs/attack.py:por"):
         v.configured("configs/attack.py:por", {"train.lr": 1e-4})
     assert v.configured("configs/attack.py:por", {"train.num_steps": 7}).train.num_steps == 7
