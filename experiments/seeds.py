@@ -70,13 +70,14 @@ def build_config(config_arg: str, model: str, overrides: list[str]):
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw  # a plain string, e.g. a path
+        bad = ValueError(f"--set {item!r}: not KEY=VALUE with a key of {file}; "
+                         "e.g. --set data.max_examples=1000")
+        if not sep:
+            raise bad
         try:
-            if not sep:
-                raise KeyError(item)
             cli.set_keys(config, {key: value}, file)
         except KeyError:
-            raise ValueError(f"--set {item!r}: not KEY=VALUE with a key of {file}; "
-                             "e.g. --set data.max_examples=1000") from None
+            raise bad from None
     return config
 
 

@@ -125,6 +125,7 @@ class Stage:
     run: object  # () -> None
     todo: int = 1  # fine-tunes left (finetune stages), else 1 when not done
     done: bool = False
+    clean: bool = False  # the clean MiniLM's fine-tunes (--stages clean)
 
 
 def _finished(study: pathlib.Path, seeds: list[int]) -> list[int]:
@@ -174,7 +175,8 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
     for cell in cells:  # the clean studies first: every other cell is judged against them
         left = [s for s in cell["seeds"] if s not in _finished(cell["study"], cell["seeds"])]
         stage = Stage("finetune", f"{cell['task']}/{cell['study'].name}", cell["study"],
-                      lambda c=cell: _finetune(args, c), todo=len(left), done=not left)
+                      lambda c=cell: _finetune(args, c), todo=len(left), done=not left,
+                      clean=cell["model"] == "clean")
         if cell["model"] == "clean":
             finetunes.insert(0, stage)
         else:
@@ -364,8 +366,7 @@ def parse_args(argv):
 
 def category(stage: Stage) -> str:
     """The --stages name of a stage: its kind, or "clean" for the clean MiniLM's fine-tunes."""
-    clean = stage.kind == "finetune" and stage.name.split("/")[-1].startswith("clean-")
-    return "clean" if clean else stage.kind
+    return "clean" if stage.clean else stage.kind
 
 
 def describe(stages: list[Stage]) -> str:
