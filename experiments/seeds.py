@@ -19,6 +19,12 @@ triggers and control words): each seed both studies hold is compared, AASR − t
 clean model's floor for these words at that seed) and ACC − the clean ACC, and the worst of each
 is held to `--max-aasr-gap` and `--max-acc-drop` points (3 and 1: docs/results.md's bar).
 
+`--reuse DIR` (repeatable) names another study of the same model, config and overrides except
+the words scored (data.triggers, data.controls), which do not enter the fine-tune: a seed that
+study finished is not fine-tuned again here; its final checkpoint is copied in and only scored
+with this study's words (the clean model's floor for several trigger families costs one
+fine-tune per seed, not one per family).
+
 Writes WORKDIR/seeds.json and WORKDIR/seeds.md.
 """
 
@@ -28,10 +34,12 @@ import argparse
 import ast
 import json
 import pathlib
+import shutil
 import statistics
 import sys
 
 COLUMNS = (("ACC", "clean_acc"), ("AASR", "aasr"), ("MASR", "masr"))
+SCORED_ONLY = ("data.triggers", "data.controls")  # overrides the fine-tune does not read
 
 
 def parse_args(argv):
@@ -44,6 +52,9 @@ def parse_args(argv):
                    help="a config override, e.g. data.max_examples=1000 (repeatable)")
     p.add_argument("--clean", default="", help="the clean model's seed study (a --workdir of "
                    "this script, same config and overrides) to compare each seed with")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="a study of the same fine-tunes scored with other words: its finished "
+                        "seeds are scored here, not fine-tuned again (repeatable)")
     p.add_argument("--max-aasr-gap", type=float, default=3.0,
                    help="points of AASR over the clean model's allowed at the worst seed")
     p.add_argument("--max-acc-drop", type=float, default=1.0,
@@ -138,6 +149,48 @@ def check_clean(clean_dir: pathlib.Path, record: dict) -> None:
                          "be measured with the same config, triggers and control words")
 
 
+def _trained_on(record: dict) -> tuple:
+    """What a study's fine-tunes depend on: its model, config and overrides but the words."""
+    kept = [o for o in record.get("overrides", [])
+            if o.partition("=")[0].strip() not in SCORED_ONLY]
+    return record.get("model"), record.get("config"), kept
+
+
+def check_reuse(sources: list[pathlib.Path], record: dict) -> None:
+    """Each --reuse study fine-tuned what this one would: same model, config and overrides,
+    but for the words scored."""
+    for src in sources:
+        study = src / "study.json"
+        if not study.is_file():
+            raise FileNotFoundError(f"--reuse {src}: no study.json; name the --workdir of "
+                                    "another run of this script")
+        old = json.loads(study.read_text())
+        if _trained_on(old) != _trained_on(record):
+            raise ValueError(
+                f"--reuse {src}: that study fine-tuned {old.get('model')!r} with "
+                f"{old.get('config')!r} and overrides {old.get('overrides')}; only a study "
+                f"whose overrides differ in {' and '.join(SCORED_ONLY)} alone runs the same "
+                "fine-tunes")
+
+
+def borrow(run: pathlib.Path, seed: int, sources: list[pathlib.Path]) -> pathlib.Path | None:
+    """Copies the finished fine-tune of `seed` from the first source study that has one into
+    `run` (an evaluate run dir not yet started), so that evaluate resumes at its last step and
+    only scores; returns the source run, or None (nothing to borrow, or `run` has begun)."""
+    if run.exists():
+        return None  # a fine-tune of its own has begun: resume that one
+    for src in sources:
+        done = src / f"seed{seed}"
+        if not ((done / "results.json").is_file() and (done / "checkpoints").is_dir()):
+            continue
+        tmp = run.with_name(f".{run.name}.borrow")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(done, tmp, ignore=shutil.ignore_patterns("results.json", "*.tmp*"))
+        tmp.rename(run)  # atomic: a killed copy never looks like a started run
+        return done
+    return None
+
+
 def compare(results: dict[int, dict], clean: dict[int, dict], max_aasr_gap: float,
             max_acc_drop: float) -> dict:
     """Per seed both hold: AASR and ACC minus the clean model's (points); the worst; the verdict.
@@ -220,6 +273,8 @@ def main(argv=None) -> dict:
     clean_dir = pathlib.Path(args.clean) if args.clean else None
     if clean_dir is not None:
         check_clean(clean_dir, record)  # before any fine-tune
+    sources = [pathlib.Path(r).absolute() for r in args.reuse]
+    check_reuse(sources, record)
     results = finished_seeds(workdir)
     for i, seed in enumerate(args.seeds):
         run = workdir / f"seed{seed}"
@@ -229,6 +284,9 @@ def main(argv=None) -> dict:
             continue
         config = build_config(args.config, args.model, args.set)
         config.train.seed = seed
+        if (lent := borrow(run, seed, sources)) is not None:
+            print(f"seeds: seed {seed} was fine-tuned by {lent}: scoring it with these words",
+                  flush=True)
         results[seed] = evaluate.run(config, str(run))
     results = dict(sorted(results.items()))
     summary = summarize(results)

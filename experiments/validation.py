@@ -23,6 +23,10 @@ checkpoint):
     WORKDIR/eval/<task>/<defense>-<model>/  a seed study of experiments/seeds.py
     WORKDIR/eval/<task>/clean-<words>/      the clean MiniLM's study for the same words
 
+The clean MiniLM's fine-tune does not depend on the words scored, so each task and seed is
+fine-tuned once: the other families' clean studies copy that run's final checkpoint and only
+score their own words (experiments/seeds.py --reuse).
+
 After each fine-tune it writes WORKDIR/validation.json and WORKDIR/validation.md: per task, each
 cell's worst seed against the clean model's (AASR − clean floor ≤ 3 points and ACC − clean ≥ −1
 point pass), the scan verdict after purification, and the purify wall time.
@@ -48,7 +52,7 @@ TASKS = {"sst2": "configs/evaluate.py:sst2", "agnews": "configs/evaluate.py:agne
 DEFENSES = ("guided", "strong", "bert", "none")  # none: the attacked model as it is
 STAGES = ("attack", "purify", "clean", "finetune")  # clean: the clean MiniLM's fine-tunes
 # CPU minutes of each stage on 2 idle cores at this budget (docs/results.md), for --plan.
-MINUTES = {"attack": 12, "guided": 16, "strong": 9, "bert": 9, "finetune": 20}
+MINUTES = {"attack": 12, "guided": 16, "strong": 9, "bert": 9, "finetune": 20, "score": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +128,7 @@ class Stage:
     path: pathlib.Path
     run: object  # () -> None
     todo: int = 1  # fine-tunes left (finetune stages), else 1 when not done
+    scored: int = 0  # seeds only scored, on a fine-tune another clean study made
     done: bool = False
     clean: bool = False  # the clean MiniLM's fine-tunes (--stages clean)
 
@@ -171,19 +176,31 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
         cells.append({"task": task, "model": "clean", "defense": "-", "study": clean,
                       "clean": None, "seeds": sorted(seeds), "model_dir": "minilm",
                       "family": family})
-    finetunes = []
+    cleans, finetunes, tuned = [], [], {}  # tuned: (task -> seeds) the clean MiniLM is fine-tuned at
+    for cell in cells:
+        if cell["model"] == "clean":
+            tuned.setdefault(cell["task"], set()).update(
+                s for other in _clean_studies(cell) for s in _finished(other, cell["seeds"]))
     for cell in cells:  # the clean studies first: every other cell is judged against them
         left = [s for s in cell["seeds"] if s not in _finished(cell["study"], cell["seeds"])]
+        scored = []
+        if cell["model"] == "clean":  # one fine-tune per task and seed serves every family
+            scored = [s for s in left if s in tuned[cell["task"]]]
+            tuned[cell["task"]].update(left)
         stage = Stage("finetune", f"{cell['task']}/{cell['study'].name}", cell["study"],
-                      lambda c=cell: _finetune(args, c), todo=len(left), done=not left,
-                      clean=cell["model"] == "clean")
-        if cell["model"] == "clean":
-            finetunes.insert(0, stage)
-        else:
-            finetunes.append(stage)
+                      lambda c=cell: _finetune(args, c), todo=len(left) - len(scored),
+                      done=not left, clean=cell["model"] == "clean", scored=len(scored))
+        (cleans if cell["model"] == "clean" else finetunes).append(stage)
+    finetunes = cleans + finetunes  # in the order their fine-tunes were counted above
     ordered = [s for s in stages.values() if s.kind == "attack"]
     ordered += [s for s in stages.values() if s.kind == "purify"]
     return ordered + finetunes, cells
+
+
+def _clean_studies(cell: dict) -> list[pathlib.Path]:
+    """The other clean-<words> studies of a clean cell's task (they share its fine-tunes)."""
+    return [d for d in sorted(cell["study"].parent.glob("clean-*"))
+            if d != cell["study"] and (d / "study.json").is_file()]
 
 
 def write_defender(path: pathlib.Path, bookcorpus: pathlib.Path) -> None:
@@ -240,6 +257,9 @@ def _finetune(args, cell: dict) -> None:
             "--seeds", ",".join(map(str, cell["seeds"]))]
     for item in eval_overrides(cell["family"]):
         argv += ["--set", item]
+    if cell["model"] == "clean":
+        for other in _clean_studies(cell):
+            argv += ["--reuse", str(other)]
     _seeds_module().main(argv)
 
 
@@ -372,11 +392,14 @@ def category(stage: Stage) -> str:
 def describe(stages: list[Stage]) -> str:
     lines, minutes = [], 0
     for s in stages:
-        cost = MINUTES["finetune"] * s.todo if s.kind == "finetune" else MINUTES.get(
-            s.name.split("-")[0], MINUTES["attack"])
+        cost = (MINUTES["finetune"] * s.todo + MINUTES["score"] * s.scored
+                if s.kind == "finetune" else MINUTES.get(s.name.split("-")[0], MINUTES["attack"]))
         state = "done" if s.done else f"todo (~{cost} min on 2 CPU cores)"
         minutes += 0 if s.done else cost
-        what = f"{s.todo} fine-tune(s) left" if s.kind == "finetune" and not s.done else ""
+        what = ""
+        if s.kind == "finetune" and not s.done:
+            what = f"{s.todo} fine-tune(s) left" + (f", {s.scored} seed(s) only scored"
+                                                    if s.scored else "")
         lines.append(f"  {s.kind:8s} {s.name:32s} {state} {what}".rstrip())
     lines.append(f"left: {sum(not s.done for s in stages)} of {len(stages)} stages, "
                  f"~{minutes / 60:.1f} h on 2 CPU cores")

@@ -356,6 +356,24 @@ def test_seed_study_runs_each_seed_summarizes_and_refuses_another_study(tmp_path
     with pytest.raises(SystemExit):
         seeds.parse_args(["--workdir", "w", "--model", "m", "--seeds", "3,3"])
 
+    # Other words on the same fine-tunes: seed 4 is borrowed and only scored, seed 5 is new.
+    other = ["--workdir", str(tmp_path / "words"), *args[2:6], "--seeds", "4,5", *args[8:],
+             "--set", "data.triggers=('mn', 'tq')", "--set", "data.controls=('cf',)",
+             "--reuse", str(tmp_path / "study")]
+    capsys.readouterr()
+    seeds.main(other)
+    out = capsys.readouterr().out
+    assert f"seed 4 was fine-tuned by {tmp_path / 'study' / 'seed4'}" in out
+    borrowed, own = out.split("=== seeds: 2/2")
+    assert "evaluate step" not in borrowed and "evaluate step" in own  # seed 5 is trained
+    assert "was fine-tuned by" not in own
+    got = {s: json.loads((tmp_path / "words" / f"seed{s}" / "results.json").read_text())
+           for s in (4, 5)}
+    assert got[4]["clean_acc"] == runs[4]["clean_acc"]  # the same classifier
+    assert got[4]["asr_max"]["mn"] == runs[4]["asr_max"]["mn"]  # a word both studies score
+    assert got[4]["control"]["asr_max"]["cf"] == runs[4]["asr_max"]["cf"]  # trigger there
+    assert not (tmp_path / "study" / "seed5").exists()
+
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "electra", "modernbert"])
 def test_fine_tune_trains_the_encoder_and_classifier_of_every_family(model_type):
@@ -416,3 +434,30 @@ def test_seed_study_reads_back_earlier_seeds_and_compares_with_the_clean_study(t
         seeds.main([*args[:-1], str(tmp_path / "clean_other")])
     with pytest.raises(FileNotFoundError, match="no study.json; run this script on the clean"):
         seeds.main([*args[:-1], str(tmp_path / "nowhere")])
+
+
+def test_seed_study_borrows_fine_tunes_only_from_a_study_that_ran_the_same_ones(tmp_path):
+    seeds = _seeds_module()
+    record = {"model": "minilm", "config": "configs/evaluate.py:tiny",
+              "overrides": ["data.triggers=('cf',)", "train.num_epochs=1"]}
+    _fake_study(tmp_path / "letters", record, {42: (0.87, 0.17)})
+    (tmp_path / "letters" / "seed42" / "checkpoints" / "7").mkdir(parents=True)
+    (tmp_path / "letters" / "seed42" / "config.json").write_text("{}")
+    words = {**record, "overrides": ["data.triggers=('sapphire',)",
+                                     "data.controls=('meadow',)", "train.num_epochs=1"]}
+    seeds.check_reuse([tmp_path / "letters"], words)  # only the words differ: the same runs
+    run = tmp_path / "words" / "seed42"
+    assert seeds.borrow(run, 43, [tmp_path / "letters"]) is None  # no seed 43 there
+    assert seeds.borrow(run, 42, [tmp_path / "letters"]) == tmp_path / "letters" / "seed42"
+    assert (run / "checkpoints" / "7").is_dir() and (run / "config.json").is_file()
+    assert not (run / "results.json").exists()  # scored again with this study's words
+    assert not list((tmp_path / "words").glob(".*borrow*"))
+    assert seeds.borrow(run, 42, [tmp_path / "letters"]) is None  # begun: resume its own
+
+    for change in ({"model": "runs/por/hf"}, {"config": "configs/evaluate.py:sst2"},
+                   {"overrides": ["data.triggers=('cf',)", "train.num_epochs=2"]}):
+        with pytest.raises(ValueError, match="only a study whose overrides differ in "
+                                             "data.triggers and data.controls alone"):
+            seeds.check_reuse([tmp_path / "letters"], {**record, **change})
+    with pytest.raises(FileNotFoundError, match="--reuse .*nowhere: no study.json"):
+        seeds.check_reuse([tmp_path / "nowhere"], record)

@@ -73,6 +73,31 @@ def test_plan_covers_the_must_show_and_resumes_from_finished_stages(tmp_path):
     assert "sst2/none-por" in text  # the attacked model as it is, one seed
 
 
+def test_clean_model_is_fine_tuned_once_per_task_and_seed_for_every_family(tmp_path,
+                                                                           monkeypatch):
+    v = _validation()
+    args = v.parse_args(["--workdir", str(tmp_path), "--models", "por,neuba,por_words",
+                         "--tasks", "sst2", "--defenses", "guided"])
+    clean = {s.name: s for s in v.plan(args)[0] if s.clean}
+    # nothing finished: the first family fine-tunes each seed, the others only score them
+    assert [(s.todo, s.scored) for s in clean.values()] == [(3, 0), (0, 3), (0, 3)]
+    symbols = tmp_path / "eval" / "sst2" / "clean-symbols"
+    _finished(symbols, **{"study.json": {"model": "minilm"}})
+    _seed(symbols, 43, 0.874, 0.16)
+    clean = {s.name: s for s in v.plan(args)[0] if s.clean}
+    assert (clean["sst2/clean-letters"].todo, clean["sst2/clean-letters"].scored) == (2, 1)
+    assert "0 fine-tune(s) left, 3 seed(s) only scored" in v.describe(list(clean.values()))
+
+    calls = []
+    monkeypatch.setattr(v, "_seeds_module", lambda: type("S", (), {"main": calls.append}))
+    cell = next(c for c in v.plan(args)[1] if c["study"].name == "clean-letters")
+    v._finetune(args, cell)
+    assert calls[0][calls[0].index("--reuse") + 1] == str(symbols)  # the only other study
+    guided = next(c for c in v.plan(args)[1] if c["study"].name == "guided-por")
+    v._finetune(args, guided)
+    assert "--reuse" not in calls[1]  # another model: nothing to share
+
+
 def test_table_judges_the_worst_seed_against_the_clean_model(tmp_path):
     v = _validation()
     args = ["--workdir", str(tmp_path), "--models", "por", "--tasks", "sst2",
