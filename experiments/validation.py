@@ -176,7 +176,8 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
         cells.append({"task": task, "model": "clean", "defense": "-", "study": clean,
                       "clean": None, "seeds": sorted(seeds), "model_dir": "minilm",
                       "family": family})
-    cleans, finetunes, tuned = [], [], {}  # tuned: (task -> seeds) the clean MiniLM is fine-tuned at
+    cleans, finetunes = [], []
+    tuned = {}  # task -> the seeds the clean MiniLM is (or will be) fine-tuned at
     for cell in cells:
         if cell["model"] == "clean":
             tuned.setdefault(cell["task"], set()).update(
