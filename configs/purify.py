@@ -119,4 +119,7 @@ def _add_guide(c: ml_collections.ConfigDict) -> None:
     c.guide.scan_report = ""  # report.json of an earlier scan of this model (skips the first scan)
     c.guide.trainable = (r".*",)  # with candidates: what trains instead of recipe.trainable
     c.guide.lr_scales = (r"embeddings\.=0.1",)  # with candidates: train.lr_scales instead
+    # What x + t is pulled to: the states of x under "loaded" (the model as loaded, frozen) or
+    # "current" (the model being purified, no gradient through the target): docs/guided.md.
+    c.guide.target = "loaded"
 

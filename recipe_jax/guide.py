@@ -32,6 +32,8 @@ import numpy as np
 
 from recipe_jax.model import Transformer
 
+TARGETS = ("loaded", "current")  # guide.target: whose states of x the term pulls x + t to
+
 
 def candidates(report: dict, tokenizer, max_candidates: int) -> np.ndarray:
     """[K, 2] token ids of what `report` flags, in its order (pairs as two ids, single tokens
@@ -101,14 +103,16 @@ def insert(ids_bl: jax.Array, mask_bl: jax.Array, triggers_b2: jax.Array, rng: j
 def guide_term(params, reference, batch, rng, triggers_k2, word_start_v, *, model: Transformer,
                rows: int, dropout: bool) -> jax.Array:
     """mean_b guide(x_b, t_b) over the first `rows` rows of `batch` (clean `input_ids`), each
-    with a candidate drawn uniformly from `triggers_k2` (see the module doc)."""
+    with a candidate drawn uniformly from `triggers_k2` (see the module doc). The target is
+    `reference`'s states of x, or with `reference=None` those of `params` themselves (no
+    gradient flows through the target either way)."""
     ids_bl, mask_bl = batch["input_ids"][:rows], batch["attention_mask"][:rows]
     k_rng, pos_rng, drop_rng = jax.random.split(rng, 3)
     pick_b = jax.random.randint(k_rng, (ids_bl.shape[0],), 0, triggers_k2.shape[0])
     t_ids, t_mask, src_bl, keep_bl = insert(ids_bl, mask_bl, triggers_k2[pick_b], pos_rng,
                                             word_start_v)
     target_blh = jax.lax.stop_gradient(model.apply(
-        {"params": reference}, ids_bl, mask_bl, None, deterministic=True,
+        {"params": params if reference is None else reference}, ids_bl, mask_bl, None, deterministic=True,
         method=Transformer.encode)[-1]).astype(jnp.float32)
     hidden_blh = model.apply({"params": params}, t_ids, t_mask, None, deterministic=not dropout,
                              rngs={"dropout": drop_rng},

@@ -81,6 +81,8 @@ def validate_guide(config: ml_collections.ConfigDict) -> None:
     if g.round_steps < 0:
         bad_value("guide.round_steps", g.round_steps, "use >= 0 (0 = half the first round)")
     config_blocks.check_patterns(g.trainable, "guide.trainable")
+    if g.target not in guide.TARGETS:
+        bad_value("guide.target", g.target, f"choose one of {', '.join(guide.TARGETS)}")
     config_blocks.parse_lr_scales(g.lr_scales)
     if config.data.masking != "dynamic":
         bad_value("data.masking", config.data.masking,
@@ -116,10 +118,11 @@ def loss_fn(params, batch, rng, extras, *, model: Transformer, recipe, dropout: 
     """The RECIPE loss, MLM + lambda * sum ||W||_F, and its parts (pure). With `masking`
     (dynamic masks) the masks are drawn here from the step's rng; else `batch` holds masked ids
     and [B, M] slots. RECIPE needs nothing but the model and the text; with `guide_cfg` and
-    scan candidates in `extras` ("triggers" [K, 2], "word_start" [V], "reference": the loaded
-    params) the scan-guided term is added (recipe_jax/guide.py)."""
+    scan candidates in `extras` ("triggers" [K, 2], "word_start" [V], and "reference", the
+    loaded params, unless guide.target is "current") the scan-guided term is added
+    (recipe_jax/guide.py)."""
     if guide_cfg is not None and "triggers" in extras:
-        g = guide.guide_term(params, extras["reference"], batch, jax.random.fold_in(rng, 3),
+        g = guide.guide_term(params, extras.get("reference"), batch, jax.random.fold_in(rng, 3),
                              extras["triggers"], extras["word_start"], model=model,
                              rows=min(guide_cfg.rows, batch["input_ids"].shape[0]),
                              dropout=dropout)
@@ -206,7 +209,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               arrays=arrays, data_sha256=data.texts_sha256(texts),
                               trainable=config.recipe.trainable,
                               pack=pack_views(config, masking) if config.data.packing else None)
-    extras = guide_extras(found, host_params, model_dir, cfg, mesh)
+    extras = guide_extras(found, host_params, cfg, mesh,
+                          reference=guided and config.guide.target == "loaded")
     params, step = train(config, workdir, name="purify", host_params=host_params,
                          loss_fn=make_loss(config, cfg, masking), extras=extras)
     reg = losses.frobenius_penalty(params, config.recipe.regularize, cfg.model_type)
@@ -247,13 +251,16 @@ def first_scan(config, model: Transformer, host_params, model_dir, workdir, mesh
     return {"report": report, "triggers": triggers, "names": names, "tokenizer": tokenizer}
 
 
-def guide_extras(found: dict | None, host_params, model_dir, cfg, mesh) -> dict:
-    """What the guided term reads (none without candidates: the loss is then RECIPE's)."""
+def guide_extras(found: dict | None, host_params, cfg, mesh, reference: bool) -> dict:
+    """What the guided term reads (none without candidates: the loss is then RECIPE's); with
+    `reference`, a frozen copy of the loaded params (guide.target "loaded")."""
     if found is None or not len(found["triggers"]):
         return {}
-    return {"triggers": found["triggers"],
-            "word_start": guide.word_start_table(found["tokenizer"], cfg.vocab_size),
-            "reference": trainer.shard_params(host_params, cfg, mesh)}
+    extras = {"triggers": found["triggers"],
+              "word_start": guide.word_start_table(found["tokenizer"], cfg.vocab_size)}
+    if reference:
+        extras["reference"] = trainer.shard_params(host_params, cfg, mesh)
+    return extras
 
 
 def guided_rounds(config, workdir, mesh, train, masking, model, trained, model_dir, found,

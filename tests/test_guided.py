@@ -68,7 +68,8 @@ def test_candidates_come_from_what_the_report_flags(tiny_bert):
     ("guide.weight", -1.0, ">= 0"), ("guide.rows", 0, "positive"),
     ("guide.max_candidates", 0, "positive"),
     ("guide.rounds", 0, "positive"), ("guide.round_steps", -1, ">= 0"),
-    ("guide.trainable", ("(",), "regex"), ("data.masking", "static", "dynamic")])
+    ("guide.trainable", ("(",), "regex"), ("data.masking", "static", "dynamic"),
+    ("guide.target", "moving", "choose one of loaded, current")])
 def test_bad_guide_values_are_named(key, value, fix):
     config = preset("purify", "guided", data__aux_path="aux.txt", train__batch_size=8)
     section, name = key.split(".")
@@ -76,6 +77,30 @@ def test_bad_guide_values_are_named(key, value, fix):
     with pytest.raises(ValueError, match=fix) as e:
         purify.validate(config)
     assert str(e.value).startswith(f"{key}="), str(e.value)
+
+
+def test_the_current_target_follows_the_model_with_no_gradient_through_it(tiny_bert):
+    from recipe_jax import hf
+
+    model, params = hf.load_pretrained(tiny_bert)
+    params = jax.tree.map(jnp.asarray, params)
+    tokenizer = data.load_tokenizer(tiny_bert)
+    enc = data.tokenize(tokenizer, ["the cat sat on the mat", "a dog ran home"], 12)
+    batch = {k: jnp.asarray(enc[k]) for k in ("input_ids", "attention_mask")}
+    triggers = jnp.asarray(guide.candidates({"flagged": ["cf", "tq"]}, tokenizer, 4))
+    word_start = jnp.asarray(guide.word_start_table(tokenizer, model.cfg.vocab_size))
+
+    def term(p, reference):
+        return guide.guide_term(p, reference, batch, jax.random.key(0), triggers, word_start,
+                                model=model, rows=2, dropout=False)
+
+    assert float(term(params, None)) == pytest.approx(float(term(params, params)), rel=1e-6)
+    moved = jax.tree.map(lambda a: a * 1.05, params)  # a target that is not the model's own
+    assert float(term(params, moved)) != pytest.approx(float(term(params, None)), rel=1e-3)
+    current = jax.grad(term)(params, None)
+    frozen = jax.grad(lambda p: term(p, params))(params)  # the same states, held constant
+    for a, b in zip(jax.tree.leaves(current), jax.tree.leaves(frozen), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_a_bad_scan_report_is_named(tmp_path):
