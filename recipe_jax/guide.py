@@ -111,8 +111,9 @@ def guide_term(params, reference, batch, rng, triggers_k2, word_start_v, *, mode
     pick_b = jax.random.randint(k_rng, (ids_bl.shape[0],), 0, triggers_k2.shape[0])
     t_ids, t_mask, src_bl, keep_bl = insert(ids_bl, mask_bl, triggers_k2[pick_b], pos_rng,
                                             word_start_v)
+    source = params if reference is None else reference
     target_blh = jax.lax.stop_gradient(model.apply(
-        {"params": params if reference is None else reference}, ids_bl, mask_bl, None, deterministic=True,
+        {"params": source}, ids_bl, mask_bl, None, deterministic=True,
         method=Transformer.encode)[-1]).astype(jnp.float32)
     hidden_blh = model.apply({"params": params}, t_ids, t_mask, None, deterministic=not dropout,
                              rngs={"dropout": drop_rng},
