@@ -12,7 +12,7 @@ the clean MiniLM fine-tuned at the same seeds with the same triggers and control
 What runs by default (the must-show of issue 20): `guided` on every validation model at --seeds
 on SST-2, and on AG News for `por` and `badpre`; `strong`, `bert` and no defense (`none`: does
 the attack survive fine-tuning at all?) at the first seed on SST-2; the clean MiniLM at the same
-seeds for each set of trigger words. About 24 hours on 2 CPU cores (--plan adds it up); on one
+seeds for each set of trigger words. About 21 hours on 2 CPU cores (--plan adds it up); on one
 GPU, a small fraction of that. Every stage is an ordinary run dir of this project and is read
 back when finished, so a rerun resumes where a run stopped (a killed fine-tune from its
 checkpoint):
