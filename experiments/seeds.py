@@ -25,6 +25,10 @@ study finished is not fine-tuned again here; its final checkpoint is copied in a
 with this study's words (the clean model's floor for several trigger families costs one
 fine-tune per seed, not one per family).
 
+Studies compare configs by what they are, not where the checkout lies: a file in a `configs`
+folder is the project's preset (`configs/evaluate.py:sst2` in this clone, another clone or a git
+worktree is one config); any other config file is known by its absolute path.
+
 Writes WORKDIR/seeds.json and WORKDIR/seeds.md.
 """
 
@@ -135,6 +139,25 @@ def finished_seeds(workdir: pathlib.Path) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
+def config_id(config_arg: str | None) -> str | None:
+    """What names a study's --config FILE:PRESET across checkouts: a file in a folder named
+    `configs` (the project's presets, in this or another clone or worktree) is known as
+    `configs/NAME:PRESET`; any other file by its absolute path."""
+    if not config_arg:
+        return config_arg
+    file, sep, preset = config_arg.partition(":")
+    path = pathlib.Path(file)
+    name = (f"configs/{path.name}" if path.parent.name == "configs"
+            else str(path.absolute()))
+    return name + sep + preset
+
+
+def _same(old: dict, record: dict, key: str) -> bool:
+    if key == "config":
+        return config_id(old.get(key)) == config_id(record.get(key))
+    return old.get(key) == record.get(key)
+
+
 def check_clean(clean_dir: pathlib.Path, record: dict) -> None:
     """The clean study exists and measured the same config, triggers and control words."""
     study = clean_dir / "study.json"
@@ -142,7 +165,7 @@ def check_clean(clean_dir: pathlib.Path, record: dict) -> None:
         raise FileNotFoundError(f"--clean {clean_dir}: no study.json; run this script on the "
                                 "clean model there first (same --config and --set)")
     old = json.loads(study.read_text())
-    diff = [k for k in ("config", "overrides") if old.get(k) != record[k]]
+    diff = [k for k in ("config", "overrides") if not _same(old, record, k)]
     if diff:
         raise ValueError(f"--clean {clean_dir}: a study with another {' and '.join(diff)} "
                          f"({', '.join(repr(old.get(k)) for k in diff)}); the clean floor must "
@@ -153,7 +176,7 @@ def _trained_on(record: dict) -> tuple:
     """What a study's fine-tunes depend on: its model, config and overrides but the words."""
     kept = [o for o in record.get("overrides", [])
             if o.partition("=")[0].strip() not in SCORED_ONLY]
-    return record.get("model"), record.get("config"), kept
+    return record.get("model"), config_id(record.get("config")), kept
 
 
 def check_reuse(sources: list[pathlib.Path], record: dict) -> None:
@@ -252,7 +275,7 @@ def check_study(workdir: pathlib.Path, record: dict) -> None:
         _write(path, json.dumps(record, indent=2))
         return
     old = json.loads(path.read_text())
-    diff = [k for k in record if old.get(k) != record[k]]
+    diff = [k for k in record if not _same(old, record, k)]
     if diff:
         raise ValueError(f"{workdir} holds a seed study with another "
                          + ", ".join(f"{k} ({old.get(k)!r} there, {record[k]!r} now)"

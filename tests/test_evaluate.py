@@ -461,3 +461,27 @@ def test_seed_study_borrows_fine_tunes_only_from_a_study_that_ran_the_same_ones(
             seeds.check_reuse([tmp_path / "letters"], {**record, **change})
     with pytest.raises(FileNotFoundError, match="--reuse .*nowhere: no study.json"):
         seeds.check_reuse([tmp_path / "nowhere"], record)
+
+
+def test_seed_studies_know_the_project_configs_from_any_checkout(tmp_path):
+    """A study started from another clone or worktree is the same study here: its
+    configs/NAME is the project's preset wherever the checkout lies; other files are not."""
+    seeds = _seeds_module()
+    assert seeds.config_id("/work/other/configs/evaluate.py:sst2") == "configs/evaluate.py:sst2"
+    assert seeds.config_id("configs/evaluate.py:sst2") == "configs/evaluate.py:sst2"
+    assert seeds.config_id(str(tmp_path / "mine.py") + ":sst2") == f"{tmp_path}/mine.py:sst2"
+    words = ["data.triggers=('cf',)"]
+    elsewhere = {"model": "minilm", "config": "/elsewhere/configs/evaluate.py:sst2",
+                 "overrides": words}
+    here = {**elsewhere, "config": "/work/here/configs/evaluate.py:sst2"}
+    _fake_study(tmp_path / "clean", elsewhere, {42: (0.875, 0.15)})
+    seeds.check_clean(tmp_path / "clean", here)
+    seeds.check_reuse([tmp_path / "clean"], {**here, "overrides": ["data.triggers=('mb',)"]})
+    seeds.check_study(tmp_path / "clean", here)  # resumed from this checkout
+    for config in ("/elsewhere/configs/evaluate.py:agnews", str(tmp_path / "evaluate.py:sst2")):
+        with pytest.raises(ValueError, match="another config"):
+            seeds.check_clean(tmp_path / "clean", {**here, "config": config})
+        with pytest.raises(ValueError, match="another config"):
+            seeds.check_study(tmp_path / "clean", {**here, "config": config})
+        with pytest.raises(ValueError, match="only a study whose overrides differ"):
+            seeds.check_reuse([tmp_path / "clean"], {**here, "config": config})
