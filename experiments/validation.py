@@ -8,6 +8,7 @@ the clean MiniLM fine-tuned at the same seeds with the same triggers and control
     python experiments/validation.py --workdir runs/validation --plan   # what runs, what is done
     python experiments/validation.py --workdir runs/validation          # all of it
     python experiments/validation.py --workdir runs/validation --models por,badpre --tasks sst2
+    python experiments/validation.py --workdir runs/validation --jobs 2   # 2 stages at a time
 
 What runs by default (the must-show of issue 20): `guided` on every validation model at --seeds
 on SST-2, and on AG News for `por` and `badpre`; `strong`, `bert` and no defense (`none`: does
@@ -27,6 +28,13 @@ The clean MiniLM's fine-tune does not depend on the words scored, so each task a
 fine-tuned once: the other families' clean studies copy that run's final checkpoint and only
 score their own words (experiments/seeds.py --reuse).
 
+`--jobs N` runs up to N stages side by side, each in its own process with its log in
+WORKDIR/logs/, each once what it needs is built (a purify after its attack, a fine-tune after
+its model, a task's clean studies one after another so that only the first fine-tunes); on 2
+CPU cores 2 jobs finish ~15% sooner than one (two fine-tunes side by side take ~1.7× one's wall
+time), but the wall times it records are then inflated. A failed stage stops new ones and
+the run exits non-zero, naming it and its log.
+
 After each fine-tune it writes WORKDIR/validation.json and WORKDIR/validation.md: per task, each
 cell's worst seed against the clean model's (AASR − clean floor ≤ 3 points and ACC − clean ≥ −1
 point pass), the scan verdict after purification, and the purify wall time.
@@ -35,12 +43,17 @@ point pass), the scan verdict after purification, and the purify wall time.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import fcntl
 import importlib.util
 import json
+import multiprocessing
+import os
 import pathlib
 import sys
 import time
+import traceback
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BOOKCORPUS = REPO.parent / "shared" / "data" / "bookcorpus" / "train.tsv"
@@ -131,6 +144,11 @@ class Stage:
     scored: int = 0  # seeds only scored, on a fine-tune another clean study made
     done: bool = False
     clean: bool = False  # the clean MiniLM's fine-tunes (--stages clean)
+    needs: tuple[str, ...] = ()  # keys of the stages that must finish first
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.name}"
 
 
 def _finished(study: pathlib.Path, seeds: list[int]) -> list[int]:
@@ -151,6 +169,7 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
         attacked = w / "attack" / name / "hf"
         add(Stage("attack", name, attacked, lambda n=name: _attack(args, n),
                   done=(attacked / "config.json").is_file()))
+        made_by = {"none": f"attack:{name}"}
         for task in args.tasks:
             if task != "sst2" and not (MODELS[name].agnews or args.all_tasks):
                 continue
@@ -164,19 +183,21 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
                     model_dir = w / "purify" / f"{defense}-{name}" / "hf"
                     add(Stage("purify", f"{defense}-{name}", model_dir,
                               lambda d=defense, n=name: _purify(args, d, n, defender),
-                              done=(model_dir / "config.json").is_file()))
+                              done=(model_dir / "config.json").is_file(),
+                              needs=(f"attack:{name}",)))
+                    made_by[defense] = f"purify:{defense}-{name}"
                 family = MODELS[name].words
                 study = w / "eval" / task / f"{defense}-{name}"
                 clean = w / "eval" / task / f"clean-{family}"
                 clean_seeds.setdefault((task, family, clean), set()).update(seeds)
                 cells.append({"task": task, "model": name, "defense": defense, "study": study,
                               "clean": clean, "seeds": seeds, "model_dir": model_dir,
-                              "family": family})
+                              "family": family, "needs": (made_by[defense],)})
     for (task, family, clean), seeds in clean_seeds.items():
         cells.append({"task": task, "model": "clean", "defense": "-", "study": clean,
                       "clean": None, "seeds": sorted(seeds), "model_dir": "minilm",
-                      "family": family})
-    cleans, finetunes = [], []
+                      "family": family, "needs": ()})
+    cleans, finetunes, last_clean = [], [], {}
     tuned = {}  # task -> the seeds the clean MiniLM is (or will be) fine-tuned at
     for cell in cells:
         if cell["model"] == "clean":
@@ -184,13 +205,18 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
                 s for other in _clean_studies(cell) for s in _finished(other, cell["seeds"]))
     for cell in cells:  # the clean studies first: every other cell is judged against them
         left = [s for s in cell["seeds"] if s not in _finished(cell["study"], cell["seeds"])]
-        scored = []
+        scored, needs = [], cell["needs"]
         if cell["model"] == "clean":  # one fine-tune per task and seed serves every family
             scored = [s for s in left if s in tuned[cell["task"]]]
             tuned[cell["task"]].update(left)
+            # one clean study of a task at a time: the next one scores what this one tunes
+            needs = (last_clean[cell["task"]],) if cell["task"] in last_clean else ()
         stage = Stage("finetune", f"{cell['task']}/{cell['study'].name}", cell["study"],
                       lambda c=cell: _finetune(args, c), todo=len(left) - len(scored),
-                      done=not left, clean=cell["model"] == "clean", scored=len(scored))
+                      done=not left, clean=cell["model"] == "clean", scored=len(scored),
+                      needs=needs)
+        if stage.clean:
+            last_clean[cell["task"]] = stage.key
         (cleans if cell["model"] == "clean" else finetunes).append(stage)
     finetunes = cleans + finetunes  # in the order their fine-tunes were counted above
     ordered = [s for s in stages.values() if s.kind == "attack"]
@@ -239,9 +265,11 @@ def _times(workdir: pathlib.Path, new: dict) -> dict:
     from recipe_jax import outputs
 
     path = workdir / "times.json"
-    times = json.loads(path.read_text()) if path.is_file() else {}
-    times.update(new)
-    outputs.write_atomic(path, json.dumps(times, indent=2))
+    with open(workdir / ".times.lock", "w") as lock:  # --jobs: stages finish side by side
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        times = json.loads(path.read_text()) if path.is_file() else {}
+        times.update(new)
+        outputs.write_atomic(path, json.dumps(times, indent=2))
     return times
 
 
@@ -367,6 +395,9 @@ def parse_args(argv):
     p.add_argument("--stages", default=",".join(STAGES),
                    help="which kinds of stage run (clean: the clean MiniLM's fine-tunes, "
                         "finetune: the others), e.g. attack,purify to build the models only")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="stages run side by side, each in its own process (logs in "
+                        "WORKDIR/logs); 2 on 2 CPU cores gains ~15%%, more on an accelerator")
     p.add_argument("--plan", action="store_true", help="print the stages and stop")
     p.add_argument("--table", action="store_true",
                    help="write the table from the finished runs and stop (runs nothing)")
@@ -381,6 +412,8 @@ def parse_args(argv):
         p.error(f"--seeds={args.seeds!r}: use comma-separated integers, e.g. 42,43,44")
     if not args.seeds:
         p.error("--seeds: name at least one seed")
+    if args.jobs < 1:
+        p.error(f"--jobs={args.jobs}: run at least one stage at a time")
     args.workdir = args.workdir.absolute()
     return args
 
@@ -407,6 +440,94 @@ def describe(stages: list[Stage]) -> str:
     return "\n".join(lines)
 
 
+def run_stages(stages: list[Stage], selected, jobs: int, submit, finished) -> list[str]:
+    """Runs the stages not done for which `selected(stage)` holds, at most `jobs` at a time,
+    each once every stage it needs is done (finished before, or here). `submit(stage)` starts
+    one and returns a concurrent.futures.Future; `finished(stage)` is called after each success.
+    After a failure nothing new starts; the running ones finish. Returns the failures, as
+    "KEY: why" lines (a stage whose needs cannot be met, not selected or failed, is one)."""
+    done = {s.key for s in stages if s.done}
+    todo = [s for s in stages if not s.done and selected(s)]
+    planned = done | {s.key for s in todo}
+    failures = [f"{s.key}: needs {', '.join(n for n in s.needs if n not in planned)}, which "
+                "is neither done nor selected (--stages)" for s in todo
+                if any(n not in planned for n in s.needs)]
+    todo = [s for s in todo if all(n in planned for n in s.needs)]
+    running: dict[concurrent.futures.Future, Stage] = {}
+    while todo or running:
+        while not failures and len(running) < jobs:
+            ready = next((s for s in todo if all(n in done for n in s.needs)), None)
+            if ready is None:
+                break
+            todo.remove(ready)
+            running[submit(ready)] = ready
+        if not running:
+            break  # a failure stopped the rest
+        finished_now, _ = concurrent.futures.wait(
+            running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in finished_now:
+            stage = running.pop(future)
+            if future.exception() is not None:
+                failures.append(f"{stage.key}: {type(future.exception()).__name__}: "
+                                f"{future.exception()}")
+                continue
+            done.add(stage.key)
+            finished(stage)
+    failures += [f"{s.key}: not started (an earlier stage failed)" for s in todo
+                 if failures]
+    return failures
+
+
+def _run_in_child(argv: list[str], key: str, log: str) -> float:
+    """One stage of a --jobs run, in a fresh process; its output goes to `log`."""
+    sys.path.insert(0, str(REPO))
+    with open(log, "a", buffering=1) as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        stages, _ = plan(parse_args(argv))
+        stage = next(s for s in stages if s.key == key)
+        t0 = time.time()
+        try:
+            stage.run()
+        except BaseException:
+            traceback.print_exc()  # the whole story in the log; the parent names the error
+            raise
+        finally:
+            sys.stdout.flush()
+        return time.time() - t0
+
+
+def _run_parallel(args, argv: list[str], stages: list[Stage], cells: list[dict]) -> None:
+    """--jobs N: independent stages side by side, each in a spawned process with its own log
+    (WORKDIR/logs/<stage>.log); a failure stops new stages and exits non-zero."""
+    logs = args.workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    # several JAX processes on one accelerator: none may take most of its memory up front
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    started = {}
+
+    def submit(stage: Stage):
+        log = logs / f"{stage.key.replace(':', '-').replace('/', '-')}.log"
+        print(f"validation: start {stage.key} (log: {log})", flush=True)
+        started[stage.key] = time.time()
+        return pool.submit(_run_in_child, argv, stage.key, str(log))
+
+    def finished(stage: Stage):
+        print(f"validation: done {stage.key} in {time.time() - started[stage.key]:.0f} s",
+              flush=True)
+        if stage.kind == "finetune":
+            write_table(cells, args.workdir)
+
+    with pool:
+        failures = run_stages(stages, lambda s: category(s) in args.stages, args.jobs, submit,
+                              finished)
+    if failures:
+        raise SystemExit("validation: error: stages failed (their logs are in "
+                         f"{logs}):\n  " + "\n  ".join(failures))
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     stages, cells = plan(args)
@@ -423,7 +544,9 @@ def main(argv=None) -> str:
     args.workdir.mkdir(parents=True, exist_ok=True)
     if any(not s.done for s in stages if s.kind == "purify"):
         write_defender(args.workdir / "defender.tsv", args.bookcorpus)
-    for i, stage in enumerate(stages):
+    if args.jobs > 1:
+        _run_parallel(args, list(sys.argv[1:] if argv is None else argv), stages, cells)
+    for i, stage in enumerate(stages if args.jobs == 1 else []):
         if stage.done or category(stage) not in args.stages:
             continue
         print(f"\n=== validation: {i + 1}/{len(stages)}: {stage.kind} {stage.name} ===",

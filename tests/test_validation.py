@@ -172,3 +172,84 @@ def test_bad_arguments_and_missing_data_are_named(tmp_path):
     v.write_defender(tmp_path / "defender.tsv", long)
     lines = (tmp_path / "defender.tsv").read_text().splitlines()
     assert lines[0] == "sentence\tlabel" and lines[1] == "s3000 .\t1" and len(lines) == 2001
+
+
+def _timed_runs(v, stages, jobs, fail=()):
+    """run_stages on a thread pool, each stage a short sleep: (start, end) times, failures."""
+    import concurrent.futures
+    import threading
+    import time
+
+    times, lock = {}, threading.Lock()
+
+    def work(stage):
+        with lock:
+            times[stage.key] = [time.monotonic(), None]
+        time.sleep(0.05)
+        with lock:
+            times[stage.key][1] = time.monotonic()
+        if stage.key in fail:
+            raise RuntimeError("broken checkpoint")
+
+    finished = []
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        failures = v.run_stages(stages, lambda s: True, jobs, lambda s: pool.submit(work, s),
+                                finished.append)
+    return times, failures, finished
+
+
+def test_jobs_run_stages_side_by_side_after_what_they_need(tmp_path):
+    v = _validation()
+    args = v.parse_args(["--workdir", str(tmp_path), "--models", "por,neuba",
+                         "--defenses", "guided,none", "--jobs", "2"])
+    stages, _ = v.plan(args)
+    needs = {s.key: s.needs for s in stages}
+    assert needs["finetune:sst2/none-por"] == ("attack:por",)
+    assert needs["finetune:agnews/guided-por"] == ("purify:guided-por",)
+    assert needs["finetune:sst2/clean-symbols"] == ("finetune:sst2/clean-letters",)
+    times, failures, finished = _timed_runs(v, stages, 2)
+    assert not failures and {s.key for s in finished} == set(needs)
+    for key, before in needs.items():
+        for need in before:
+            assert times[need][1] <= times[key][0], f"{key} started before {need} ended"
+    events = sorted([(t0, 1) for t0, _ in times.values()] + [(t1, -1) for _, t1 in
+                                                              times.values()])
+    running = [sum(d for _, d in events[:i + 1]) for i in range(len(events))]
+    assert max(running) == 2  # side by side, never more than --jobs
+
+    _finished(tmp_path / "attack" / "por" / "hf", **{"config.json": {}})
+    stages, _ = v.plan(args)
+    times, failures, _ = _timed_runs(v, stages, 2, fail={"purify:guided-neuba"})
+    assert "attack:por" not in times  # done before: not run again
+    assert failures[0] == "purify:guided-neuba: RuntimeError: broken checkpoint"
+    assert "finetune:sst2/guided-neuba: not started (an earlier stage failed)" in failures
+    assert "finetune:sst2/guided-neuba" not in times
+    failed_at = times["purify:guided-neuba"][1]
+    assert all(t0 < failed_at for t0, _ in times.values())  # nothing new after the failure
+
+    stages, _ = v.plan(args)
+    failures = v.run_stages(stages, lambda s: s.kind == "finetune", 2,
+                            lambda s: pytest.fail(f"{s.key} started"), lambda s: None)
+    assert "finetune:sst2/guided-por: needs purify:guided-por, which is neither done nor " \
+           "selected (--stages)" in failures
+    with pytest.raises(SystemExit):
+        v.parse_args(["--workdir", str(tmp_path), "--jobs", "0"])
+
+
+def test_jobs_run_each_stage_in_its_own_process_and_name_the_failure(tmp_path):
+    """The real --jobs path (spawned processes, a log per stage): a stage that fails (an
+    attacked model whose checkpoint is an empty config) stops the run with its name and log."""
+    import subprocess
+
+    _finished(tmp_path / "attack" / "por" / "hf", **{"config.json": {}})
+    out = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "validation.py"), "--workdir",
+         str(tmp_path), "--models", "por", "--defenses", "none", "--tasks", "sst2",
+         "--seeds", "42", "--stages", "finetune", "--jobs", "2"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "validation: start finetune:sst2/none-por" in out.stdout
+    assert "finetune:sst2/none-por: " in out.stderr and "stages failed" in out.stderr
+    log = tmp_path / "logs" / "finetune-sst2-none-por.log"
+    assert log.is_file() and "seeds: 1/1: seed 42" in log.read_text()
+    assert not (tmp_path / "eval" / "sst2" / "none-por" / "seed42" / "results.json").exists()
