@@ -13,7 +13,9 @@ the clean MiniLM fine-tuned at the same seeds with the same triggers and control
 What runs by default (the must-show of issue 20): `guided` on every validation model at --seeds
 on SST-2, and on AG News for `por` and `badpre`; `strong`, `bert` and no defense (`none`: does
 the attack survive fine-tuning at all?) at the first seed on SST-2; the clean MiniLM at the same
-seeds for each set of trigger words. About 21 hours on 2 CPU cores (--plan adds it up); on one
+seeds for each set of trigger words; and `guided` on the clean MiniLM itself (`minilm`, the
+reference: does the scan raise a false alarm, and what ACC does the defense cost when there is
+nothing to remove?). About 22 hours on 2 CPU cores (--plan adds it up); on one
 GPU, a small fraction of that. Every stage is an ordinary run dir of this project and is read
 back when finished, so a rerun resumes where a run stopped (a killed fine-tune from its
 checkpoint):
@@ -70,9 +72,10 @@ MINUTES = {"attack": 12, "guided": 16, "strong": 9, "bert": 9, "finetune": 20, "
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    preset: str  # configs/attack.py preset
+    preset: str | None  # configs/attack.py preset; None: not attacked (the clean MiniLM)
     words: str  # trigger/control family the evaluation inserts: letters | words | pairs | symbols
-    role: str = "validation"  # "tuning": `guided`'s settings were chosen on it
+    role: str = "validation"  # "tuning": `guided`'s settings were chosen on it; "reference":
+    # the clean MiniLM, purified: what the defense costs on a model with nothing to remove
     learning_rate: float | None = 1e-4  # attack lr (None: the preset's)
     agnews: bool = False  # also judged on AG News by default
 
@@ -85,7 +88,15 @@ MODELS = {
     "por_words": Model("por_words", "words"),
     "por_pair": Model("por_pair", "pairs"),
     "por_adaptive": Model("por_adaptive", "letters"),
+    # `guided` on the clean MiniLM: does its scan raise a false alarm, and what ACC does the
+    # defense itself cost (the attacks' cells are held to the same clean model)?
+    "minilm": Model(None, "letters", role="reference"),
 }
+
+
+def loaded(workdir: pathlib.Path, name: str):
+    """The model a defense loads: the attacked MiniLM's export, or `minilm` itself."""
+    return "minilm" if MODELS[name].preset is None else workdir / "attack" / name / "hf"
 
 
 def words_of(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -166,10 +177,12 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
         stages.setdefault(f"{stage.kind}:{stage.name}", stage)
 
     for name in args.models:
-        attacked = w / "attack" / name / "hf"
-        add(Stage("attack", name, attacked, lambda n=name: _attack(args, n),
-                  done=(attacked / "config.json").is_file()))
-        made_by = {"none": f"attack:{name}"}
+        attacked, made_by = loaded(w, name), {}  # defense -> the stage that makes its model
+        if MODELS[name].preset is not None:
+            add(Stage("attack", name, attacked, lambda n=name: _attack(args, n),
+                      done=(attacked / "config.json").is_file()))
+            made_by["none"] = f"attack:{name}"
+        built = (made_by["none"],) if made_by else ()  # what a purify needs: the attack
         for task in args.tasks:
             if task != "sst2" and not (MODELS[name].agnews or args.all_tasks):
                 continue
@@ -177,6 +190,8 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
                 seeds = args.seeds if defense == "guided" else args.seeds[:1]
                 if task != "sst2" and defense != "guided":
                     continue  # comparison cells: SST-2 only
+                if MODELS[name].preset is None and defense != "guided":
+                    continue  # undefended, it is the clean study; `strong` = `guided` there
                 if defense == "none":
                     model_dir = attacked
                 else:
@@ -184,7 +199,7 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
                     add(Stage("purify", f"{defense}-{name}", model_dir,
                               lambda d=defense, n=name: _purify(args, d, n, defender),
                               done=(model_dir / "config.json").is_file(),
-                              needs=(f"attack:{name}",)))
+                              needs=built))
                     made_by[defense] = f"purify:{defense}-{name}"
                 family = MODELS[name].words
                 study = w / "eval" / task / f"{defense}-{name}"
@@ -192,7 +207,8 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
                 clean_seeds.setdefault((task, family, clean), set()).update(seeds)
                 cells.append({"task": task, "model": name, "defense": defense, "study": study,
                               "clean": clean, "seeds": seeds, "model_dir": model_dir,
-                              "family": family, "needs": (made_by[defense],)})
+                              "family": family,
+                              "needs": (made_by[defense],) if defense in made_by else ()})
     for (task, family, clean), seeds in clean_seeds.items():
         cells.append({"task": task, "model": "clean", "defense": "-", "study": clean,
                       "clean": None, "seeds": sorted(seeds), "model_dir": "minilm",
@@ -255,7 +271,7 @@ def _purify(args, defense: str, name: str, defender: pathlib.Path) -> None:
     from recipe_jax import purify
 
     run_dir = args.workdir / "purify" / f"{defense}-{name}"
-    config = purify_config(defense, args.workdir / "attack" / name / "hf", defender)
+    config = purify_config(defense, loaded(args.workdir, name), defender)
     t0 = time.time()
     purify.run(config, str(run_dir))
     _times(args.workdir, {f"purify/{defense}-{name}": round(time.time() - t0, 1)})
@@ -382,7 +398,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, type=pathlib.Path)
     p.add_argument("--models", default=",".join(n for n, m in MODELS.items()
-                                                if m.role == "validation"))
+                                                if m.role in ("validation", "reference")))
     p.add_argument("--defenses", default="guided,strong,bert,none",
                    help="none: the attacked model as it is (does the attack survive fine-tuning?)")
     p.add_argument("--tasks", default="sst2,agnews")

@@ -51,6 +51,8 @@ def test_plan_covers_the_must_show_and_resumes_from_finished_stages(tmp_path):
     assert v.eval_overrides(clean_symbols["family"])[0].startswith("data.triggers=('≈'")
     assert not any(s.done for s in stages)
     for name, model in v.MODELS.items():  # every stage's config builds (its keys exist)
+        if model.preset is None:
+            continue  # the clean MiniLM: nothing to attack
         config = v.attack_config(name, tmp_path / "bc.tsv")
         assert config.train.num_steps == 250 and config.data.max_examples == 3000
         assert config.train.learning_rate == (model.learning_rate or 5e-5)
@@ -71,6 +73,31 @@ def test_plan_covers_the_must_show_and_resumes_from_finished_stages(tmp_path):
     text = v.main(args)
     assert "left: 18 of 20 stages" in text  # 2 attacks, 6 purifies, 12 studies
     assert "sst2/none-por" in text  # the attacked model as it is, one seed
+
+
+def test_the_clean_minilm_is_purified_as_a_reference_with_nothing_to_attack(tmp_path,
+                                                                          monkeypatch):
+    v = _validation()
+    args = v.parse_args(["--workdir", str(tmp_path), "--tasks", "sst2"])
+    assert "minilm" in args.models  # in the default table
+    args = v.parse_args(["--workdir", str(tmp_path), "--models", "minilm", "--tasks",
+                         "sst2,agnews"])
+    stages, cells = v.plan(args)
+    assert [(s.key, s.needs) for s in stages] == [
+        ("purify:guided-minilm", ()), ("finetune:sst2/clean-letters", ()),
+        ("finetune:sst2/guided-minilm", ("purify:guided-minilm",))]
+    cell = next(c for c in cells if c["model"] == "minilm")
+    assert cell["seeds"] == [42, 43, 44] and cell["clean"].name == "clean-letters"
+    seen = {}
+    monkeypatch.setattr(v, "purify_config", lambda d, model, defender: seen.update(model=model))
+    monkeypatch.setitem(sys.modules, "recipe_jax.purify", type("P", (), {"run": print}))
+    v._purify(args, "guided", "minilm", tmp_path / "defender.tsv")
+    assert seen["model"] == "minilm"  # the shipped MiniLM, not an attack's export
+    _seed(tmp_path / "eval" / "sst2" / "clean-letters", 42, 0.877, 0.140)
+    _seed(tmp_path / "eval" / "sst2" / "guided-minilm", 42, 0.872, 0.141)
+    text = v.format_table(v.judge(cells, tmp_path))
+    assert "| minilm | reference | guided | 42 | – | 87.20 | 14.10 | +0.10 | -0.50 | " \
+           "pass (partial) |" in text
 
 
 def test_clean_model_is_fine_tuned_once_per_task_and_seed_for_every_family(tmp_path,
