@@ -11,12 +11,13 @@ the clean MiniLM fine-tuned at the same seeds with the same triggers and control
     python experiments/validation.py --workdir runs/validation --jobs 2   # 2 stages at a time
 
 What runs by default (the must-show of issue 20): `guided` on every validation model at --seeds
-on SST-2, and on AG News for `por` and `badpre`; `strong`, `bert` and no defense (`none`: does
-the attack survive fine-tuning at all?) at the first seed on SST-2; the clean MiniLM at the same
-seeds for each set of trigger words; and `guided` on the clean MiniLM itself (`minilm`, the
-reference: does the scan raise a false alarm, and what ACC does the defense cost when there is
-nothing to remove?). About 22 hours on 2 CPU cores (--plan adds it up); on one
-GPU, a small fraction of that. Every stage is an ordinary run dir of this project and is read
+on SST-2, and on AG News for `por` and `badpre`; `strong` and `bert` at the first seed on SST-2;
+no defense (`none`: does the attack survive fine-tuning at all?) at the first seed on each task;
+the clean MiniLM at the same seeds for each set of trigger words; and `guided` on the clean
+MiniLM itself (`minilm`, the reference: does the scan raise a false alarm, and what ACC does the
+defense cost when there is nothing to remove?). About 22 hours on 2 CPU cores (--plan adds it
+up); on one GPU, a small fraction of that.
+Every stage is an ordinary run dir of this project and is read
 back when finished, so a rerun resumes where a run stopped (a killed fine-tune from its
 checkpoint):
 
@@ -188,8 +189,8 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
                 continue
             for defense in args.defenses:
                 seeds = args.seeds if defense == "guided" else args.seeds[:1]
-                if task != "sst2" and defense != "guided":
-                    continue  # comparison cells: SST-2 only
+                if task != "sst2" and defense not in ("guided", "none"):
+                    continue  # comparison cells: SST-2 only (none: is the task's cell moot?)
                 if MODELS[name].preset is None and defense != "guided":
                     continue  # undefended, it is the clean study; `strong` = `guided` there
                 if defense == "none":

@@ -43,9 +43,10 @@ def test_plan_covers_the_must_show_and_resumes_from_finished_stages(tmp_path):
                                   "agnews/clean-letters"}
     assert "agnews/guided-por" in finetunes and "agnews/guided-neuba" not in finetunes
     assert "agnews/strong-por" not in finetunes  # comparison cells: SST-2, one seed
+    assert "agnews/none-por" in finetunes  # is the AG News cell moot? (one seed)
     seeds = {(c["task"], c["study"].name): c["seeds"] for c in cells}
     assert seeds[("sst2", "guided-por")] == [42, 43, 44]
-    assert seeds[("sst2", "strong-por")] == [42]
+    assert seeds[("sst2", "strong-por")] == [42] and seeds[("agnews", "none-por")] == [42]
     assert seeds[("sst2", "clean-letters")] == [42, 43, 44]
     clean_symbols = next(c for c in cells if c["study"].name == "clean-symbols")
     assert v.eval_overrides(clean_symbols["family"])[0].startswith("data.triggers=('≈'")
@@ -71,7 +72,7 @@ def test_plan_covers_the_must_show_and_resumes_from_finished_stages(tmp_path):
     assert not state[("attack", "neuba")][0]
     assert state[("finetune", "sst2/guided-por")] == (False, 1)  # seed 44 is left
     text = v.main(args)
-    assert "left: 18 of 20 stages" in text  # 2 attacks, 6 purifies, 12 studies
+    assert "left: 19 of 21 stages" in text  # 2 attacks, 6 purifies, 13 studies
     assert "sst2/none-por" in text  # the attacked model as it is, one seed
 
 
