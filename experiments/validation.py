@@ -16,10 +16,9 @@ no defense (`none`: does the attack survive fine-tuning at all?) at the first se
 the clean MiniLM at the same seeds for each set of trigger words; and `guided` on the clean
 MiniLM itself (`minilm`, the reference: does the scan raise a false alarm, and what ACC does the
 defense cost when there is nothing to remove?). About 22 hours on 2 CPU cores (--plan adds it
-up); on one GPU, a small fraction of that.
-Every stage is an ordinary run dir of this project and is read
-back when finished, so a rerun resumes where a run stopped (a killed fine-tune from its
-checkpoint):
+up); on one GPU, a small fraction of that. Every stage is an ordinary run dir of this project
+and is read back when finished, so a rerun resumes where a run stopped (a killed fine-tune from
+its checkpoint):
 
     WORKDIR/defender.tsv                    the defender's sentences (the last 2,000 of BookCorpus)
     WORKDIR/attack/<model>/hf               the attacked model (configs/attack.py preset)
