@@ -91,9 +91,12 @@ def test_the_clean_minilm_is_purified_as_a_reference_with_nothing_to_attack(tmp_
     assert cell["seeds"] == [42, 43, 44] and cell["clean"].name == "clean-letters"
     seen = {}
     monkeypatch.setattr(v, "purify_config", lambda d, model, defender: seen.update(model=model))
-    monkeypatch.setitem(sys.modules, "recipe_jax.purify", type("P", (), {"run": print}))
+    from recipe_jax import purify
+
+    monkeypatch.setattr(purify, "run", lambda config, run_dir: seen.update(run_dir=run_dir))
     v._purify(args, "guided", "minilm", tmp_path / "defender.tsv")
     assert seen["model"] == "minilm"  # the shipped MiniLM, not an attack's export
+    assert seen["run_dir"] == str(tmp_path / "purify" / "guided-minilm")
     _seed(tmp_path / "eval" / "sst2" / "clean-letters", 42, 0.877, 0.140)
     _seed(tmp_path / "eval" / "sst2" / "guided-minilm", 42, 0.872, 0.141)
     text = v.format_table(v.judge(cells, tmp_path))
