@@ -174,7 +174,7 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
     cells, clean_seeds = [], {}
 
     def add(stage: Stage) -> None:
-        stages.setdefault(f"{stage.kind}:{stage.name}", stage)
+        stages.setdefault(stage.key, stage)
 
     for name in args.models:
         attacked, made_by = loaded(w, name), {}  # defense -> the stage that makes its model
@@ -213,13 +213,21 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
         cells.append({"task": task, "model": "clean", "defense": "-", "study": clean,
                       "clean": None, "seeds": sorted(seeds), "model_dir": "minilm",
                       "family": family, "needs": ()})
+    ordered = [s for s in stages.values() if s.kind == "attack"]
+    ordered += [s for s in stages.values() if s.kind == "purify"]
+    return ordered + _finetune_stages(args, cells), cells
+
+
+def _finetune_stages(args, cells: list[dict]) -> list[Stage]:
+    """The fine-tune stages of the cells: the clean studies first (every other cell is judged
+    against them), one per task at a time, the first fine-tuning each seed, the others scoring."""
     cleans, finetunes, last_clean = [], [], {}
     tuned = {}  # task -> the seeds the clean MiniLM is (or will be) fine-tuned at
     for cell in cells:
         if cell["model"] == "clean":
             tuned.setdefault(cell["task"], set()).update(
                 s for other in _clean_studies(cell) for s in _finished(other, cell["seeds"]))
-    for cell in cells:  # the clean studies first: every other cell is judged against them
+    for cell in cells:
         left = [s for s in cell["seeds"] if s not in _finished(cell["study"], cell["seeds"])]
         scored, needs = [], cell["needs"]
         if cell["model"] == "clean":  # one fine-tune per task and seed serves every family
@@ -234,10 +242,7 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
         if stage.clean:
             last_clean[cell["task"]] = stage.key
         (cleans if cell["model"] == "clean" else finetunes).append(stage)
-    finetunes = cleans + finetunes  # in the order their fine-tunes were counted above
-    ordered = [s for s in stages.values() if s.kind == "attack"]
-    ordered += [s for s in stages.values() if s.kind == "purify"]
-    return ordered + finetunes, cells
+    return cleans + finetunes  # in the order their fine-tunes were counted above
 
 
 def _clean_studies(cell: dict) -> list[pathlib.Path]:
@@ -494,7 +499,7 @@ def run_stages(stages: list[Stage], selected, jobs: int, submit, finished) -> li
     return failures
 
 
-def _run_in_child(argv: list[str], key: str, log: str) -> float:
+def _run_in_child(argv: list[str], key: str, log: str) -> None:
     """One stage of a --jobs run, in a fresh process; its output goes to `log`."""
     sys.path.insert(0, str(REPO))
     with open(log, "a", buffering=1) as out:
@@ -502,7 +507,6 @@ def _run_in_child(argv: list[str], key: str, log: str) -> float:
         os.dup2(out.fileno(), 2)
         stages, _ = plan(parse_args(argv))
         stage = next(s for s in stages if s.key == key)
-        t0 = time.time()
         try:
             stage.run()
         except BaseException:
@@ -510,7 +514,6 @@ def _run_in_child(argv: list[str], key: str, log: str) -> float:
             raise
         finally:
             sys.stdout.flush()
-        return time.time() - t0
 
 
 def _run_parallel(args, argv: list[str], stages: list[Stage], cells: list[dict]) -> None:
