@@ -59,6 +59,9 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c.recipe.trainable = (INTERMEDIATE,)  # aliases or HF-name regexes: updated; rest frozen
     c.recipe.mlm = True  # include the MLM loss term (False = "only regularization" ablation)
     c.recipe.drop_pooler = False  # leave the pooler (+NSP head) out: no loss term reaches them
+    c.recipe.head_warmup_steps = 0  # first train the MLM head alone this many steps (a fresh or
+    # weak head: docs/guided.md); DIR/head_warmup/
+    c.recipe.head_warmup_lr = 0.0  # lr of the head warm-up (0 = train.learning_rate)
 
     _add_scan(c)
     _add_guide(c)

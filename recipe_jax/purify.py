@@ -47,6 +47,7 @@ from recipe_jax.config_blocks import bad_value
 from recipe_jax.model import Transformer
 
 log = logging.getLogger(__name__)
+HEAD = ("mlm_head",)  # what recipe.head_warmup_steps trains: the MLM head's own tensors
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -63,6 +64,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_blocks.check_patterns(r.trainable, "recipe.trainable")
     if not r.trainable:
         bad_value("recipe.trainable", r.trainable, "name at least one parameter regex")
+    if r.head_warmup_steps < 0 or not r.head_warmup_lr >= 0:
+        bad_value("recipe.head_warmup_steps/lr", (r.head_warmup_steps, r.head_warmup_lr),
+                  "use >= 0 (0 steps: no warm-up; lr 0: train.learning_rate)")
     if "guide" in config:
         validate_guide(config)
 
@@ -211,6 +215,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               pack=pack_views(config, masking) if config.data.packing else None)
     extras = guide_extras(found, host_params, cfg, mesh,
                           reference=guided and config.guide.target == "loaded")
+    if config.recipe.head_warmup_steps:
+        host_params = head_warmup(config, workdir, train, host_params, masking, cfg)
     params, step = train(config, workdir, name="purify", host_params=host_params,
                          loss_fn=make_loss(config, cfg, masking), extras=extras)
     reg = losses.frobenius_penalty(params, config.recipe.regularize, cfg.model_type)
@@ -223,6 +229,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary["scan"] = scan_result(model, params, model_dir, workdir, mesh, config.scan)
     return export.write_hf(workdir, "purify", model, params, verify=config.export.verify,
                              summary=summary)
+
+
+def head_warmup(config, workdir, train, host_params, masking, cfg) -> dict:
+    """recipe.head_warmup_steps: the MLM head alone learns the MLM loss on the aux data first
+    (in DIR/head_warmup/, resumable), so that the purify run's MLM gradient reaches the encoder
+    through a head that reads it, not through a random one (a checkpoint without an MLM head,
+    such as a sentence encoder, gets a fresh head). Returns the host params with the warmed
+    head; the encoder is unchanged."""
+    c = config.copy_and_resolve_references()
+    c.train.num_epochs, c.train.num_steps = 0, config.recipe.head_warmup_steps
+    c.train.learning_rate = config.recipe.head_warmup_lr or config.train.learning_rate
+    c.train.depth_lr_scales, c.train.lr_scales = (), ()
+    c.recipe.weight, c.recipe.mlm = 0.0, True
+    if "guide" in c:
+        c.guide.enabled = False
+    if jax.process_index() == 0:
+        (workdir / "head_warmup").mkdir(exist_ok=True)
+    params, _ = train(c, workdir / "head_warmup", name="purify head warm-up",
+                      host_params=host_params, trainable=HEAD, loss_fn=make_loss(c, cfg, masking))
+    return sharding.fetch_to_host(params)
 
 
 # ------------------------------------------------------------------------------ guided rounds
