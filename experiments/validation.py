@@ -65,9 +65,14 @@ WORD_CONTROLS = ("meadow", "orchid", "quartz", "juniper", "falcon")
 PAIR_CONTROLS = ("qb", "xv", "hq", "wb", "jd")  # half a pair should do nothing
 TASKS = {"sst2": "configs/evaluate.py:sst2", "agnews": "configs/evaluate.py:agnews"}
 DEFENSES = ("guided", "strong", "bert", "none")  # none: the attacked model as it is
+# Variants of `guided` under trial (not run by default: --defenses NAME): the preset with
+# these overrides, judged like `guided` (every seed, every task). docs/results.md says which
+# runs chose each setting.
+VARIANTS = {"guided_hw": {"recipe.head_warmup_steps": 200, "recipe.head_warmup_lr": 1e-3}}
 STAGES = ("attack", "purify", "clean", "finetune")  # clean: the clean MiniLM's fine-tunes
 # CPU minutes of each stage on 2 idle cores at this budget (docs/results.md), for --plan.
-MINUTES = {"attack": 12, "guided": 16, "strong": 9, "bert": 9, "finetune": 20, "score": 3}
+MINUTES = {"attack": 12, "guided": 16, "guided_hw": 17, "strong": 9, "bert": 9, "finetune": 20,
+           "score": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +145,15 @@ def purify_config(defense: str, model_dir: pathlib.Path, defender: pathlib.Path)
     over = {"model.init_from": str(model_dir), "data.aux_path": str(defender),
             "data.max_length": 40, "train.num_epochs": 0, "train.num_steps": 250,
             "train.log_every": 25, "export.verify": False}
-    if defense == "guided":
+    if is_guided(defense):
         over["guide.rows"] = 8  # the value of the tuning run (docs/results.md)
-    return configured(f"configs/purify.py:{defense}", over)
+    over.update(VARIANTS.get(defense, {}))
+    return configured(f"configs/purify.py:{'guided' if is_guided(defense) else defense}", over)
+
+
+def is_guided(defense: str) -> bool:
+    """`guided` or one of its VARIANTS."""
+    return defense == "guided" or defense in VARIANTS
 
 
 @dataclasses.dataclass
@@ -187,10 +198,10 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
             if task != "sst2" and not (MODELS[name].agnews or args.all_tasks):
                 continue
             for defense in args.defenses:
-                seeds = args.seeds if defense == "guided" else args.seeds[:1]
-                if task != "sst2" and defense not in ("guided", "none"):
+                seeds = args.seeds if is_guided(defense) else args.seeds[:1]
+                if task != "sst2" and not (is_guided(defense) or defense == "none"):
                     continue  # comparison cells: SST-2 only (none: is the task's cell moot?)
-                if MODELS[name].preset is None and defense != "guided":
+                if MODELS[name].preset is None and not is_guided(defense):
                     continue  # undefended, it is the clean study; `strong` = `guided` there
                 if defense == "none":
                     model_dir = attacked
@@ -405,7 +416,9 @@ def parse_args(argv):
     p.add_argument("--models", default=",".join(n for n, m in MODELS.items()
                                                 if m.role in ("validation", "reference")))
     p.add_argument("--defenses", default="guided,strong,bert,none",
-                   help="none: the attacked model as it is (does the attack survive fine-tuning?)")
+                   help="none: the attacked model as it is (does the attack survive "
+                        "fine-tuning?); also the variants of `guided` under trial: "
+                        + ", ".join(VARIANTS))
     p.add_argument("--tasks", default="sst2,agnews")
     p.add_argument("--all-tasks", action="store_true",
                    help="judge every model on every --tasks (default: AG News on por, badpre)")
@@ -424,7 +437,7 @@ def parse_args(argv):
                    help="write the table from the finished runs and stop (runs nothing)")
     args = p.parse_args(argv)
     args.models = _names(args.models, MODELS, "--models")
-    args.defenses = _names(args.defenses, DEFENSES, "--defenses")
+    args.defenses = _names(args.defenses, (*DEFENSES, *VARIANTS), "--defenses")
     args.tasks = _names(args.tasks, TASKS, "--tasks")
     args.stages = _names(args.stages, STAGES, "--stages")
     try:

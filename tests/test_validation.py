@@ -28,6 +28,23 @@ def _seed(study, seed, acc, aasr):
     _finished(study / f"seed{seed}", **{"results.json": {"clean_acc": acc, "aasr": aasr}})
 
 
+def test_a_variant_of_guided_is_the_preset_with_its_overrides_judged_like_guided(tmp_path):
+    v = _validation()
+    args = v.parse_args(["--workdir", str(tmp_path), "--models", "por,minilm", "--defenses",
+                         "guided_hw,strong", "--plan"])
+    _, cells = v.plan(args)
+    seeds = {(c["task"], c["study"].name): c["seeds"] for c in cells}
+    assert seeds[("sst2", "guided_hw-por")] == seeds[("agnews", "guided_hw-por")] == [42, 43, 44]
+    assert seeds[("sst2", "guided_hw-minilm")] == [42, 43, 44]  # the reference row too
+    assert ("sst2", "strong-minilm") not in seeds
+    config = v.purify_config("guided_hw", tmp_path / "m", tmp_path / "defender.tsv")
+    base = v.purify_config("guided", tmp_path / "m", tmp_path / "defender.tsv")
+    assert config.guide.enabled and config.guide.rows == base.guide.rows == 8
+    assert (config.recipe.head_warmup_steps, base.recipe.head_warmup_steps) == (200, 0)
+    with pytest.raises(SystemExit, match="guided_hw"):  # the error lists what may be asked
+        v.parse_args(["--workdir", str(tmp_path), "--defenses", "guided_typo"])
+
+
 def test_plan_covers_the_must_show_and_resumes_from_finished_stages(tmp_path):
     v = _validation()
     args = ["--workdir", str(tmp_path), "--models", "por,neuba", "--plan"]
