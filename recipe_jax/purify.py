@@ -67,6 +67,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if r.head_warmup_steps < 0 or not r.head_warmup_lr >= 0:
         bad_value("recipe.head_warmup_steps/lr", (r.head_warmup_steps, r.head_warmup_lr),
                   "use >= 0 (0 steps: no warm-up; lr 0: train.learning_rate)")
+    if r.head_warmup_steps and not r.mlm:
+        bad_value("recipe.head_warmup_steps", r.head_warmup_steps,
+                  "a head warm-up serves the MLM term; with recipe.mlm=False set it to 0")
     if "guide" in config:
         validate_guide(config)
 

@@ -337,3 +337,7 @@ def test_head_warmup_rejects_negative_values(tmp_path):
         config.recipe[key] = -1
         with pytest.raises(ValueError, match="recipe.head_warmup"):
             purify.validate(config)
+    config = _config("model", tmp_path / "aux.txt").unlock()
+    config.recipe.head_warmup_steps, config.recipe.mlm = 10, False
+    with pytest.raises(ValueError, match="recipe.mlm=False"):
+        purify.validate(config)
