@@ -244,7 +244,7 @@ def head_warmup(config, workdir, train, host_params, masking, cfg) -> dict:
     c.train.num_epochs, c.train.num_steps = 0, config.recipe.head_warmup_steps
     c.train.learning_rate = config.recipe.head_warmup_lr or config.train.learning_rate
     c.train.depth_lr_scales, c.train.lr_scales = (), ()
-    c.recipe.weight, c.recipe.mlm = 0.0, True
+    c.recipe.weight = 0.0  # the MLM term alone (validate: a warm-up needs recipe.mlm)
     if "guide" in c:
         c.guide.enabled = False
     if jax.process_index() == 0:
