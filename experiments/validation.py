@@ -167,6 +167,7 @@ class Stage:
     done: bool = False
     clean: bool = False  # the clean MiniLM's fine-tunes (--stages clean)
     needs: tuple[str, ...] = ()  # keys of the stages that must finish first
+    stale: tuple[str, ...] = ()  # how its finished run's settings differ from the current ones
 
     @property
     def key(self) -> str:
@@ -177,8 +178,23 @@ def _finished(study: pathlib.Path, seeds: list[int]) -> list[int]:
     return [s for s in seeds if (study / f"seed{s}" / "results.json").is_file()]
 
 
+def stale_settings(run_dir: pathlib.Path, config) -> tuple[str, ...]:
+    """How the run recorded in `run_dir` differs from `config` ("key: X there, Y now"): a
+    finished run an edited preset has made stale must not be reported under the new settings.
+    A guided run records what it trained with, which depends on whether its first scan found
+    candidates (purify.effective_config): either form agrees. `guide.scan_report` (a scan of
+    the same loaded model, reused) is no setting."""
+    from recipe_jax import checkpoint, purify
+
+    forms = [config] + ([purify.effective_config(config, True)] if "guide" in config else [])
+    diffs = [[(k, old, now) for k, old, now in checkpoint.record_differences(run_dir, c)
+              if k != "guide.scan_report"] for c in forms]
+    return tuple(f"{k}: {old!r} there, {now!r} now" for k, old, now in min(diffs, key=len))
+
+
 def plan(args) -> tuple[list[Stage], list[dict]]:
-    """(stages in run order, cells to judge). A cell: task, model, defense, study, clean, seeds."""
+    """(stages in run order, cells to judge). A cell: task, model, defense, study, clean, seeds,
+    stale (how the settings that made its model differ from the current ones)."""
     w = args.workdir
     defender = w / "defender.tsv"
     stages: dict[str, Stage] = {}
@@ -189,9 +205,11 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
 
     for name in args.models:
         attacked, made_by = loaded(w, name), {}  # defense -> the stage that makes its model
+        stale = {}  # defense -> how the settings that made its model changed
         if MODELS[name].preset is not None:
+            stale["none"] = stale_settings(attacked.parent, attack_config(name, args.bookcorpus))
             add(Stage("attack", name, attacked, lambda n=name: _attack(args, n),
-                      done=(attacked / "config.json").is_file()))
+                      done=(attacked / "config.json").is_file(), stale=stale["none"]))
             made_by["none"] = f"attack:{name}"
         built = (made_by["none"],) if made_by else ()  # what a purify needs: the attack
         for task in args.tasks:
@@ -207,10 +225,12 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
                     model_dir = attacked
                 else:
                     model_dir = w / "purify" / f"{defense}-{name}" / "hf"
+                    stale[defense] = stale.get("none", ()) + stale_settings(
+                        model_dir.parent, purify_config(defense, attacked, defender))
                     add(Stage("purify", f"{defense}-{name}", model_dir,
                               lambda d=defense, n=name: _purify(args, d, n, defender),
                               done=(model_dir / "config.json").is_file(),
-                              needs=built))
+                              needs=built, stale=stale[defense]))
                     made_by[defense] = f"purify:{defense}-{name}"
                 family = MODELS[name].words
                 study = w / "eval" / task / f"{defense}-{name}"
@@ -218,12 +238,12 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
                 clean_seeds.setdefault((task, family, clean), set()).update(seeds)
                 cells.append({"task": task, "model": name, "defense": defense, "study": study,
                               "clean": clean, "seeds": seeds, "model_dir": model_dir,
-                              "family": family,
+                              "family": family, "stale": stale.get(defense, ()),
                               "needs": (made_by[defense],) if defense in made_by else ()})
     for (task, family, clean), seeds in clean_seeds.items():
         cells.append({"task": task, "model": "clean", "defense": "-", "study": clean,
                       "clean": None, "seeds": sorted(seeds), "model_dir": "minilm",
-                      "family": family, "needs": ()})
+                      "family": family, "needs": (), "stale": ()})
     ordered = [s for s in stages.values() if s.kind == "attack"]
     ordered += [s for s in stages.values() if s.kind == "purify"]
     return ordered + _finetune_stages(args, cells), cells
@@ -249,7 +269,7 @@ def _finetune_stages(args, cells: list[dict]) -> list[Stage]:
         stage = Stage("finetune", f"{cell['task']}/{cell['study'].name}", cell["study"],
                       lambda c=cell: _finetune(args, c), todo=len(left) - len(scored),
                       done=not left, clean=cell["model"] == "clean", scored=len(scored),
-                      needs=needs)
+                      needs=needs, stale=cell["stale"])
         if stage.clean:
             last_clean[cell["task"]] = stage.key
         (cleans if cell["model"] == "clean" else finetunes).append(stage)
@@ -334,7 +354,8 @@ def judge(cells: list[dict], workdir: pathlib.Path, max_gap: float = 3.0,
             continue
         results = seeds_py.finished_seeds(cell["study"])
         row = {k: cell[k] for k in ("task", "model", "defense")}
-        row.update(role=MODELS[cell["model"]].role, seeds=sorted(results), wanted=cell["seeds"])
+        row.update(role=MODELS[cell["model"]].role, seeds=sorted(results), wanted=cell["seeds"],
+                   stale=list(cell["stale"]))
         summary = cell["model_dir"].parent / "summary.json"
         if cell["defense"] != "none" and summary.is_file():
             scan = json.loads(summary.read_text()).get("scan") or {}
@@ -373,6 +394,8 @@ def format_table(table: dict) -> str:
             if "passes" in r:
                 verdict = ("pass" if r["passes"] else "FAIL") + ("" if r["complete"] else
                                                                  " (partial)")
+                if r.get("stale"):  # the numbers are kept; the verdict is not a current one
+                    verdict = f"stale ({r['stale'][0]}; was {verdict})"
                 if r.get("moot"):
                     verdict += ", moot: undefended passes"
                 nums = (f"{100 * r['worst_acc']:.2f} | {100 * r['worst_aasr']:.2f} | "
@@ -463,6 +486,8 @@ def describe(stages: list[Stage]) -> str:
         cost = (MINUTES["finetune"] * s.todo + MINUTES["score"] * s.scored
                 if s.kind == "finetune" else MINUTES.get(s.name.split("-")[0], MINUTES["attack"]))
         state = "done" if s.done else f"todo (~{cost} min on 2 CPU cores)"
+        if s.stale:
+            state = f"STALE, made with other settings ({'; '.join(s.stale[:3])})"
         minutes += 0 if s.done else cost
         what = ""
         if s.kind == "finetune" and not s.done:
@@ -560,6 +585,21 @@ def _run_parallel(args, argv: list[str], stages: list[Stage], cells: list[dict])
                          f"{logs}):\n  " + "\n  ".join(failures))
 
 
+def refuse_stale(args, stages: list[Stage]) -> None:
+    """A run whose preset changed since it finished is neither reused nor overwritten: say which,
+    and how to rerun it (its dir moved aside: nothing is deleted)."""
+    stale = [s for s in stages if s.stale and s.kind != "finetune"
+             and category(s) in args.stages]
+    if stale:
+        raise SystemExit(
+            "validation: error: these runs were made with other settings than the current "
+            "presets, so their results would be reported under settings they did not use:\n  "
+            + "\n  ".join(f"{s.kind} {s.name}: {'; '.join(s.stale)}" for s in stale)
+            + f"\nTo rerun them, move their dirs aside (e.g. mv {stale[0].path.parent} "
+            f"{stale[0].path.parent}.old, and likewise the fine-tunes under "
+            f"{args.workdir / 'eval'} made from them), or leave them out of --models/--defenses")
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     stages, cells = plan(args)
@@ -570,6 +610,7 @@ def main(argv=None) -> str:
         text = write_table(cells, args.workdir)
         print(text, flush=True)
         return text
+    refuse_stale(args, stages)
     if not args.bookcorpus.is_file() and not all(s.done for s in stages if s.kind == "attack"):
         raise FileNotFoundError(f"--bookcorpus {args.bookcorpus}: no such file; the attacks "
                                 "train on its first sentences (../shared/data/bookcorpus)")

@@ -45,6 +45,9 @@ RESUMABLE_CHANGES = ("checkpoint.", "train.log_every", "export.", "distributed."
 # Options that left the product (docs/results.md), at the value that meant "off": a run recorded
 # with them resumes.
 RETIRED_OFF = {"recipe.groups": "matrix", "recipe.distill": 0.0, "recipe.proximal": False}
+# Options added later whose default is what runs recorded before them did: such a run resumes
+# (any other new option must default to its off value: empty, 0, False).
+ADDED_AS_BEFORE = {"guide.target": "loaded"}
 
 
 class CheckpointError(ValueError):
@@ -103,31 +106,20 @@ def check_run_record(workdir: pathlib.Path, config, fingerprint: dict | None = N
     data's digest) in DIR/config.json; on a rerun, refuses anything that would mix two runs,
     naming what differs."""
     path = workdir / "config.json"
-    # As JSON holds it (tuples become lists), so that a rerun compares like with like.
-    record = json.loads(json.dumps(fingerprint) if fingerprint is not None
-                        else config.to_json_best_effort())
-    if data_sha256 is not None:
-        record["data_sha256"] = data_sha256
+    record = _record(config, fingerprint, data_sha256)
     if path.exists():
-        old, now = _flatten(json.loads(path.read_text())), _flatten(record)
-        free = () if fingerprint is not None else RESUMABLE_CHANGES
-        if "data_sha256" in now and "data_sha256" not in old:
-            log.warning("%s was recorded before data digests: the data is not checked", path)
-            old["data_sha256"] = now["data_sha256"]
-        if "data_sha256" not in now:  # a caller that checks the settings only (reproduce.py)
-            old.pop("data_sha256", None)
-        diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)
-                and not k.startswith(free) and not _new_key_off(k, old, now)
-                and not (k not in now and k in RETIRED_OFF and old[k] == RETIRED_OFF[k])]
-        if "data_sha256" in diff:
+        diff = _differences(path, record, free=() if fingerprint is not None
+                            else RESUMABLE_CHANGES)
+        if any(k == "data_sha256" for k, _, _ in diff):
             raise ValueError(f"{workdir} holds a run on other data: the text at "
                              f"{_flatten(record).get('data.aux_path', 'the data path')} changed "
                              "since the run began (its digest differs). Restore that data to "
                              "resume, or use a new --workdir")
         if diff:
-            raise ValueError(f"{workdir} holds a run with another {', '.join(diff[:5])} ("
-                             + ", ".join(f"{k}: {old.get(k)!r} there, {now.get(k)!r} now"
-                                         for k in diff[:5])
+            raise ValueError(f"{workdir} holds a run with another "
+                             f"{', '.join(k for k, _, _ in diff[:5])} ("
+                             + ", ".join(f"{k}: {old!r} there, {now!r} now"
+                                         for k, old, now in diff[:5])
                              + "); use a new --workdir, or the old values to resume")
     elif jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -140,10 +132,45 @@ def check_run_record(workdir: pathlib.Path, config, fingerprint: dict | None = N
                                 "share (NFS, or a gcsfuse mount of a gs:// bucket)")
 
 
+def record_differences(workdir: pathlib.Path, config) -> list[tuple[str, Any, Any]]:
+    """(key, value there, value now) for each setting in which the run recorded in
+    DIR/config.json differs from `config`, by the rule a resumed run must meet (settings only:
+    the data's digest is not checked); [] when they agree or DIR holds no record. Tells a study
+    that reuses finished runs which of them an edited preset has made stale."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        return []
+    return _differences(path, _record(config, None, None), free=RESUMABLE_CHANGES)
+
+
+def _record(config, fingerprint: dict | None, data_sha256: str | None) -> dict:
+    # As JSON holds it (tuples become lists), so that a rerun compares like with like.
+    record = json.loads(json.dumps(fingerprint) if fingerprint is not None
+                        else config.to_json_best_effort())
+    if data_sha256 is not None:
+        record["data_sha256"] = data_sha256
+    return record
+
+
+def _differences(path: pathlib.Path, record: dict, free: tuple[str, ...]) -> list:
+    old, now = _flatten(json.loads(path.read_text())), _flatten(record)
+    if "data_sha256" in now and "data_sha256" not in old:
+        log.warning("%s was recorded before data digests: the data is not checked", path)
+        old["data_sha256"] = now["data_sha256"]
+    if "data_sha256" not in now:  # a caller that checks the settings only (reproduce.py)
+        old.pop("data_sha256", None)
+    return [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now))
+            if old.get(k) != now.get(k) and not k.startswith(free)
+            and not _new_key_off(k, old, now)
+            and not (k not in now and k in RETIRED_OFF and old[k] == RETIRED_OFF[k])]
+
+
 def _new_key_off(key: str, old: dict, now: dict) -> bool:
     """A key that a newer recipe_jax added, at its off value (empty, 0, False; records are JSON,
-    so an empty tuple is []), is no change: runs recorded before it existed still resume."""
-    return key not in old and now[key] in ([], "", 0, False, None)
+    so an empty tuple is []) or at the value that was the behaviour before it (ADDED_AS_BEFORE),
+    is no change: runs recorded before it existed still resume."""
+    return key not in old and (now[key] in ([], "", 0, False, None)
+                               or ADDED_AS_BEFORE.get(key, object()) == now[key])
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -197,10 +197,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model_dir, texts, model, host_params = trainer.load(config)
     guided = "guide" in config and config.guide.enabled
     found = first_scan(config, model, host_params, model_dir, workdir, mesh) if guided else None
-    if found is not None and len(found["triggers"]):  # a trigger lives beyond the FFN too
-        config = config.copy_and_resolve_references()
-        config.recipe.trainable, config.train.lr_scales = (config.guide.trainable,
-                                                           config.guide.lr_scales)
+    config = effective_config(config, found is not None and len(found["triggers"]) > 0)
     if config.recipe.drop_pooler:
         model, host_params = drop_pooler(model, host_params)
     cfg = model.cfg
@@ -232,6 +229,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary["scan"] = scan_result(model, params, model_dir, workdir, mesh, config.scan)
     return export.write_hf(workdir, "purify", model, params, verify=config.export.verify,
                              summary=summary)
+
+
+def effective_config(config: ml_collections.ConfigDict, candidates: bool):
+    """The settings a run trains with (what DIR/config.json records): when the guided first scan
+    finds candidate triggers, `guide.trainable` and `guide.lr_scales` replace `recipe.trainable`
+    and `train.lr_scales` (a trigger lives beyond the FFN too: its embedding row)."""
+    if not candidates:
+        return config
+    config = config.copy_and_resolve_references()
+    config.recipe.trainable, config.train.lr_scales = (config.guide.trainable,
+                                                       config.guide.lr_scales)
+    return config
 
 
 def head_warmup(config, workdir, train, host_params, masking, cfg) -> dict:

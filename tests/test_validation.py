@@ -193,6 +193,63 @@ def test_table_judges_the_worst_seed_against_the_clean_model(tmp_path):
     assert "| guided | 42,43,44 (clean: 43,44) |" in text and "pass (partial)" in text
 
 
+def _record(run_dir, config, drop=()):
+    """DIR/config.json as a finished run wrote it; `drop`: keys it was recorded before."""
+    from recipe_jax import checkpoint
+
+    checkpoint.check_run_record(run_dir, config)
+    record = json.loads((run_dir / "config.json").read_text())
+    for key in drop:
+        section, name = key.split(".")
+        del record[section][name]
+    (run_dir / "config.json").write_text(json.dumps(record))
+
+
+def test_a_run_an_edited_preset_made_stale_is_named_not_reused_or_judged(tmp_path):
+    from recipe_jax import purify
+
+    v = _validation()
+    args = ["--workdir", str(tmp_path), "--models", "por", "--tasks", "sst2",
+            "--defenses", "guided,guided_hw,strong"]
+    attacked, defender = tmp_path / "attack" / "por", tmp_path / "defender.tsv"
+    _record(attacked, v.attack_config("por", v.BOOKCORPUS))
+    _finished(attacked / "hf", **{"config.json": {}})
+    runs = {d: tmp_path / "purify" / f"{d}-por" for d in ("guided", "guided_hw", "strong")}
+    # guided's first scan found candidates: it recorded the settings it trained with; and from
+    # before guide.target existed (its default is what such runs did): both agree
+    config = purify.effective_config(v.purify_config("guided", attacked / "hf", defender), True)
+    assert list(config.recipe.trainable) == list(config.guide.trainable)
+    _record(runs["guided"], config, drop=("guide.target",))
+    # the warm-up variant recorded before recipe.head_warmup_steps existed: it ran without one
+    _record(runs["guided_hw"], v.purify_config("guided", attacked / "hf", defender),
+            drop=("recipe.head_warmup_steps", "recipe.head_warmup_lr"))
+    edited = v.purify_config("strong", attacked / "hf", defender)
+    edited.recipe.weight = 0.5  # the preset has 1.0 now
+    _record(runs["strong"], edited)
+    for d, run in runs.items():
+        _finished(run / "hf", **{"config.json": {}})
+        _finished(run, **{"summary.json": {"scan": {"verdict": "clean", "flagged": []}}})
+        _seed(tmp_path / "eval" / "sst2" / f"{d}-por", 42, 0.875, 0.150)
+    _seed(tmp_path / "eval" / "sst2" / "clean-letters", 42, 0.877, 0.140)
+    stages, _ = v.plan(v.parse_args([*args, "--seeds", "42"]))
+    stale = {s.key: s.stale for s in stages if s.stale}
+    assert set(stale) == {"purify:guided_hw-por", "purify:strong-por",
+                          "finetune:sst2/guided_hw-por", "finetune:sst2/strong-por"}
+    assert stale["purify:strong-por"] == ("recipe.weight: 0.5 there, 1.0 now",)
+    assert "recipe.head_warmup_steps: None there, 200 now" in stale["purify:guided_hw-por"]
+    assert "STALE, made with other settings (recipe.weight: 0.5 there" in v.describe(stages)
+    with pytest.raises(SystemExit, match=r"strong-por: recipe.weight: 0.5 there, 1.0 now"
+                                         r"(.|\n)*move their dirs aside"):
+        v.main([*args, "--seeds", "42"])  # nothing runs, nothing is overwritten
+    assert json.loads((runs["strong"] / "config.json").read_text())["recipe"]["weight"] == 0.5
+    text = v.main([*args, "--seeds", "42", "--table"])
+    assert "| guided | 42 | clean (0 flagged) | 87.50 | 15.00 | +1.00 | -0.20 | pass |" in text
+    assert "| strong | 42 | clean (0 flagged) | 87.50 | 15.00 | +1.00 | -0.20 | stale " \
+           "(recipe.weight: 0.5 there, 1.0 now; was pass) |" in text
+    # without the stale runs, a run goes on (here: everything is done, it writes the table)
+    assert "| guided | 42 | clean" in v.main([*args[:6], "--defenses", "guided", "--seeds", "42"])
+
+
 def test_bad_arguments_and_missing_data_are_named(tmp_path):
     v = _validation()
     with pytest.raises(SystemExit, match=r"--models='por,nope': choose from por, por_cls"):
