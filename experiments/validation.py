@@ -26,6 +26,11 @@ its checkpoint):
     WORKDIR/eval/<task>/<defense>-<model>/  a seed study of experiments/seeds.py
     WORKDIR/eval/<task>/clean-<words>/      the clean MiniLM's study for the same words
 
+A finished attack or purify is reused only while the settings it recorded (DIR/config.json)
+are the ones its preset gives now: one an edited preset has made stale is marked STALE in
+--plan, its verdict in the table reads "stale (what changed; was ...)", and a run that would
+need it stops before starting anything, naming the dirs to move aside (nothing is deleted).
+
 The clean MiniLM's fine-tune does not depend on the words scored, so each task and seed is
 fine-tuned once: the other families' clean studies copy that run's final checkpoint and only
 score their own words (experiments/seeds.py --reuse).
