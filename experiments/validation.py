@@ -70,13 +70,14 @@ WORD_CONTROLS = ("meadow", "orchid", "quartz", "juniper", "falcon")
 PAIR_CONTROLS = ("qb", "xv", "hq", "wb", "jd")  # half a pair should do nothing
 TASKS = {"sst2": "configs/evaluate.py:sst2", "agnews": "configs/evaluate.py:agnews"}
 DEFENSES = ("guided", "strong", "bert", "none")  # none: the attacked model as it is
-# Variants of `guided` under trial (not run by default: --defenses NAME): the preset with
-# these overrides, judged like `guided` (every seed, every task). docs/results.md says which
-# runs chose each setting.
-VARIANTS = {"guided_hw": {"recipe.head_warmup_steps": 200, "recipe.head_warmup_lr": 1e-3}}
+# Variants of `guided` (not run by default: --defenses NAME): the preset with these overrides,
+# judged like `guided` (every seed, every task). docs/results.md says which runs chose each
+# setting. guided_nohw: the preset before the head warm-up joined it (2026-12-03), which made
+# the `guided` runs of docs/results.md before then.
+VARIANTS = {"guided_nohw": {"guide.head_warmup_steps": 0, "guide.head_warmup_lr": 0.0}}
 STAGES = ("attack", "purify", "clean", "finetune")  # clean: the clean MiniLM's fine-tunes
 # CPU minutes of each stage on 2 idle cores at this budget (docs/results.md), for --plan.
-MINUTES = {"attack": 12, "guided": 16, "guided_hw": 17, "strong": 9, "bert": 9, "finetune": 20,
+MINUTES = {"attack": 12, "guided": 17, "guided_nohw": 16, "strong": 9, "bert": 9, "finetune": 20,
            "score": 3}
 
 
@@ -187,13 +188,27 @@ def stale_settings(run_dir: pathlib.Path, config) -> tuple[str, ...]:
     """How the run recorded in `run_dir` differs from `config` ("key: X there, Y now"): a
     finished run an edited preset has made stale must not be reported under the new settings.
     A guided run records what it trained with, which depends on whether its first scan found
-    candidates (purify.effective_config): either form agrees. `guide.scan_report` (a scan of
-    the same loaded model, reused) is no setting."""
+    candidates (purify.effective_config; its summary.json says, and while it has none either
+    form agrees; with candidates, the guide.* keys that replace other settings are compared
+    there), and with none found the guide.* settings did nothing but switch the first scan on.
+    `guide.scan_report` (a scan of the same loaded model, reused) is no setting."""
     from recipe_jax import checkpoint, purify
 
-    forms = [config] + ([purify.effective_config(config, True)] if "guide" in config else [])
+    forms = [(config, ("guide.scan_report",))]  # (settings, keys that did nothing there)
+    if "guide" in config and config.guide.enabled:
+        summary = run_dir / "summary.json"
+        guided = json.loads(summary.read_text()).get("guide") if summary.is_file() else None
+        # with candidates, what the guide.* replacements did shows in the settings they replaced
+        found = (purify.effective_config(config, True),
+                 ("guide.scan_report", *purify.APPLIED_WITH_CANDIDATES))
+        if guided is None:
+            forms.append(found)
+        elif guided.get("candidates"):
+            forms = [found]
+        else:
+            forms = [(config, tuple(f"guide.{k}" for k in config.guide if k != "enabled"))]
     diffs = [[(k, old, now) for k, old, now in checkpoint.record_differences(run_dir, c)
-              if k != "guide.scan_report"] for c in forms]
+              if k not in inert] for c, inert in forms]
     return tuple(f"{k}: {old!r} there, {now!r} now" for k, old, now in min(diffs, key=len))
 
 
@@ -445,7 +460,7 @@ def parse_args(argv):
                                                 if m.role in ("validation", "reference")))
     p.add_argument("--defenses", default="guided,strong,bert,none",
                    help="none: the attacked model as it is (does the attack survive "
-                        "fine-tuning?); also the variants of `guided` under trial: "
+                        "fine-tuning?); also the variants of `guided`: "
                         + ", ".join(VARIANTS))
     p.add_argument("--tasks", default="sst2,agnews")
     p.add_argument("--all-tasks", action="store_true",

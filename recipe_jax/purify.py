@@ -88,6 +88,14 @@ def validate_guide(config: ml_collections.ConfigDict) -> None:
     if g.round_steps < 0:
         bad_value("guide.round_steps", g.round_steps, "use >= 0 (0 = half the first round)")
     config_blocks.check_patterns(g.trainable, "guide.trainable")
+    if g.head_warmup_steps < 0:
+        bad_value("guide.head_warmup_steps", g.head_warmup_steps,
+                  "use >= 0 (0: recipe.head_warmup_steps applies)")
+    if not g.head_warmup_lr >= 0:
+        bad_value("guide.head_warmup_lr", g.head_warmup_lr, "use >= 0 (0: train.learning_rate)")
+    if g.head_warmup_steps and not config.recipe.mlm:
+        bad_value("guide.head_warmup_steps", g.head_warmup_steps,
+                  "a head warm-up serves the MLM term; with recipe.mlm=False set it to 0")
     if g.target not in guide.TARGETS:
         bad_value("guide.target", g.target, f"choose one of {', '.join(guide.TARGETS)}")
     config_blocks.parse_lr_scales(g.lr_scales)
@@ -231,15 +239,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              summary=summary)
 
 
+# guide.* keys whose values effective_config moves into the settings they replace
+APPLIED_WITH_CANDIDATES = ("guide.trainable", "guide.lr_scales", "guide.head_warmup_steps",
+                           "guide.head_warmup_lr")
+
+
 def effective_config(config: ml_collections.ConfigDict, candidates: bool):
     """The settings a run trains with (what DIR/config.json records): when the guided first scan
     finds candidate triggers, `guide.trainable` and `guide.lr_scales` replace `recipe.trainable`
-    and `train.lr_scales` (a trigger lives beyond the FFN too: its embedding row)."""
+    and `train.lr_scales` (a trigger lives beyond the FFN too: its embedding row), and a
+    `guide.head_warmup_steps` > 0 replaces `recipe.head_warmup_steps` (and its lr): the MLM head
+    learns before the encoder unlearns through it (docs/guided.md). With none, it is `config`."""
     if not candidates:
         return config
     config = config.copy_and_resolve_references()
     config.recipe.trainable, config.train.lr_scales = (config.guide.trainable,
                                                        config.guide.lr_scales)
+    if config.guide.head_warmup_steps:
+        config.recipe.head_warmup_steps = config.guide.head_warmup_steps
+        config.recipe.head_warmup_lr = config.guide.head_warmup_lr
     return config
 
 

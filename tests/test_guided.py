@@ -69,7 +69,8 @@ def test_candidates_come_from_what_the_report_flags(tiny_bert):
     ("guide.max_candidates", 0, "positive"),
     ("guide.rounds", 0, "positive"), ("guide.round_steps", -1, ">= 0"),
     ("guide.trainable", ("(",), "regex"), ("data.masking", "static", "dynamic"),
-    ("guide.target", "moving", "choose one of loaded, current")])
+    ("guide.target", "moving", "choose one of loaded, current"),
+    ("guide.head_warmup_steps", -1, ">= 0"), ("guide.head_warmup_lr", -1e-3, ">= 0")])
 def test_bad_guide_values_are_named(key, value, fix):
     config = preset("purify", "guided", data__aux_path="aux.txt", train__batch_size=8)
     section, name = key.split(".")
@@ -137,6 +138,7 @@ def test_guided_on_a_clean_model_finds_nothing_and_equals_strong(tmp_path, tiny_
     assert all(np.array_equal(guided[k], strong[k]) for k in strong)
     rows = [json.loads(r) for r in (tmp_path / "guided" / "metrics.jsonl").read_text().splitlines()]
     assert "guide_loss" not in rows[0]
+    assert not (tmp_path / "guided" / "head_warmup").exists()  # only with candidates
     assert g_summary["scan"]["verdict"] == s_summary["scan"]["verdict"] == "clean"
 
 
@@ -153,6 +155,12 @@ def test_guided_unlearns_a_planted_trigger_that_strong_leaves(tmp_path):
         report = json.loads((tmp_path / name / "scan" / "report.json").read_text())
         results[name] = {c["token"]: c for c in report["candidates"]}, summary
     loaded = scan_report.read_report(tmp_path / "guided" / "scan_loaded" / "report.json")
+    # with candidates, the MLM head learned alone first (the preset's warm-up), then the run
+    record = json.loads((tmp_path / "guided" / "config.json").read_text())
+    assert record["recipe"]["head_warmup_steps"] == 200 and record["recipe"]["trainable"] == [
+        ".*"]
+    warm = (tmp_path / "guided" / "head_warmup" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(warm[-1])["step"] == 200
     unlearned = results["guided"][1]["guide"]["candidates"]
     # single tokens, and pairs the relaxed search finds (e.g. `cf+cf`: the attack inserted each
     # trigger three times), all made of the planted triggers

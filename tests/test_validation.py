@@ -31,17 +31,18 @@ def _seed(study, seed, acc, aasr):
 def test_a_variant_of_guided_is_the_preset_with_its_overrides_judged_like_guided(tmp_path):
     v = _validation()
     args = v.parse_args(["--workdir", str(tmp_path), "--models", "por,minilm", "--defenses",
-                         "guided_hw,strong", "--plan"])
+                         "guided_nohw,strong", "--plan"])
     _, cells = v.plan(args)
     seeds = {(c["task"], c["study"].name): c["seeds"] for c in cells}
-    assert seeds[("sst2", "guided_hw-por")] == seeds[("agnews", "guided_hw-por")] == [42, 43, 44]
-    assert seeds[("sst2", "guided_hw-minilm")] == [42, 43, 44]  # the reference row too
+    assert seeds[("sst2", "guided_nohw-por")] == seeds[("agnews", "guided_nohw-por")] == [
+        42, 43, 44]
+    assert seeds[("sst2", "guided_nohw-minilm")] == [42, 43, 44]  # the reference row too
     assert ("sst2", "strong-minilm") not in seeds
-    config = v.purify_config("guided_hw", tmp_path / "m", tmp_path / "defender.tsv")
+    config = v.purify_config("guided_nohw", tmp_path / "m", tmp_path / "defender.tsv")
     base = v.purify_config("guided", tmp_path / "m", tmp_path / "defender.tsv")
     assert config.guide.enabled and config.guide.rows == base.guide.rows == 8
-    assert (config.recipe.head_warmup_steps, base.recipe.head_warmup_steps) == (200, 0)
-    with pytest.raises(SystemExit, match="guided_hw"):  # the error lists what may be asked
+    assert (config.guide.head_warmup_steps, base.guide.head_warmup_steps) == (0, 200)
+    with pytest.raises(SystemExit, match="guided_nohw"):  # the error lists what may be asked
         v.parse_args(["--workdir", str(tmp_path), "--defenses", "guided_typo"])
 
 
@@ -210,19 +211,26 @@ def test_a_run_an_edited_preset_made_stale_is_named_not_reused_or_judged(tmp_pat
 
     v = _validation()
     args = ["--workdir", str(tmp_path), "--models", "por", "--tasks", "sst2",
-            "--defenses", "guided,guided_hw,strong"]
+            "--defenses", "guided,guided_nohw,strong"]
     attacked, defender = tmp_path / "attack" / "por", tmp_path / "defender.tsv"
     _record(attacked, v.attack_config("por", v.BOOKCORPUS))
     _finished(attacked / "hf", **{"config.json": {}})
-    runs = {d: tmp_path / "purify" / f"{d}-por" for d in ("guided", "guided_hw", "strong")}
-    # guided's first scan found candidates: it recorded the settings it trained with; and from
-    # before guide.target existed (its default is what such runs did): both agree
+    runs = {d: tmp_path / "purify" / f"{d}-por" for d in ("guided", "guided_nohw", "strong")}
+    # guided's first scan found candidates: it recorded the settings it trained with (the
+    # warm-up, all parameters trainable); and from before guide.target existed (its default is
+    # what such runs did): they agree
     config = purify.effective_config(v.purify_config("guided", attacked / "hf", defender), True)
     assert list(config.recipe.trainable) == list(config.guide.trainable)
+    assert (config.recipe.head_warmup_steps, config.recipe.head_warmup_lr) == (200, 1e-3)
     _record(runs["guided"], config, drop=("guide.target",))
-    # the warm-up variant recorded before recipe.head_warmup_steps existed: it ran without one
-    _record(runs["guided_hw"], v.purify_config("guided", attacked / "hf", defender),
-            drop=("recipe.head_warmup_steps", "recipe.head_warmup_lr"))
+    # `guided` before the warm-up joined it: recorded before guide.head_warmup_* existed
+    old = purify.effective_config(v.purify_config("guided_nohw", attacked / "hf", defender), True)
+    assert old.recipe.head_warmup_steps == 0
+    _record(runs["guided_nohw"], old, drop=("guide.head_warmup_steps", "guide.head_warmup_lr"))
+    _record(tmp_path / "old_guided", old, drop=("guide.head_warmup_steps", "guide.head_warmup_lr"))
+    _finished(tmp_path / "old_guided", **{"summary.json": {"guide": {"candidates": ["cf"]}}})
+    assert "recipe.head_warmup_steps: 0 there, 200 now" in v.stale_settings(
+        tmp_path / "old_guided", v.purify_config("guided", attacked / "hf", defender))
     edited = v.purify_config("strong", attacked / "hf", defender)
     edited.recipe.weight = 0.5  # the preset has 1.0 now
     _record(runs["strong"], edited)
@@ -233,10 +241,8 @@ def test_a_run_an_edited_preset_made_stale_is_named_not_reused_or_judged(tmp_pat
     _seed(tmp_path / "eval" / "sst2" / "clean-letters", 42, 0.877, 0.140)
     stages, _ = v.plan(v.parse_args([*args, "--seeds", "42"]))
     stale = {s.key: s.stale for s in stages if s.stale}
-    assert set(stale) == {"purify:guided_hw-por", "purify:strong-por",
-                          "finetune:sst2/guided_hw-por", "finetune:sst2/strong-por"}
+    assert set(stale) == {"purify:strong-por", "finetune:sst2/strong-por"}, stale
     assert stale["purify:strong-por"] == ("recipe.weight: 0.5 there, 1.0 now",)
-    assert "recipe.head_warmup_steps: None there, 200 now" in stale["purify:guided_hw-por"]
     assert "STALE, made with other settings (recipe.weight: 0.5 there" in v.describe(stages)
     with pytest.raises(SystemExit, match=r"strong-por: recipe.weight: 0.5 there, 1.0 now"
                                          r"(.|\n)*move their dirs aside"):
@@ -244,6 +250,8 @@ def test_a_run_an_edited_preset_made_stale_is_named_not_reused_or_judged(tmp_pat
     assert json.loads((runs["strong"] / "config.json").read_text())["recipe"]["weight"] == 0.5
     text = v.main([*args, "--seeds", "42", "--table"])
     assert "| guided | 42 | clean (0 flagged) | 87.50 | 15.00 | +1.00 | -0.20 | pass |" in text
+    assert "| guided_nohw | 42 | clean (0 flagged) | 87.50 | 15.00 | +1.00 | -0.20 | pass |" \
+           in text
     assert "| strong | 42 | clean (0 flagged) | 87.50 | 15.00 | +1.00 | -0.20 | stale " \
            "(recipe.weight: 0.5 there, 1.0 now; was pass) |" in text
     # without the stale runs, a run goes on (here: everything is done, it writes the table)
