@@ -298,7 +298,7 @@ def _timed_runs(v, stages, jobs, fail=()):
     def work(stage):
         with lock:
             times[stage.key] = [time.monotonic(), None]
-        time.sleep(0.05)
+        time.sleep(0.3)  # long enough that two stages overlap on a loaded machine
         with lock:
             times[stage.key][1] = time.monotonic()
         if stage.key in fail:
