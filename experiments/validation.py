@@ -185,31 +185,12 @@ def _finished(study: pathlib.Path, seeds: list[int]) -> list[int]:
 
 
 def stale_settings(run_dir: pathlib.Path, config) -> tuple[str, ...]:
-    """How the run recorded in `run_dir` differs from `config` ("key: X there, Y now"): a
-    finished run an edited preset has made stale must not be reported under the new settings.
-    A guided run records what it trained with, which depends on whether its first scan found
-    candidates (purify.effective_config; its summary.json says, and while it has none either
-    form agrees; with candidates, the guide.* keys that replace other settings are compared
-    there), and with none found the guide.* settings did nothing but switch the first scan on.
-    `guide.scan_report` (a scan of the same loaded model, reused) is no setting."""
-    from recipe_jax import checkpoint, purify
+    """How the run recorded in `run_dir` differs from `config`, as "key: X there, Y now"
+    (purify.run_differences: an attack's record is compared as it is)."""
+    from recipe_jax import purify
 
-    forms = [(config, ("guide.scan_report",))]  # (settings, keys that did nothing there)
-    if "guide" in config and config.guide.enabled:
-        summary = run_dir / "summary.json"
-        guided = json.loads(summary.read_text()).get("guide") if summary.is_file() else None
-        # with candidates, what the guide.* replacements did shows in the settings they replaced
-        found = (purify.effective_config(config, True),
-                 ("guide.scan_report", *purify.APPLIED_WITH_CANDIDATES))
-        if guided is None:
-            forms.append(found)
-        elif guided.get("candidates"):
-            forms = [found]
-        else:
-            forms = [(config, tuple(f"guide.{k}" for k in config.guide if k != "enabled"))]
-    diffs = [[(k, old, now) for k, old, now in checkpoint.record_differences(run_dir, c)
-              if k not in inert] for c, inert in forms]
-    return tuple(f"{k}: {old!r} there, {now!r} now" for k, old, now in min(diffs, key=len))
+    return tuple(f"{k}: {old!r} there, {now!r} now"
+                 for k, old, now in purify.run_differences(run_dir, config))
 
 
 def plan(args) -> tuple[list[Stage], list[dict]]:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from recipe_jax import (
+    checkpoint,
     cli,
     config_blocks,
     data,
@@ -239,26 +242,52 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              summary=summary)
 
 
-# guide.* keys whose values effective_config moves into the settings they replace
-APPLIED_WITH_CANDIDATES = ("guide.trainable", "guide.lr_scales", "guide.head_warmup_steps",
-                           "guide.head_warmup_lr")
+# What the guide.* settings replace when the guided first scan finds candidate triggers (a
+# trigger lives beyond the FFN too: its embedding row); the warm-up pair only when its steps > 0:
+# the MLM head learns before the encoder unlearns through it (docs/guided.md).
+REPLACES = {"guide.trainable": "recipe.trainable", "guide.lr_scales": "train.lr_scales"}
+REPLACES_WARMUP = {"guide.head_warmup_steps": "recipe.head_warmup_steps",
+                   "guide.head_warmup_lr": "recipe.head_warmup_lr"}
 
 
 def effective_config(config: ml_collections.ConfigDict, candidates: bool):
-    """The settings a run trains with (what DIR/config.json records): when the guided first scan
-    finds candidate triggers, `guide.trainable` and `guide.lr_scales` replace `recipe.trainable`
-    and `train.lr_scales` (a trigger lives beyond the FFN too: its embedding row), and a
-    `guide.head_warmup_steps` > 0 replaces `recipe.head_warmup_steps` (and its lr): the MLM head
-    learns before the encoder unlearns through it (docs/guided.md). With none, it is `config`."""
+    """The settings a run trains with (what DIR/config.json records): with candidates, each
+    guide.* key of REPLACES (and REPLACES_WARMUP when `guide.head_warmup_steps` > 0) sets the
+    setting it replaces. With none, it is `config`."""
     if not candidates:
         return config
     config = config.copy_and_resolve_references()
-    config.recipe.trainable, config.train.lr_scales = (config.guide.trainable,
-                                                       config.guide.lr_scales)
-    if config.guide.head_warmup_steps:
-        config.recipe.head_warmup_steps = config.guide.head_warmup_steps
-        config.recipe.head_warmup_lr = config.guide.head_warmup_lr
+    replaces = REPLACES | (REPLACES_WARMUP if config.guide.head_warmup_steps else {})
+    for key, replaced in replaces.items():
+        section, name = replaced.split(".")
+        config[section][name] = config.guide[key.split(".")[1]]
     return config
+
+
+def run_differences(run_dir: pathlib.Path, config) -> list[tuple[str, Any, Any]]:
+    """(key, value there, value now) for each setting in which the finished purify run in
+    `run_dir` differs from `config` (checkpoint.record_differences; [] without a record): a
+    study that reuses finished runs must not report a stale one under edited settings. A guided
+    run records what it trained with, which depends on whether its first scan found candidates
+    (its summary.json says; before it exists either form may match): with candidates, what the
+    guide.* replacements did shows in the settings they replaced; with none, guide.* did nothing
+    but switch the first scan on. `guide.scan_report` (a scan of the same model, reused) is no
+    setting."""
+    forms = [(config, ("guide.scan_report",))]  # (settings, keys that did nothing there)
+    if "guide" in config and config.guide.enabled:
+        summary = pathlib.Path(run_dir) / "summary.json"
+        guided = json.loads(summary.read_text()).get("guide") if summary.is_file() else None
+        found = (effective_config(config, True),
+                 ("guide.scan_report", *REPLACES, *REPLACES_WARMUP))
+        if guided is None:
+            forms.append(found)
+        elif guided.get("candidates"):
+            forms = [found]
+        else:
+            forms = [(config, tuple(f"guide.{k}" for k in config.guide if k != "enabled"))]
+    diffs = [[d for d in checkpoint.record_differences(run_dir, c) if d[0] not in inert]
+             for c, inert in forms]
+    return min(diffs, key=len)
 
 
 def head_warmup(config, workdir, train, host_params, masking, cfg) -> dict:
