@@ -42,29 +42,10 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     config_blocks.add_model(c)
-
-    c.data = ml_collections.ConfigDict()
-    c.data.aux_path = ""  # plain text: .txt / .tsv / .csv / .jsonl, or tfds:NAME[:SPLIT]
-    c.data.max_length = 64  # pad/truncate to this many tokens
-    c.data.max_examples = 0  # use only the first N sentences (0 = all)
-    c.data.masking = "static"  # "static": masks drawn once (the release); "dynamic": per step
-    c.data.mask_prob = 0.15  # share of non-special tokens masked (80/10/10 MASK/random/kept)
-    c.data.streaming = False  # read .txt/.tsv/.jsonl lazily (beyond memory); see streaming.py
-    c.data.packing = True  # several sentences per row, attention within each (packing.py)
-
+    _add_data(c)
     config_blocks.add_train(c, batch_size=32, num_epochs=8, learning_rate=2e-5, seed=50,
                             log_every=10)
-
-    c.recipe = ml_collections.ConfigDict()
-    c.recipe.weight = 1.0  # lambda, the regularizer's weight
-    c.recipe.regularize = (INTERMEDIATE,)  # aliases or HF-name regexes: penalized by ||W||_F
-    c.recipe.trainable = (INTERMEDIATE,)  # aliases or HF-name regexes: updated; rest frozen
-    c.recipe.mlm = True  # include the MLM loss term (False = "only regularization" ablation)
-    c.recipe.drop_pooler = False  # leave the pooler (+NSP head) out: no loss term reaches them
-    c.recipe.head_warmup_steps = 0  # first train the MLM head alone this many steps (a fresh or
-    # weak head: docs/guided.md); DIR/head_warmup/
-    c.recipe.head_warmup_lr = 0.0  # lr of the head warm-up (0 = train.learning_rate)
-
+    _add_recipe(c)
     _add_scan(c)
     _add_guide(c)
     config_blocks.add_runtime(c)
@@ -98,6 +79,31 @@ def get_config(arg: str = "bert") -> ml_collections.ConfigDict:
         c.checkpoint.every_steps = 3
         c.scan.enabled = False
     return c.lock()
+
+
+def _add_data(c: ml_collections.ConfigDict) -> None:
+    """data.*: the auxiliary sentences and how they are masked and batched."""
+    c.data = ml_collections.ConfigDict()
+    c.data.aux_path = ""  # plain text: .txt / .tsv / .csv / .jsonl, or tfds:NAME[:SPLIT]
+    c.data.max_length = 64  # pad/truncate to this many tokens
+    c.data.max_examples = 0  # use only the first N sentences (0 = all)
+    c.data.masking = "static"  # "static": masks drawn once (the release); "dynamic": per step
+    c.data.mask_prob = 0.15  # share of non-special tokens masked (80/10/10 MASK/random/kept)
+    c.data.streaming = False  # read .txt/.tsv/.jsonl lazily (beyond memory); see streaming.py
+    c.data.packing = True  # several sentences per row, attention within each (packing.py)
+
+
+def _add_recipe(c: ml_collections.ConfigDict) -> None:
+    """recipe.*: the RECIPE objective (MLM + lambda * sum ||W||_F) and what trains."""
+    c.recipe = ml_collections.ConfigDict()
+    c.recipe.weight = 1.0  # lambda, the regularizer's weight
+    c.recipe.regularize = (INTERMEDIATE,)  # aliases or HF-name regexes: penalized by ||W||_F
+    c.recipe.trainable = (INTERMEDIATE,)  # aliases or HF-name regexes: updated; rest frozen
+    c.recipe.mlm = True  # include the MLM loss term (False = "only regularization" ablation)
+    c.recipe.drop_pooler = False  # leave the pooler (+NSP head) out: no loss term reaches them
+    c.recipe.head_warmup_steps = 0  # first train the MLM head alone this many steps (a fresh or
+    # weak head: docs/guided.md); DIR/head_warmup/
+    c.recipe.head_warmup_lr = 0.0  # lr of the head warm-up (0 = train.learning_rate)
 
 
 def _add_scan(c: ml_collections.ConfigDict) -> None:
