@@ -186,11 +186,11 @@ def _finished(study: pathlib.Path, seeds: list[int]) -> list[int]:
 
 def stale_settings(run_dir: pathlib.Path, config) -> tuple[str, ...]:
     """How the run recorded in `run_dir` differs from `config`, as "key: X there, Y now"
-    (purify.run_differences: an attack's record is compared as it is)."""
-    from recipe_jax import purify
+    (guide.run_differences: an attack's record is compared as it is)."""
+    from recipe_jax import guide
 
     return tuple(f"{k}: {old!r} there, {now!r} now"
-                 for k, old, now in purify.run_differences(run_dir, config))
+                 for k, old, now in guide.run_differences(run_dir, config))
 
 
 def plan(args) -> tuple[list[Stage], list[dict]]:

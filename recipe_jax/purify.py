@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import pathlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +27,6 @@ import ml_collections
 import numpy as np
 
 from recipe_jax import (
-    checkpoint,
     cli,
     config_blocks,
     data,
@@ -74,38 +71,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         bad_value("recipe.head_warmup_steps", r.head_warmup_steps,
                   "a head warm-up serves the MLM term; with recipe.mlm=False set it to 0")
     if "guide" in config:
-        validate_guide(config)
-
-
-def validate_guide(config: ml_collections.ConfigDict) -> None:
-    g = config.guide
-    if not g.enabled:
-        return
-    if not 0 <= g.weight < float("inf"):
-        bad_value("guide.weight", g.weight, "use a finite number >= 0")
-    if g.rows < 1:
-        bad_value("guide.rows", g.rows, "use a positive count (at most train.batch_size are used)")
-    for key in ("max_candidates", "rounds"):
-        if g[key] < 1:
-            bad_value(f"guide.{key}", g[key], "use a positive count")
-    if g.round_steps < 0:
-        bad_value("guide.round_steps", g.round_steps, "use >= 0 (0 = half the first round)")
-    config_blocks.check_patterns(g.trainable, "guide.trainable")
-    if g.head_warmup_steps < 0:
-        bad_value("guide.head_warmup_steps", g.head_warmup_steps,
-                  "use >= 0 (0: recipe.head_warmup_steps applies)")
-    if not g.head_warmup_lr >= 0:
-        bad_value("guide.head_warmup_lr", g.head_warmup_lr, "use >= 0 (0: train.learning_rate)")
-    if g.head_warmup_steps and not config.recipe.mlm:
-        bad_value("guide.head_warmup_steps", g.head_warmup_steps,
-                  "a head warm-up serves the MLM term; with recipe.mlm=False set it to 0")
-    if g.target not in guide.TARGETS:
-        bad_value("guide.target", g.target, f"choose one of {', '.join(guide.TARGETS)}")
-    config_blocks.parse_lr_scales(g.lr_scales)
-    if config.data.masking != "dynamic":
-        bad_value("data.masking", config.data.masking,
-                  "guide.enabled reads the clean sentences, which only dynamic masking keeps; "
-                  "use --config.data.masking=dynamic")
+        guide.validate(config)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -208,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model_dir, texts, model, host_params = trainer.load(config)
     guided = "guide" in config and config.guide.enabled
     found = first_scan(config, model, host_params, model_dir, workdir, mesh) if guided else None
-    config = effective_config(config, found is not None and len(found["triggers"]) > 0)
+    config = guide.effective_config(config, found is not None and len(found["triggers"]) > 0)
     if config.recipe.drop_pooler:
         model, host_params = drop_pooler(model, host_params)
     cfg = model.cfg
@@ -240,54 +206,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary["scan"] = scan_result(model, params, model_dir, workdir, mesh, config.scan)
     return export.write_hf(workdir, "purify", model, params, verify=config.export.verify,
                              summary=summary)
-
-
-# What the guide.* settings replace when the guided first scan finds candidate triggers (a
-# trigger lives beyond the FFN too: its embedding row); the warm-up pair only when its steps > 0:
-# the MLM head learns before the encoder unlearns through it (docs/guided.md).
-REPLACES = {"guide.trainable": "recipe.trainable", "guide.lr_scales": "train.lr_scales"}
-REPLACES_WARMUP = {"guide.head_warmup_steps": "recipe.head_warmup_steps",
-                   "guide.head_warmup_lr": "recipe.head_warmup_lr"}
-
-
-def effective_config(config: ml_collections.ConfigDict, candidates: bool):
-    """The settings a run trains with (what DIR/config.json records): with candidates, each
-    guide.* key of REPLACES (and REPLACES_WARMUP when `guide.head_warmup_steps` > 0) sets the
-    setting it replaces. With none, it is `config`."""
-    if not candidates:
-        return config
-    config = config.copy_and_resolve_references()
-    replaces = REPLACES | (REPLACES_WARMUP if config.guide.head_warmup_steps else {})
-    for key, replaced in replaces.items():
-        section, name = replaced.split(".")
-        config[section][name] = config.guide[key.split(".")[1]]
-    return config
-
-
-def run_differences(run_dir: pathlib.Path, config) -> list[tuple[str, Any, Any]]:
-    """(key, value there, value now) for each setting in which the finished purify run in
-    `run_dir` differs from `config` (checkpoint.record_differences; [] without a record): a
-    study that reuses finished runs must not report a stale one under edited settings. A guided
-    run records what it trained with, which depends on whether its first scan found candidates
-    (its summary.json says; before it exists either form may match): with candidates, what the
-    guide.* replacements did shows in the settings they replaced; with none, guide.* did nothing
-    but switch the first scan on. `guide.scan_report` (a scan of the same model, reused) is no
-    setting."""
-    forms = [(config, ("guide.scan_report",))]  # (settings, keys that did nothing there)
-    if "guide" in config and config.guide.enabled:
-        summary = pathlib.Path(run_dir) / "summary.json"
-        guided = json.loads(summary.read_text()).get("guide") if summary.is_file() else None
-        found = (effective_config(config, True),
-                 ("guide.scan_report", *REPLACES, *REPLACES_WARMUP))
-        if guided is None:
-            forms.append(found)
-        elif guided.get("candidates"):
-            forms = [found]
-        else:
-            forms = [(config, tuple(f"guide.{k}" for k in config.guide if k != "enabled"))]
-    diffs = [[d for d in checkpoint.record_differences(run_dir, c) if d[0] not in inert]
-             for c, inert in forms]
-    return min(diffs, key=len)
 
 
 def head_warmup(config, workdir, train, host_params, masking, cfg) -> dict:

@@ -84,28 +84,28 @@ def test_a_finished_guided_run_is_compared_by_what_it_trained_with(tmp_path):
     from recipe_jax import checkpoint
 
     config = preset("purify", "guided", data__aux_path="aux.txt")
-    found = purify.effective_config(config, True)  # the first scan flagged something
+    found = guide.effective_config(config, True)  # the first scan flagged something
     assert list(found.recipe.trainable) == list(config.guide.trainable)
     assert list(found.train.lr_scales) == list(config.guide.lr_scales)
     assert found.recipe.head_warmup_steps == config.guide.head_warmup_steps > 0
-    assert purify.effective_config(config, False) is config
+    assert guide.effective_config(config, False) is config
     runs = {"found": (tmp_path / "found", found, ["cf"]),
             "none": (tmp_path / "none", config, [])}
     for run_dir, recorded, candidates in runs.values():
         checkpoint.check_run_record(run_dir, recorded)
-        assert purify.run_differences(run_dir, config) == []  # before its summary: either form
+        assert guide.run_differences(run_dir, config) == []  # before its summary: either form
         (run_dir / "summary.json").write_text(json.dumps({"guide": {"candidates": candidates}}))
-        assert purify.run_differences(run_dir, config) == []
+        assert guide.run_differences(run_dir, config) == []
     edited = config.copy_and_resolve_references()
     edited.guide.head_warmup_steps, edited.guide.weight = 0, 2 * config.guide.weight
     # with candidates the warm-up ran, and the edit shows in what it replaced; guide.weight too
-    assert purify.run_differences(runs["found"][0], edited) == [
+    assert guide.run_differences(runs["found"][0], edited) == [
         ("guide.weight", config.guide.weight, edited.guide.weight),
         ("recipe.head_warmup_lr", 1e-3, 0.0), ("recipe.head_warmup_steps", 200, 0)]
     # with none, guide.* did nothing but switch the first scan on
-    assert purify.run_differences(runs["none"][0], edited) == []
+    assert guide.run_differences(runs["none"][0], edited) == []
     edited.recipe.weight = 0.5
-    assert purify.run_differences(runs["none"][0], edited) == [
+    assert guide.run_differences(runs["none"][0], edited) == [
         ("recipe.weight", config.recipe.weight, 0.5)]
 
 

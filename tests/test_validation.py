@@ -207,7 +207,7 @@ def _record(run_dir, config, drop=()):
 
 
 def test_a_run_an_edited_preset_made_stale_is_named_not_reused_or_judged(tmp_path):
-    from recipe_jax import purify
+    from recipe_jax import guide
 
     v = _validation()
     args = ["--workdir", str(tmp_path), "--models", "por", "--tasks", "sst2",
@@ -219,12 +219,12 @@ def test_a_run_an_edited_preset_made_stale_is_named_not_reused_or_judged(tmp_pat
     # guided's first scan found candidates: it recorded the settings it trained with (the
     # warm-up, all parameters trainable); and from before guide.target existed (its default is
     # what such runs did): they agree
-    config = purify.effective_config(v.purify_config("guided", attacked / "hf", defender), True)
+    config = guide.effective_config(v.purify_config("guided", attacked / "hf", defender), True)
     assert list(config.recipe.trainable) == list(config.guide.trainable)
     assert (config.recipe.head_warmup_steps, config.recipe.head_warmup_lr) == (200, 1e-3)
     _record(runs["guided"], config, drop=("guide.target",))
     # `guided` before the warm-up joined it: recorded before guide.head_warmup_* existed
-    old = purify.effective_config(v.purify_config("guided_nohw", attacked / "hf", defender), True)
+    old = guide.effective_config(v.purify_config("guided_nohw", attacked / "hf", defender), True)
     assert old.recipe.head_warmup_steps == 0
     _record(runs["guided_nohw"], old, drop=("guide.head_warmup_steps", "guide.head_warmup_lr"))
     _record(tmp_path / "old_guided", old, drop=("guide.head_warmup_steps", "guide.head_warmup_lr"))
