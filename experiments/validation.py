@@ -53,7 +53,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import fcntl
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -63,103 +62,27 @@ import time
 import traceback
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-BOOKCORPUS = REPO.parent / "shared" / "data" / "bookcorpus" / "train.tsv"
-ATTACKER_SENTENCES = 3000  # the attacker's: the first sentences of BookCorpus
-DEFENDER_SENTENCES = 2000  # the defender's: the last ones (disjoint)
-WORD_CONTROLS = ("meadow", "orchid", "quartz", "juniper", "falcon")
-PAIR_CONTROLS = ("qb", "xv", "hq", "wb", "jd")  # half a pair should do nothing
-TASKS = {"sst2": "configs/evaluate.py:sst2", "agnews": "configs/evaluate.py:agnews"}
-DEFENSES = ("guided", "strong", "bert", "none")  # none: the attacked model as it is
-# Variants of `guided` (not run by default: --defenses NAME): the preset with these overrides,
-# judged like `guided` (every seed, every task). docs/results.md says which runs chose each
-# setting. guided_nohw: the preset before the head warm-up joined it (2026-12-03), which made
-# the `guided` runs of docs/results.md before then.
-VARIANTS = {"guided_nohw": {"guide.head_warmup_steps": 0, "guide.head_warmup_lr": 0.0}}
-STAGES = ("attack", "purify", "clean", "finetune")  # clean: the clean MiniLM's fine-tunes
-# CPU minutes of each stage on 2 idle cores at this budget (docs/results.md), for --plan.
-MINUTES = {"attack": 12, "guided": 17, "guided_nohw": 16, "strong": 9, "bert": 9, "finetune": 20,
-           "score": 3}
+if str(REPO) not in sys.path:  # run as a script: its sibling modules are experiments.*
+    sys.path.insert(0, str(REPO))
 
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    preset: str | None  # configs/attack.py preset; None: not attacked (the clean MiniLM)
-    words: str  # trigger/control family the evaluation inserts: letters | words | pairs | symbols
-    role: str = "validation"  # "tuning": `guided`'s settings were chosen on it; "reference":
-    # the clean MiniLM, purified: what the defense costs on a model with nothing to remove
-    learning_rate: float | None = 1e-4  # attack lr (None: the preset's)
-    agnews: bool = False  # also judged on AG News by default
-
-
-MODELS = {
-    "por": Model("por", "letters", agnews=True),
-    "por_cls": Model("por_cls", "letters", role="tuning"),
-    "neuba": Model("neuba", "symbols", learning_rate=None),  # 5e-5: docs/results.md
-    "badpre": Model("badpre", "letters", agnews=True),
-    "por_words": Model("por_words", "words"),
-    "por_pair": Model("por_pair", "pairs"),
-    "por_adaptive": Model("por_adaptive", "letters"),
-    # `guided` on the clean MiniLM: does its scan raise a false alarm, and what ACC does the
-    # defense itself cost (the attacks' cells are held to the same clean model)?
-    "minilm": Model(None, "letters", role="reference"),
-}
-
-
-def loaded(workdir: pathlib.Path, name: str):
-    """The model a defense loads: the attacked MiniLM's export, or `minilm` itself."""
-    return "minilm" if MODELS[name].preset is None else workdir / "attack" / name / "hf"
-
-
-def words_of(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(triggers, control words) of a family, from the attack and evaluate configs."""
-    from recipe_jax import cli
-
-    attack, evaluate = (cli.load_module(REPO / "configs" / f) for f in ("attack.py",
-                                                                       "evaluate.py"))
-    return {"letters": (attack.POR_TRIGGERS, evaluate.CONTROLS),
-            "words": (attack.WORD_TRIGGERS, WORD_CONTROLS),
-            "pairs": (attack.PAIR_TRIGGERS, PAIR_CONTROLS),
-            "symbols": (attack.NEUBA_TRIGGERS, evaluate.SYMBOL_CONTROLS)}[family]
-
-
-def eval_overrides(family: str) -> list[str]:
-    triggers, controls = words_of(family)
-    return [f"data.triggers={tuple(triggers)!r}", f"data.controls={tuple(controls)!r}"]
-
-
-def configured(file_preset: str, overrides: dict):
-    """configs/FILE:PRESET with {"section.key": value} set (a key the config lacks is an error)."""
-    from recipe_jax import cli
-
-    file, _, preset = file_preset.partition(":")
-    return cli.set_keys(cli.load_config(REPO / file, preset), overrides, file_preset)
-
-
-def attack_config(name: str, bookcorpus: pathlib.Path):
-    m = MODELS[name]
-    over = {"model.init_from": "minilm", "data.aux_path": str(bookcorpus),
-            "data.max_examples": ATTACKER_SENTENCES, "data.max_length": 40,
-            "train.num_epochs": 0, "train.num_steps": 250, "train.log_every": 50,
-            "export.verify": False}
-    if m.learning_rate is not None:
-        over["train.learning_rate"] = m.learning_rate
-    return configured(f"configs/attack.py:{m.preset}", over)
-
-
-def purify_config(defense: str, model_dir: pathlib.Path, defender: pathlib.Path):
-    """The defender's budget: 250 steps of 32 at length 40 on the defender's sentences."""
-    over = {"model.init_from": str(model_dir), "data.aux_path": str(defender),
-            "data.max_length": 40, "train.num_epochs": 0, "train.num_steps": 250,
-            "train.log_every": 25, "export.verify": False}
-    if is_guided(defense):
-        over["guide.rows"] = 8  # the value of the tuning run (docs/results.md)
-    over.update(VARIANTS.get(defense, {}))
-    return configured(f"configs/purify.py:{'guided' if is_guided(defense) else defense}", over)
-
-
-def is_guided(defense: str) -> bool:
-    """`guided` or one of its VARIANTS."""
-    return defense == "guided" or defense in VARIANTS
+from experiments.validation_models import (  # noqa: E402
+    ATTACKER_SENTENCES,
+    BOOKCORPUS,
+    DEFENDER_SENTENCES,
+    DEFENSES,
+    MINUTES,
+    MODELS,
+    STAGES,
+    TASKS,
+    VARIANTS,
+    attack_config,
+    eval_overrides,
+    is_guided,
+    loaded,
+    purify_config,
+    seeds_module,
+)
+from experiments.validation_table import write_table  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -326,13 +249,6 @@ def _times(workdir: pathlib.Path, new: dict) -> dict:
     return times
 
 
-def _seeds_module():
-    spec = importlib.util.spec_from_file_location("seeds", REPO / "experiments" / "seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _finetune(args, cell: dict) -> None:
     argv = ["--workdir", str(cell["study"]), "--model", str(cell["model_dir"]),
             "--config", str(REPO / TASKS[cell["task"]]),
@@ -342,87 +258,7 @@ def _finetune(args, cell: dict) -> None:
     if cell["model"] == "clean":
         for other in _clean_studies(cell):
             argv += ["--reuse", str(other)]
-    _seeds_module().main(argv)
-
-
-def judge(cells: list[dict], workdir: pathlib.Path, max_gap: float = 3.0,
-          max_drop: float = 1.0) -> dict:
-    """Each cell's worst seed against the clean study's same seeds; the scan verdicts."""
-    seeds_py = _seeds_module()
-    rows = []
-    for cell in cells:
-        if cell["model"] == "clean":
-            continue
-        results = seeds_py.finished_seeds(cell["study"])
-        row = {k: cell[k] for k in ("task", "model", "defense")}
-        row.update(role=MODELS[cell["model"]].role, seeds=sorted(results), wanted=cell["seeds"],
-                   stale=list(cell["stale"]))
-        summary = cell["model_dir"].parent / "summary.json"
-        if cell["defense"] != "none" and summary.is_file():
-            scan = json.loads(summary.read_text()).get("scan") or {}
-            row["scan_after"] = (f"{scan.get('verdict', '?')} ({len(scan.get('flagged', []))} "
-                                 "flagged)") if scan else "not scanned"
-        clean = seeds_py.finished_seeds(cell["clean"]) if cell["clean"].is_dir() else {}
-        versus = seeds_py.compare(results, clean, max_gap, max_drop)
-        common = list(versus["seeds"])
-        if common:
-            row.update(worst_acc=min(results[s]["clean_acc"] for s in common),
-                       worst_aasr=max(results[s]["aasr"] for s in common),
-                       worst_aasr_gap=versus["worst_aasr_gap"],
-                       worst_acc_drop=versus["worst_acc_drop"], passes=versus["passes"],
-                       complete=set(cell["seeds"]) <= set(common), compared=common)
-        rows.append(row)
-    undefended = {(r["task"], r["model"]) for r in rows if r["defense"] == "none"
-                  and r.get("passes")}
-    for r in rows:  # an attack the fine-tune alone removes: no defense is judged on it
-        r["moot"] = (r["task"], r["model"]) in undefended
-    times = json.loads((workdir / "times.json").read_text()) if (
-        workdir / "times.json").is_file() else {}
-    return {"rows": rows, "max_aasr_gap": max_gap, "max_acc_drop": max_drop, "times": times}
-
-
-def format_table(table: dict) -> str:
-    lines = ["# Validation table (experiments/validation.py)", "",
-             f"A cell passes when its worst seed's AASR is within {table['max_aasr_gap']:g} "
-             f"points of the clean MiniLM's at the same seed and words, and its ACC within "
-             f"{table['max_acc_drop']:g} point. Verdicts on fewer seeds than asked are marked "
-             "(partial); where the attacked model itself (defense `none`) passes, the attack "
-             "does not survive fine-tuning and its cells are marked moot.", ""]
-    for task in dict.fromkeys(r["task"] for r in table["rows"]):
-        lines += [f"## {task}", "", "| model | role | defense | seeds | scan after | worst ACC |"
-                  " worst AASR | AASR − clean | ACC − clean | verdict |", "|" + "---|" * 10]
-        for r in (r for r in table["rows"] if r["task"] == task):
-            if "passes" in r:
-                verdict = ("pass" if r["passes"] else "FAIL") + ("" if r["complete"] else
-                                                                 " (partial)")
-                if r.get("stale"):  # the numbers are kept; the verdict is not a current one
-                    verdict = f"stale ({r['stale'][0]}; was {verdict})"
-                if r.get("moot"):
-                    verdict += ", moot: undefended passes"
-                nums = (f"{100 * r['worst_acc']:.2f} | {100 * r['worst_aasr']:.2f} | "
-                        f"{r['worst_aasr_gap']:+.2f} | {-r['worst_acc_drop']:+.2f}")
-            else:
-                verdict, nums = "not run", "– | – | – | –"
-            seeds = ",".join(map(str, r["seeds"])) or "–"
-            if r.get("compared", r["seeds"]) != r["seeds"]:
-                seeds += f" (clean: {','.join(map(str, r['compared']))})"
-            lines.append(f"| {r['model']} | {r['role']} | {r['defense']} | {seeds} | "
-                         f"{r.get('scan_after', '–')} | {nums} | {verdict} |")
-        lines.append("")
-    if table["times"]:
-        lines += ["Purify wall times (s, scans included): " + ", ".join(
-            f"{k.split('/', 1)[1]} {v:g}" for k, v in table["times"].items()), ""]
-    return "\n".join(lines)
-
-
-def write_table(cells: list[dict], workdir: pathlib.Path) -> str:
-    from recipe_jax import outputs
-
-    table = judge(cells, workdir)
-    text = format_table(table)
-    outputs.write_atomic(workdir / "validation.md", text)
-    outputs.write_atomic(workdir / "validation.json", json.dumps(table, indent=2, default=str))
-    return text
+    seeds_module().main(argv)
 
 
 def _names(value: str, allowed, flag: str) -> list[str]:
@@ -540,7 +376,6 @@ def run_stages(stages: list[Stage], selected, jobs: int, submit, finished) -> li
 
 def _run_in_child(argv: list[str], key: str, log: str) -> None:
     """One stage of a --jobs run, in a fresh process; its output goes to `log`."""
-    sys.path.insert(0, str(REPO))
     with open(log, "a", buffering=1) as out:
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
@@ -634,5 +469,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main(sys.argv[1:])

@@ -1,6 +1,7 @@
 """experiments/validation.py: the validation table's plan, resume and verdicts, on fabricated
 run dirs (no training: each stage it would run is a run dir of the tested commands)."""
 
+import importlib
 import importlib.util
 import json
 import sys
@@ -16,6 +17,16 @@ def _validation():
     sys.modules["validation"] = module  # its dataclasses resolve their annotations there
     spec.loader.exec_module(module)
     return module
+
+
+def _table():
+    _validation()  # puts the repo on sys.path: the script's sibling modules are experiments.*
+    return importlib.import_module("experiments.validation_table")
+
+
+def _models():
+    _validation()
+    return importlib.import_module("experiments.validation_models")
 
 
 def _finished(path, **files):
@@ -117,7 +128,7 @@ def test_the_clean_minilm_is_purified_as_a_reference_with_nothing_to_attack(tmp_
     assert seen["run_dir"] == str(tmp_path / "purify" / "guided-minilm")
     _seed(tmp_path / "eval" / "sst2" / "clean-letters", 42, 0.877, 0.140)
     _seed(tmp_path / "eval" / "sst2" / "guided-minilm", 42, 0.872, 0.141)
-    text = v.format_table(v.judge(cells, tmp_path))
+    text = _table().format_table(_table().judge(cells, tmp_path))
     assert "| minilm | reference | guided | 42 | – | 87.20 | 14.10 | +0.10 | -0.50 | " \
            "pass (partial) |" in text
 
@@ -138,7 +149,7 @@ def test_clean_model_is_fine_tuned_once_per_task_and_seed_for_every_family(tmp_p
     assert "0 fine-tune(s) left, 3 seed(s) only scored" in v.describe(list(clean.values()))
 
     calls = []
-    monkeypatch.setattr(v, "_seeds_module", lambda: type("S", (), {"main": calls.append}))
+    monkeypatch.setattr(v, "seeds_module", lambda: type("S", (), {"main": calls.append}))
     cell = next(c for c in v.plan(args)[1] if c["study"].name == "clean-letters")
     v._finetune(args, cell)
     assert calls[0][calls[0].index("--reuse") + 1] == str(symbols)  # the only other study
@@ -177,10 +188,12 @@ def test_table_judges_the_worst_seed_against_the_clean_model(tmp_path):
 
     _seed(guided, 43, 0.870, 0.170)  # ACC -0.4 at seed 43: within both bars now
     (guided / "seed44" / "results.json").unlink()
-    g = {r["defense"]: r for r in v.judge(v.plan(v.parse_args(args))[1], tmp_path)["rows"]}[
+    g = {r["defense"]: r for r in _table().judge(v.plan(v.parse_args(args))[1], tmp_path)["rows"]}[
         "guided"]
     assert g["passes"] and not g["complete"] and g["seeds"] == [42, 43]
-    assert "pass (partial)" in v.format_table(v.judge(v.plan(v.parse_args(args))[1], tmp_path))
+    table = _table()
+    assert "pass (partial)" in table.format_table(table.judge(v.plan(v.parse_args(args))[1],
+                                                              tmp_path))
     moot_args = [*args[:6], "--defenses", "guided,none", "--table"]
     _seed(tmp_path / "eval" / "sst2" / "none-por", 42, 0.874, 0.150)  # the attack did not last
     text = v.main(moot_args)
@@ -190,7 +203,7 @@ def test_table_judges_the_worst_seed_against_the_clean_model(tmp_path):
     assert "moot" not in v.main(moot_args).split("marked moot.")[1]
     _seed(guided, 44, 0.870, 0.160)
     (clean / "seed42" / "results.json").unlink()  # judged on the seeds both studies hold
-    text = v.format_table(v.judge(v.plan(v.parse_args(args))[1], tmp_path))
+    text = _table().format_table(_table().judge(v.plan(v.parse_args(args))[1], tmp_path))
     assert "| guided | 42,43,44 (clean: 43,44) |" in text and "pass (partial)" in text
 
 
@@ -271,8 +284,9 @@ def test_bad_arguments_and_missing_data_are_named(tmp_path):
     assert kinds == {"attack", "purify", "clean", "finetune"}
     assert [st.name for st in stages if v.category(st) == "clean"] == ["sst2/clean-symbols"]
     with pytest.raises(KeyError, match=r"train.lr: not a key of configs/attack.py:por"):
-        v.configured("configs/attack.py:por", {"train.lr": 1e-4})
-    assert v.configured("configs/attack.py:por", {"train.num_steps": 7}).train.num_steps == 7
+        _models().configured("configs/attack.py:por", {"train.lr": 1e-4})
+    config = _models().configured("configs/attack.py:por", {"train.num_steps": 7})
+    assert config.train.num_steps == 7
     with pytest.raises(FileNotFoundError, match=r"--bookcorpus .*nope.tsv: no such file"):
         v.main(["--workdir", str(tmp_path), "--models", "por", "--bookcorpus",
                 str(tmp_path / "nope.tsv")])
