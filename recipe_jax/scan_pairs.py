@@ -25,6 +25,7 @@ the scan's pair probes, against random token pairs, and flagged by the scan's ru
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 
@@ -111,14 +112,15 @@ def relaxed_search(scanner, probes, vocab: np.ndarray, s) -> tuple[np.ndarray, d
     clean = scanner.clean_outputs(probes)
     vocab_ids = put(vocab.astype(np.int32))
     words_vh = jnp.take(params["embeddings"]["word_embeddings"]["embedding"], vocab_ids, axis=0)
-    loss = jax.tree_util.Partial(_objective, model=grown, ids_bw=put(ids.reshape(r * n, -1)),
-                                 mask_bw=put(tile(probes.mask)), keep_bw=put(tile(keep)),
-                                 clean_nrh=clean)
+    arrays = {"ids_bw": put(ids.reshape(r * n, -1)), "mask_bw": put(tile(probes.mask)),
+              "keep_bw": put(tile(keep)), "clean_nrh": clean}
+    loss = functools.partial(_objective, model=grown)
     opt = optax.adam(LEARNING_RATE)
 
-    @jax.jit
-    def step(z, state, tau):
-        (_, score_r), grad = jax.value_and_grad(loss, has_aux=True)(z, tau, params, words_vh)
+    @jax.jit  # the weights and probes are arguments: closed over, XLA would fold them as constants
+    def step(z, state, tau, params, words_vh, arrays):
+        (_, score_r), grad = jax.value_and_grad(loss, has_aux=True)(z, tau, params, words_vh,
+                                                                     **arrays)
         updates, state = opt.update(grad, state, z)
         return optax.apply_updates(z, updates), state, score_r
 
@@ -129,7 +131,7 @@ def relaxed_search(scanner, probes, vocab: np.ndarray, s) -> tuple[np.ndarray, d
     t0, scores = time.time(), []
     for i in range(s.search_steps):
         tau = TAU[0] * (TAU[1] / TAU[0]) ** (i / max(s.search_steps - 1, 1))
-        z, state, score_r = step(z, state, jnp.float32(tau))
+        z, state, score_r = step(z, state, jnp.float32(tau), params, words_vh, arrays)
         if i in marks:
             top = np.argsort(-np.asarray(z), axis=-1)[..., :s.search_top]  # [R, 2, k]
             for rr in range(r):
