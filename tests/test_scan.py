@@ -2,6 +2,7 @@
 batch-invariant scores, report files, probe layout, errors."""
 
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -246,3 +247,28 @@ def test_purify_config_scan_block_defaults_are_the_scan_defaults():
         keys = set(block) - {"enabled"}
         assert keys <= {f.name for f in dataclasses.fields(scan.Settings)}, keys
         assert scan.Settings.of(block) == scan.Settings(), preset
+
+
+def test_pair_scores_compares_given_pairs_across_models(planted, tmp_path, capsys):
+    """experiments/pair_scores.py: a planted trigger's pair scores far above an ordinary pair
+    under the attacked model, and not under the clean one; bad pairs are named."""
+    spec = importlib.util.spec_from_file_location("pair_scores",
+                                                  REPO / "experiments" / "pair_scores.py")
+    pair_scores = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pair_scores)
+    clean, attacked = planted
+    results = pair_scores.main(["--workdir", str(tmp_path / "out"), "--model", f"clean={clean}",
+                                "--model", f"attacked={attacked}",
+                                "--pairs", "cf the;the cat"])
+    trigger, ordinary = results["attacked"]["rows"]
+    assert trigger["pair"] == "cf the" and trigger["z"] > 3 and ordinary["z"] < 3, results
+    assert trigger["score"] > results["clean"]["rows"][0]["score"] + 1.0, results
+    assert results["clean"]["rows"][0]["z"] < 3, results
+    table = (tmp_path / "out" / "pair_scores.md").read_text()
+    assert "| `cf the` |" in table and "reference median" in table
+    with pytest.raises(ValueError, match="not word pieces of its vocabulary: zzqqxx cat"):
+        pair_scores.main(["--workdir", str(tmp_path / "bad"), "--model", f"clean={clean}",
+                          "--pairs", "zzqqxx cat"])
+    with pytest.raises(SystemExit):
+        pair_scores.parse_args(["--workdir", "w", "--model", "x=y", "--pairs", "one"])
+    assert "give ';'-separated pairs" in capsys.readouterr().err

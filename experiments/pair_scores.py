@@ -1,0 +1,121 @@
+"""Given token pairs scored by the scan's pair rule under several models, side by side.
+
+    python experiments/pair_scores.py --workdir runs/pair_scores \
+        --model clean=minilm --model por=runs/validation/attack/por/hf \
+        --model guided=runs/validation/purify/guided-por/hf \
+        --pairs "f theory;ac compliance;cf painter;the theory"
+
+A scan flags pairs its relaxed search proposes (recipe_jax/scan_pairs.py); this asks how the same
+pairs score under other models: the clean one, the attacked one, each defense's result. Each pair
+(two word pieces of the model's vocabulary, space-separated) is inserted into the scan's confirm
+probes and rated against the scan's reference pairs of that model (seeded random pairs of its
+reference tokens): the raw score (log D − log C, max over outputs), and its robust z. The
+reference's median and MAD are given too: z is relative to them, so a model whose ordinary pairs
+move its outputs less gives the same raw score a larger z. Writes WORKDIR/pair_scores.md and
+.json; runs in a few minutes per model on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def score_pairs(model_dir, pairs: list[tuple[str, str]], s) -> dict:
+    """{"rows": [{"pair", "score", "z", "D"}], "reference": {"median", "mad"}} under one model."""
+    from recipe_jax import data, hf, scan, sharding
+    from recipe_jax.scan_probes import make_probes, probe_texts, vocabulary
+
+    d = hf.resolve_model_dir(str(model_dir))
+    model, params = hf.load_pretrained(d)
+    tokenizer = data.load_tokenizer(d)
+    ids = [tokenizer.convert_tokens_to_ids(list(p)) for p in pairs]
+    unknown = [" ".join(p) for p, i in zip(pairs, ids, strict=True)
+               if tokenizer.unk_token_id in i and tokenizer.unk_token not in p]
+    if unknown:
+        raise ValueError(f"{model_dir}: not word pieces of its vocabulary: {', '.join(unknown)}; "
+                         "give pairs as the tokenizer splits them (e.g. 'cf painter')")
+    scanner = scan.Scanner(model, params, sharding.make_mesh((-1, 1, 1)), s.batch_size,
+                           progress=False)
+    vocab = vocabulary(tokenizer, model.cfg.vocab_size)
+    # the scan's own reference tokens and pairs (scan.scan_model, scan_pairs.search_pairs)
+    rng = np.random.default_rng(s.seed + 2)
+    reference = vocab[rng.choice(len(vocab), min(s.reference_tokens, len(vocab)), replace=False)]
+    rng = np.random.default_rng(s.seed + 3)
+    ref_pairs = np.stack([rng.permutation(reference)[:2]
+                          for _ in range(max(8, s.reference_tokens // 2))]).astype(np.int32)
+    probes = make_probes(tokenizer, probe_texts(None, s.seed), count=s.sentences,
+                         max_tokens=s.max_tokens, inserted=2, seed=s.seed + 1,
+                         skip=s.screen_sentences)
+    stats = scanner.stats(np.concatenate([np.asarray(ids, np.int32), ref_pairs]), probes)
+    rated = scan.rate(stats[:len(ids)], stats[len(ids):])
+    ref_score = scan.score_of(stats[len(ids):]).max(-1)
+    median = float(np.median(ref_score))
+    return {"rows": [{"pair": " ".join(p), **scan.rated_row(rated, k)}
+                     for k, p in enumerate(pairs)],
+            "reference": {"median": median, "mad": float(np.median(np.abs(ref_score - median)))}}
+
+
+def format_table(results: dict[str, dict]) -> str:
+    names = list(results)
+    lines = ["Pair score (z against the model's reference pairs); scan.rate, confirm probes.", "",
+             "| pair | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for k, row in enumerate(next(iter(results.values()))["rows"]):
+        cells = [f"{results[n]['rows'][k]['score']:.2f} ({results[n]['rows'][k]['z']:.1f})"
+                 for n in names]
+        lines.append(f"| `{row['pair']}` | " + " | ".join(cells) + " |")
+    lines.append("| reference median (MAD) | " + " | ".join(
+        f"{results[n]['reference']['median']:.2f} ({results[n]['reference']['mad']:.2f})"
+        for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, type=pathlib.Path)
+    p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
+                   help="a model to score the pairs under (DIR: an HF dir, or minilm)")
+    p.add_argument("--pairs", required=True,
+                   help="';'-separated pairs of word pieces, e.g. 'f theory;cf painter'")
+    args = p.parse_args(argv)
+    models = [m.partition("=") for m in args.model]
+    bad = [m for m, (name, eq, path) in zip(args.model, models, strict=True)
+           if not (name and eq and path)]
+    pairs = [tuple(x.split()) for x in args.pairs.split(";") if x.strip()]
+    if bad:
+        p.error(f"--model {bad[0]!r}: use NAME=DIR")
+    if not pairs or any(len(x) != 2 for x in pairs):
+        p.error(f"--pairs {args.pairs!r}: give ';'-separated pairs of two word pieces")
+    args.models, args.pairs = {name: path for name, _, path in models}, pairs
+    return args
+
+
+def main(argv=None) -> dict:
+    from recipe_jax import outputs, scan
+
+    args = parse_args(argv)
+    workdir = outputs.claim_dir(args.workdir, "pair_scores")
+    results = {}
+    for name, path in args.models.items():
+        results[name] = score_pairs(path, args.pairs, scan.Settings())
+        print(f"pair_scores: {name} scored", flush=True)
+    table = format_table(results)
+    outputs.write_atomic(workdir / "pair_scores.json", json.dumps(results, indent=2))
+    outputs.write_atomic(workdir / "pair_scores.md", table)
+    print(table, flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    try:
+        main()
+    except ValueError as e:
+        print(f"pair_scores: error: {e}", file=sys.stderr)
+        sys.exit(1)
