@@ -272,16 +272,10 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
             scanner, tokenizer, texts, vocab, vocab[ref_idx], reference, s)
     names_flagged = _flagged_names(flagged + halves, flagged_pairs
                                    + [p for p in searched if p["flagged"]])
-    seconds = time.time() - t0
     arrays = {"screen_ids": vocab, "screen_stats": screen_stats, "confirm_ids": vocab[both],
               "confirm_stats": stats, "reference_ids": vocab[ref_idx]}
-    cost = {"seconds": round(seconds, 1), "vocabulary": int(len(vocab)),
-            "sequences_per_s": round((len(vocab) * s.screen_sentences + len(both)
-                                      * s.sentences) / seconds, 1),
-            "vocab_tokens_per_s": round(len(vocab) / seconds, 1),
-            "positions": int(scanner.tokens_run),
-            "flops": float(scanner.tokens_run * scanner.flops_per_token),
-            "mesh": dict(mesh.shape)}
+    cost = _cost(scanner, time.time() - t0, len(vocab) * s.screen_sentences
+                 + len(both) * s.sentences, len(vocab))
     return {
         "_arrays": arrays,
         "verdict": "backdoor" if names_flagged else "clean",
@@ -298,6 +292,16 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
         "cost": cost,
         "probes": {"screen": list(screen.texts), "confirm": list(confirm.texts)},
     }
+
+
+def _cost(scanner: Scanner, seconds: float, sequences: int, vocabulary: int) -> dict:
+    """The report's `cost`: wall time, throughput, positions and forward FLOPs, the mesh."""
+    return {"seconds": round(seconds, 1), "vocabulary": int(vocabulary),
+            "sequences_per_s": round(sequences / seconds, 1),
+            "vocab_tokens_per_s": round(vocabulary / seconds, 1),
+            "positions": int(scanner.tokens_run),
+            "flops": float(scanner.tokens_run * scanner.flops_per_token),
+            "mesh": dict(scanner.mesh.shape)}
 
 
 def _spread(reference: np.ndarray) -> dict:
