@@ -20,6 +20,10 @@ at most `guide.rounds` rounds in all (docs/guided.md).
 
     triggers = guide.candidates(report, tokenizer, max_candidates=64)   # [K, 2] ids, -1 padded
     ids, mask, src, keep = guide.insert(ids_bl, mask_bl, triggers_b2, rng, word_start_v)
+
+The `guide.*` settings live here too: `validate`, and what a guided run trains with once its
+first scan has found candidates (`effective_config`, recorded in DIR/config.json), against which
+a finished run is compared (`run_differences`).
 """
 
 from __future__ import annotations
