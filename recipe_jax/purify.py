@@ -291,7 +291,9 @@ def guided_rounds(config, workdir, mesh, train, masking, model, trained, model_d
                                "verdict": result["verdict"], "flagged": result.get("flagged")})
         if result["verdict"] != "backdoor" or not len(found["triggers"]) or r == g.rounds:
             break
-        triggers = guide.union(triggers, guide.candidates(result, tokenizer, g.max_candidates),
+        # what the result's scan still flags first: with guide.max_candidates already filled by
+        # the first scan's list, appended it would be cut off and the round would not aim at it
+        triggers = guide.union(guide.candidates(result, tokenizer, g.max_candidates), triggers,
                                g.max_candidates)
     if result["verdict"] == "backdoor":
         info["residual"] = (f"still flagged after {len(info['rounds'])} round(s): "
