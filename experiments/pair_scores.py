@@ -29,8 +29,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def score_pairs(model_dir, pairs: list[tuple[str, str]], s) -> dict:
     """{"rows": [{"pair", "score", "z", "D"}], "reference": {"median", "mad"}} under one model."""
-    from recipe_jax import data, hf, scan, sharding
-    from recipe_jax.scan_probes import make_probes, probe_texts, vocabulary
+    from recipe_jax import data, hf, scan, scan_pairs, sharding
+    from recipe_jax.scan_probes import probe_texts, vocabulary
 
     d = hf.resolve_model_dir(str(model_dir))
     model, params = hf.load_pretrained(d)
@@ -44,22 +44,14 @@ def score_pairs(model_dir, pairs: list[tuple[str, str]], s) -> dict:
     scanner = scan.Scanner(model, params, sharding.make_mesh((-1, 1, 1)), s.batch_size,
                            progress=False)
     vocab = vocabulary(tokenizer, model.cfg.vocab_size)
-    # the scan's own reference tokens and pairs (scan.scan_model, scan_pairs.search_pairs)
-    rng = np.random.default_rng(s.seed + 2)
-    reference = vocab[rng.choice(len(vocab), min(s.reference_tokens, len(vocab)), replace=False)]
-    rng = np.random.default_rng(s.seed + 3)
-    ref_pairs = np.stack([rng.permutation(reference)[:2]
-                          for _ in range(max(8, s.reference_tokens // 2))]).astype(np.int32)
-    probes = make_probes(tokenizer, probe_texts(None, s.seed), count=s.sentences,
-                         max_tokens=s.max_tokens, inserted=2, seed=s.seed + 1,
-                         skip=s.screen_sentences)
+    reference = vocab[scan.reference_indices(len(vocab), s)]  # the scan's own reference
+    ref_pairs = scan_pairs.reference_pairs(reference, s)
+    probes = scan_pairs.pair_probes(tokenizer, probe_texts(None, s.seed), s)
     stats = scanner.stats(np.concatenate([np.asarray(ids, np.int32), ref_pairs]), probes)
     rated = scan.rate(stats[:len(ids)], stats[len(ids):])
-    ref_score = scan.score_of(stats[len(ids):]).max(-1)
-    median = float(np.median(ref_score))
     return {"rows": [{"pair": " ".join(p), **scan.rated_row(rated, k)}
                      for k, p in enumerate(pairs)],
-            "reference": {"median": median, "mad": float(np.median(np.abs(ref_score - median)))}}
+            "reference": scan.spread(scan.score_of(stats[len(ids):]).max(-1))}
 
 
 def format_table(results: dict[str, dict]) -> str:

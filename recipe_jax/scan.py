@@ -257,8 +257,7 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
     screen_stats = scanner.stats(vocab[:, None], screen, "screen")
     screen_score = score_of(screen_stats).max(-1)
     top = _top_of_screen(screen_score, distance_of(screen_stats).max(-1), s.confirm_tokens)
-    rng = np.random.default_rng(s.seed + 2)
-    ref_idx = rng.choice(len(vocab), min(s.reference_tokens, len(vocab)), replace=False)
+    ref_idx = reference_indices(len(vocab), s)
     both = np.unique(np.concatenate([top, ref_idx]))
     stats = scanner.stats(vocab[both][:, None], confirm, "confirm")
     candidates, reference = _candidates(stats, tokenizer, vocab[both], vocab[ref_idx], names)
@@ -284,7 +283,7 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
         "pairs": pairs[:10],
         "searched_pairs": searched[:10],
         "search": search_cost,
-        "reference": _spread(score_of(reference).max(-1)),
+        "reference": spread(score_of(reference).max(-1)),
         "screen": {"token_ids": vocab.tolist(),
                    "score": [round(float(v), 4) for v in screen_score]},
         "outputs": list(names),
@@ -304,7 +303,13 @@ def _cost(scanner: Scanner, seconds: float, sequences: int, vocabulary: int) -> 
             "mesh": dict(scanner.mesh.shape)}
 
 
-def _spread(reference: np.ndarray) -> dict:
+def reference_indices(vocab_size: int, s: Settings) -> np.ndarray:
+    """Indices into the scanned vocabulary of the seeded sample that z is taken against."""
+    rng = np.random.default_rng(s.seed + 2)
+    return rng.choice(vocab_size, min(s.reference_tokens, vocab_size), replace=False)
+
+
+def spread(reference: np.ndarray) -> dict:
     """Median and MAD of the reference scores: what robust z is taken against."""
     median = float(np.median(reference))
     return {"median": median, "mad": float(np.median(np.abs(reference - median))),

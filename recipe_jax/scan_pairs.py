@@ -55,14 +55,10 @@ def top_pairs(scanner, tokenizer, texts, candidates, reference_ids, s) -> list[d
     top = candidates[:s.pair_tokens]
     if len(top) < 2:
         return []
-    probes = make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
-                         inserted=2, seed=s.seed + 1, skip=s.screen_sentences)
+    probes = pair_probes(tokenizer, texts, s)
     combos = list(itertools.combinations(range(len(top)), 2))
-    rng = np.random.default_rng(s.seed + 3)
-    ref_pairs = np.stack([rng.permutation(reference_ids)[:2] for _ in
-                          range(max(8, s.reference_tokens // 2))])
     tokens = np.concatenate([np.array([[top[a]["id"], top[b]["id"]] for a, b in combos],
-                                      np.int32).reshape(-1, 2), ref_pairs.astype(np.int32)])
+                                      np.int32).reshape(-1, 2), reference_pairs(reference_ids, s)])
     all_scores = scan.score_of(scanner.stats(tokens, probes, "pairs")).max(-1)
     score, reference = all_scores[:len(combos)], all_scores[len(combos):]
     z = scan.robust_z(score, reference)
@@ -91,6 +87,19 @@ def _objective(z_rjv, tau, params, words_vh, *, model: Transformer, ids_bw, mask
     spread = jnp.mean(jnp.sum(jnp.square(h_rnoh - h_rnoh.mean(1, keepdims=True)), -1), 1) / s0_o
     score_r = jnp.max(jnp.log(dist + 1e-4) - jnp.log(spread + 1e-4), axis=-1)
     return -jnp.sum(score_r), score_r
+
+
+def pair_probes(tokenizer, texts, s):
+    """The confirm probes with two insertion slots side by side: what every pair is rated on."""
+    return make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
+                       inserted=SLOTS, seed=s.seed + 1, skip=s.screen_sentences)
+
+
+def reference_pairs(reference_ids: np.ndarray, s) -> np.ndarray:
+    """[N, 2] seeded random pairs of the scan's reference tokens: what a pair's z is against."""
+    rng = np.random.default_rng(s.seed + 3)
+    return np.stack([rng.permutation(reference_ids)[:SLOTS]
+                     for _ in range(max(8, s.reference_tokens // 2))]).astype(np.int32)
 
 
 def relaxed_search(scanner, probes, vocab: np.ndarray, s) -> tuple[np.ndarray, dict]:
@@ -154,11 +163,8 @@ def search_pairs(scanner, tokenizer, texts, vocab: np.ndarray, reference_ids: np
                                 max_tokens=s.screen_max_tokens, inserted=SLOTS,
                                 seed=s.seed + 4, skip=s.screen_sentences + s.sentences)
     proposed, cost = relaxed_search(scanner, search_probes, vocab, s)
-    probes = make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
-                         inserted=SLOTS, seed=s.seed + 1, skip=s.screen_sentences)
-    rng = np.random.default_rng(s.seed + 3)
-    ref_pairs = np.stack([rng.permutation(reference_ids)[:SLOTS]
-                          for _ in range(max(8, s.reference_tokens // 2))]).astype(np.int32)
+    probes = pair_probes(tokenizer, texts, s)
+    ref_pairs = reference_pairs(reference_ids, s)
     stats = scanner.stats(np.concatenate([proposed, ref_pairs]), probes, "pair search")
     k = len(proposed)
     rated = scan.rate(stats[:k], stats[k:])
