@@ -64,6 +64,64 @@ def test_candidates_come_from_what_the_report_flags(tiny_bert):
     assert union.tolist() == triggers.tolist()
 
 
+def _rounds(tmp_path, tiny_bert, monkeypatch, flagged_after: list[list[str]], rounds: int):
+    """purify.guided_rounds with training and scanning replaced by records: the first scan
+    flagged cf, tq, mb (guide.max_candidates=3, full); the scan after round r flags
+    `flagged_after[r - 1]` (backdoor) or nothing (clean). Returns (what each round > 1
+    unlearned, as token lists, its steps and seed; the summary's "guide" entry)."""
+    tokenizer = data.load_tokenizer(tiny_bert)
+    config = preset("purify", "guided", guide__rounds=rounds, guide__max_candidates=3,
+                    guide__round_steps=0, train__seed=7)
+    trained = []
+
+    def train(c, workdir, name, host_params, loss_fn, extras):
+        trained.append((guide.describe(extras["triggers"], tokenizer), c.train.num_steps,
+                        c.train.seed, workdir.name))
+        return host_params, c.train.num_steps
+
+    def scan_result(*args):
+        after = flagged_after[len(trained)] if len(trained) < len(flagged_after) else []
+        return {"verdict": "backdoor" if after else "clean", "flagged": after,
+                "summary": f"backdoor suspected: tokens {', '.join(after)}"}
+
+    monkeypatch.setattr(purify, "scan_result", scan_result)
+    monkeypatch.setattr(purify, "make_loss", lambda *args: None)
+    first = {"verdict": "backdoor", "flagged": ["cf", "tq", "mb"], "settings": {},
+             "candidates": [{"token": t, "z": 9.0} for t in ("cf", "tq", "mb")]}
+    found = {"report": first, "triggers": guide.candidates(first, tokenizer, 3),
+             "names": ["cf", "tq", "mb"], "tokenizer": tokenizer}
+    model = type("Model", (), {"cfg": None})()
+    _, info, result = purify.guided_rounds(config, tmp_path, None, train, {}, model,
+                                           ({"w": np.zeros(2)}, 250), tiny_bert, found,
+                                           {"triggers": found["triggers"]})
+    assert [r["round"] for r in info["rounds"]] == list(range(1, len(info["rounds"]) + 1))
+    assert info["rounds"][0]["steps"] == 250 and info["rounds"][0]["unlearned"] == 3
+    return trained, info
+
+
+def test_each_round_unlearns_what_the_last_scan_still_flags_first(tmp_path, tiny_bert,
+                                                                  monkeypatch):
+    # Round 1's result still flags `bb` and a pair; round 2's flags `mn`; round 3's is clean.
+    trained, info = _rounds(tmp_path, tiny_bert, monkeypatch,
+                            [["bb", "bb mb"], ["mn"]], rounds=4)
+    # What the last scan flags comes first, then the earlier list, cut at max_candidates
+    # (appended, `bb` would have been cut off: round 2 would not have aimed at it).
+    assert [t[0] for t in trained] == [["bb", "bb+mb", "cf"], ["mn", "bb", "bb+mb"]]
+    assert [t[1:] for t in trained] == [(125, 9, "round2"), (125, 10, "round3")]
+    assert [r["verdict"] for r in info["rounds"]] == ["backdoor", "backdoor", "clean"]
+    assert "residual" not in info
+
+
+def test_rounds_stop_at_the_bound_and_say_what_is_left(tmp_path, tiny_bert, monkeypatch):
+    trained, info = _rounds(tmp_path, tiny_bert, monkeypatch, [["bb"], ["bb"], ["bb"]],
+                            rounds=2)
+    assert len(trained) == 1 and len(info["rounds"]) == 2
+    assert "still flagged after 2 round(s)" in info["residual"] and "bb" in info["residual"]
+    assert "--config.guide.rounds" in info["residual"]
+    one, info = _rounds(tmp_path / "one", tiny_bert, monkeypatch, [["bb"]], rounds=1)
+    assert one == [] and "after 1 round(s)" in info["residual"]
+
+
 @pytest.mark.parametrize("key, value, fix", [
     ("guide.weight", -1.0, ">= 0"), ("guide.rows", 0, "positive"),
     ("guide.max_candidates", 0, "positive"),
