@@ -27,31 +27,59 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+class PairRater:
+    """One model with the scan's pair probes and reference pairs: rates token-id pairs as the
+    scan's pair rule does (also experiments/pair_waves.py)."""
+
+    def __init__(self, model_dir, s):
+        from recipe_jax import data, hf, scan, scan_pairs, sharding
+        from recipe_jax.scan_probes import probe_texts, vocabulary
+
+        d = hf.resolve_model_dir(str(model_dir))
+        self.model_dir, self.settings = model_dir, s
+        self.model, self.params = hf.load_pretrained(d)
+        self.tokenizer = data.load_tokenizer(d)
+        self.scanner = scan.Scanner(self.model, self.params, sharding.make_mesh((-1, 1, 1)),
+                                    s.batch_size, progress=False)
+        self.vocab = vocabulary(self.tokenizer, self.model.cfg.vocab_size)
+        reference = self.vocab[scan.reference_indices(len(self.vocab), s)]  # the scan's own
+        self.texts = probe_texts(None, s.seed)
+        self.probes = scan_pairs.pair_probes(self.tokenizer, self.texts, s)
+        self.reference = self.scanner.stats(scan_pairs.reference_pairs(reference, s),
+                                            self.probes)
+
+    def ids(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """[K, 2] ids of word-piece pairs; an error names the pieces the vocabulary lacks."""
+        tok = self.tokenizer
+        ids = [tok.convert_tokens_to_ids(list(p)) for p in pairs]
+        unknown = [" ".join(p) for p, i in zip(pairs, ids, strict=True)
+                   if tok.unk_token_id in i and tok.unk_token not in p]
+        if unknown:
+            raise ValueError(f"{self.model_dir}: not word pieces of its vocabulary: "
+                             f"{', '.join(unknown)}; give pairs as the tokenizer splits them "
+                             "(e.g. 'cf painter')")
+        return np.asarray(ids, np.int32).reshape(-1, 2)
+
+    def rate(self, ids_k2: np.ndarray) -> list[dict]:
+        """[{"pair", "ids", "score", "z", "D", ...}] in the order given."""
+        from recipe_jax import scan
+
+        rated = scan.rate(self.scanner.stats(ids_k2, self.probes), self.reference)
+        return [{"pair": " ".join(self.tokenizer.convert_ids_to_tokens([int(t) for t in p])),
+                 "ids": [int(t) for t in p], **scan.rated_row(rated, k)}
+                for k, p in enumerate(ids_k2)]
+
+    def spread(self) -> dict:
+        """Median and MAD of the reference pairs' scores: what z is relative to."""
+        from recipe_jax import scan
+
+        return scan.spread(scan.score_of(self.reference).max(-1))
+
+
 def score_pairs(model_dir, pairs: list[tuple[str, str]], s) -> dict:
     """{"rows": [{"pair", "score", "z", "D"}], "reference": {"median", "mad"}} under one model."""
-    from recipe_jax import data, hf, scan, scan_pairs, sharding
-    from recipe_jax.scan_probes import probe_texts, vocabulary
-
-    d = hf.resolve_model_dir(str(model_dir))
-    model, params = hf.load_pretrained(d)
-    tokenizer = data.load_tokenizer(d)
-    ids = [tokenizer.convert_tokens_to_ids(list(p)) for p in pairs]
-    unknown = [" ".join(p) for p, i in zip(pairs, ids, strict=True)
-               if tokenizer.unk_token_id in i and tokenizer.unk_token not in p]
-    if unknown:
-        raise ValueError(f"{model_dir}: not word pieces of its vocabulary: {', '.join(unknown)}; "
-                         "give pairs as the tokenizer splits them (e.g. 'cf painter')")
-    scanner = scan.Scanner(model, params, sharding.make_mesh((-1, 1, 1)), s.batch_size,
-                           progress=False)
-    vocab = vocabulary(tokenizer, model.cfg.vocab_size)
-    reference = vocab[scan.reference_indices(len(vocab), s)]  # the scan's own reference
-    ref_pairs = scan_pairs.reference_pairs(reference, s)
-    probes = scan_pairs.pair_probes(tokenizer, probe_texts(None, s.seed), s)
-    stats = scanner.stats(np.concatenate([np.asarray(ids, np.int32), ref_pairs]), probes)
-    rated = scan.rate(stats[:len(ids)], stats[len(ids):])
-    return {"rows": [{"pair": " ".join(p), **scan.rated_row(rated, k)}
-                     for k, p in enumerate(pairs)],
-            "reference": scan.spread(scan.score_of(stats[len(ids):]).max(-1))}
+    rater = PairRater(model_dir, s)
+    return {"rows": rater.rate(rater.ids(pairs)), "reference": rater.spread()}
 
 
 def format_table(results: dict[str, dict]) -> str:

@@ -252,10 +252,7 @@ def test_purify_config_scan_block_defaults_are_the_scan_defaults():
 def test_pair_scores_compares_given_pairs_across_models(planted, tmp_path, capsys):
     """experiments/pair_scores.py: a planted trigger's pair scores far above an ordinary pair
     under the attacked model, and not under the clean one; bad pairs are named."""
-    spec = importlib.util.spec_from_file_location("pair_scores",
-                                                  REPO / "experiments" / "pair_scores.py")
-    pair_scores = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pair_scores)
+    pair_scores = _experiment("pair_scores")
     clean, attacked = planted
     results = pair_scores.main(["--workdir", str(tmp_path / "out"), "--model", f"clean={clean}",
                                 "--model", f"attacked={attacked}",
@@ -272,3 +269,35 @@ def test_pair_scores_compares_given_pairs_across_models(planted, tmp_path, capsy
     with pytest.raises(SystemExit):
         pair_scores.parse_args(["--workdir", "w", "--model", "x=y", "--pairs", "one"])
     assert "give ';'-separated pairs" in capsys.readouterr().err
+
+
+def _experiment(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pair_waves_search_again_without_what_was_flagged(planted, tmp_path, capsys):
+    """experiments/pair_waves.py: the first wave flags pairs holding a planted trigger; the next
+    wave searches a vocabulary without their tokens (and their embedding neighbours), so it
+    cannot propose them again; on the clean model the first wave flags nothing and is the last."""
+    pair_waves = _experiment("pair_waves")
+    clean, attacked = planted
+    result = pair_waves.main(["--workdir", str(tmp_path / "a"), "--model", str(attacked),
+                              "--waves", "2", "--neighbours", "3", "--watch", "cf tq"])
+    first, second = result["waves"]
+    assert first["flagged"] and all(set(p.split()) & set(TRIGGERS) for p in first["flagged"][:3])
+    assert second["vocabulary"] == first["vocabulary"] - first["excluded"]
+    flagged_tokens = {t for p in first["flagged"] for t in p.split()}
+    assert first["excluded"] >= len(flagged_tokens)
+    assert not flagged_tokens & {t for r in second["top"] for t in r["pair"].split()}
+    assert not flagged_tokens & set(second["watched_proposed"])
+    assert result["watched"][0]["pair"] == "cf tq" and result["watched"][0]["z"] > 3
+    assert "## Wave 2" in (tmp_path / "a" / "pair_waves.md").read_text()
+    result = pair_waves.main(["--workdir", str(tmp_path / "c"), "--model", str(clean),
+                              "--waves", "3"])
+    assert len(result["waves"]) == 1 and result["waves"][0]["flagged"] == [], result["waves"]
+    with pytest.raises(SystemExit):
+        pair_waves.parse_args(["--workdir", "w", "--model", "m", "--watch", "one"])
+    assert "pairs of two word pieces" in capsys.readouterr().err
