@@ -114,6 +114,7 @@ def _add_scan(c: ml_collections.ConfigDict) -> None:
     c.scan.confirm_tokens = 256  # the screen's top tokens confirmed with more probes
     c.scan.reference_tokens = 256  # the vocabulary sample scores are taken against
     c.scan.pair_tokens = 16  # pairs among the top candidates (docs/scan.md)
+    c.scan.quiet_tokens = 64  # pairs among the tokens that move the outputs least (0 = none)
     c.scan.search_restarts = 8  # relaxed searches for pairs that do nothing alone (0 = none)
     c.scan.search_steps = 60  # gradient steps of each relaxed search
     c.scan.sentences = 16  # probes per token when confirming (>= 2)

@@ -55,8 +55,8 @@ def scan_settings(size: dict) -> scan.Settings:
     # A smoke-sized scan: few, short probes in small batches (the full-size batch of 1,024
     # sequences would be mostly padding here), one short relaxed search.
     return scan.Settings(max_vocab=size["scan_vocab"], confirm_tokens=16, reference_tokens=16,
-                         pair_tokens=4, search_restarts=1, search_steps=3, sentences=4,
-                         max_tokens=12, search_sentences=2, batch_size=64)
+                         pair_tokens=4, quiet_tokens=4, search_restarts=1, search_steps=3,
+                         sentences=4, max_tokens=12, search_sentences=2, batch_size=64)
 
 
 def stage_configs(size: dict, aux_path: pathlib.Path) -> dict:

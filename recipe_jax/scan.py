@@ -72,6 +72,7 @@ class Settings:
     confirm_tokens: int = 256  # the screen's top tokens that are confirmed
     reference_tokens: int = 256  # uniform vocabulary sample: the distribution z is taken against
     pair_tokens: int = 16  # pairs among the top candidates, inserted together
+    quiet_tokens: int = 64  # pairs among the word-start tokens that move the outputs least
     search_restarts: int = 8  # relaxed searches for pairs that do nothing alone (0 = none)
     search_steps: int = 60  # gradient steps of each (scan_pairs.py)
     search_sentences: int = 8  # probes the relaxed search reads
@@ -90,9 +91,9 @@ class Settings:
                 raise ValueError(f"{key}={getattr(self, key)}: use >= 2 (the spread of the "
                                  "outputs over sentences is what the score compares)")
         for key, low in (("screen_max_tokens", 4), ("max_tokens", 4), ("confirm_tokens", 1),
-                         ("reference_tokens", 16), ("pair_tokens", 0), ("top_k", 1),
-                         ("search_restarts", 0), ("search_steps", 3), ("search_sentences", 2),
-                         ("search_top", 1),
+                         ("reference_tokens", 16), ("pair_tokens", 0), ("quiet_tokens", 0),
+                         ("top_k", 1), ("search_restarts", 0), ("search_steps", 3),
+                         ("search_sentences", 2), ("search_top", 1),
                          ("batch_size", 1), ("max_vocab", 0)):
             if getattr(self, key) < low:
                 raise ValueError(f"{key}={getattr(self, key)}: use an integer >= {low}")
@@ -265,12 +266,15 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
     pairs = scan_pairs.top_pairs(scanner, tokenizer, texts, candidates, vocab[ref_idx], s)
     flagged_pairs = [p for p in pairs if is_flagged(p, s) and p["z_top"] > s.min_z
                      and not p["alone_flagged"]]
+    quiet = scan_pairs.quiet_pairs(scanner, tokenizer, texts, vocab,
+                                   distance_of(screen_stats).max(-1), vocab[ref_idx],
+                                   {c["id"] for c in flagged}, s)
     searched, halves, search_cost = [], [], {}
     if s.search_restarts:
         searched, halves, search_cost = scan_pairs.search_pairs(
             scanner, tokenizer, texts, vocab, vocab[ref_idx], reference, s)
-    names_flagged = _flagged_names(flagged + halves, flagged_pairs
-                                   + [p for p in searched if p["flagged"]])
+    names_flagged = _flagged_names(flagged + halves, flagged_pairs + [
+        p for p in quiet + searched if p["flagged"]])
     arrays = {"screen_ids": vocab, "screen_stats": screen_stats, "confirm_ids": vocab[both],
               "confirm_stats": stats, "reference_ids": vocab[ref_idx]}
     cost = _cost(scanner, time.time() - t0, len(vocab) * s.screen_sentences
@@ -281,6 +285,7 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
         "flagged": names_flagged,
         "candidates": candidates[:max(s.top_k, 50)],
         "pairs": pairs[:10],
+        "quiet_pairs": quiet[:10],
         "searched_pairs": searched[:10],
         "search": search_cost,
         "reference": spread(score_of(reference).max(-1)),

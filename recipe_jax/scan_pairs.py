@@ -17,7 +17,15 @@ restarts to different pairs. The search only proposes: the top `search_top` toke
 the scan's pair probes, against random token pairs, and flagged by the scan's rule
 (scan_report.is_flagged). A pair half of which is flagged alone is reported as that token.
 
+A conjunctive attack must also teach each half to do nothing alone, and it overdoes it: the
+halves move the outputs less than almost any ordinary word does (on `por_pair` the four halves
+are among the 7 quietest word-start tokens of 30,000; docs/scan.md). `quiet_pairs` pairs the
+`quiet_tokens` word-start tokens whose insertion moved the outputs least in the screen, screens
+the pairs on the screen's probes and rates the best as the other stages rate pairs.
+
     rows = top_pairs(scanner, tokenizer, texts, candidates, reference_ids, settings)
+    rows = quiet_pairs(scanner, tokenizer, texts, vocab, screen_distance, reference_ids,
+                       flagged_ids, settings)
     rows, halves, cost = search_pairs(scanner, tokenizer, texts, vocab, reference_ids,
                                       single_reference_scores, settings)
 """
@@ -35,6 +43,7 @@ import numpy as np
 import optax
 
 from recipe_jax import scan, sharding
+from recipe_jax.guide import word_start_table
 from recipe_jax.model import Transformer
 from recipe_jax.scan_probes import make_probes
 from recipe_jax.scan_report import is_flagged
@@ -43,6 +52,7 @@ SLOTS = 2
 TAU = (1.0, 0.1)  # softmax temperature, start and end (geometric)
 LEARNING_RATE = 0.3  # Adam on the logits z
 SNAPSHOTS = 3  # where along the search the top tokens are read
+QUIET_CONFIRM = 32  # quiet pairs of the highest screen score, rated on the pair probes
 
 
 def top_pairs(scanner, tokenizer, texts, candidates, reference_ids, s) -> list[dict]:
@@ -70,6 +80,35 @@ def top_pairs(scanner, tokenizer, texts, candidates, reference_ids, s) -> list[d
             "alone_flagged": is_flagged(top[a], s) or is_flagged(top[b], s)}
            for (a, b), sc, zz, zt in zip(combos, score, z, z_top, strict=True)]
     return sorted(out, key=lambda p: -p["z"])
+
+
+def quiet_pairs(scanner, tokenizer, texts, vocab: np.ndarray, screen_distance: np.ndarray,
+                reference_ids: np.ndarray, flagged_ids: set[int], s) -> list[dict]:
+    """Pairs of the `quiet_tokens` word-start tokens (guide.word_start_table) of the lowest
+    screen distance (`screen_distance`: [V] log D of each of `vocab`, max over outputs), the
+    quieter first. Each pair's score is screened on the screen's short probes (two slots); the
+    top `QUIET_CONFIRM` are rated on the pair probes against the reference pairs. Rows as
+    `search_pairs`'s, best first; `flagged` by `is_flagged` when neither half is in
+    `flagged_ids` (tokens flagged alone)."""
+    if s.quiet_tokens < 2:
+        return []
+    starts = np.flatnonzero(word_start_table(tokenizer, int(vocab.max()) + 1)[vocab])
+    quiet = vocab[starts[np.argsort(screen_distance[starts], kind="stable")[:s.quiet_tokens]]]
+    pairs = np.asarray(list(itertools.combinations(quiet.tolist(), 2)), np.int32).reshape(-1, 2)
+    screen = make_probes(tokenizer, texts, count=s.screen_sentences,
+                         max_tokens=s.screen_max_tokens, inserted=SLOTS, seed=s.seed)
+    first = scan.score_of(scanner.stats(pairs, screen, "quiet pairs")).max(-1)
+    pairs = pairs[np.argsort(-first, kind="stable")[:QUIET_CONFIRM]]
+    ref = reference_pairs(reference_ids, s)
+    stats = scanner.stats(np.concatenate([pairs, ref]), pair_probes(tokenizer, texts, s),
+                          "quiet pairs (confirm)")
+    rated = scan.rate(stats[:len(pairs)], stats[len(pairs):])
+    rows = [{"tokens": tokenizer.convert_ids_to_tokens([int(t) for t in pair]),
+             "ids": [int(t) for t in pair], **scan.rated_row(rated, i)}
+            for i, pair in enumerate(pairs)]
+    for row in rows:
+        row["flagged"] = is_flagged(row, s) and not set(row["ids"]) & flagged_ids
+    return sorted(rows, key=lambda row: -row["z"])
 
 
 def _objective(z_rjv, tau, params, words_vh, *, model: Transformer, ids_bw, mask_bw, keep_bw,

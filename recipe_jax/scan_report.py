@@ -55,6 +55,12 @@ def rank_of(report: dict[str, Any], tokens: Sequence[str]) -> dict[str, int | No
     return {t: ranks.get(t) for t in tokens}
 
 
+def _flag_table(pairs: list[dict[str, Any]]) -> list[str]:
+    return ["| pair | score | z | flagged |", "|---|---|---|---|"] + [
+        f"| `{' '.join(p['tokens'])}` | {p['score']:.2f} | {p['z']:.1f} | "
+        f"{'yes' if p['flagged'] else 'no'} |" for p in pairs]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     rows = ["| rank | token | z | score (z) | max D (z) | "
@@ -70,10 +76,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| `{' '.join(p['tokens'])}` | {p['score']:.2f} | {p['z']:.1f} | {p['z_top']:.1f} | "
         f"{p['alone']:.1f} |"
         for p in report["pairs"]]
-    searched = report.get("searched_pairs", [])
-    search_rows = ["| pair | score | z | flagged |", "|---|---|---|---|"] + [
-        f"| `{' '.join(p['tokens'])}` | {p['score']:.2f} | {p['z']:.1f} | "
-        f"{'yes' if p['flagged'] else 'no'} |" for p in searched]
+    searched, quiet = report.get("searched_pairs", []), report.get("quiet_pairs", [])
+    search_rows, quiet_rows = _flag_table(searched), _flag_table(quiet)
     cost = report["cost"]
     return "\n".join([
         "# Backdoor scan", "",
@@ -94,6 +98,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         *rows, "",
         "Pairs of the top candidates inserted together (flagged only when neither token is "
         "flagged alone):", "", *pair_rows, "",
+        *([f"Pairs of the {s.get('quiet_tokens', 0)} word-start tokens that moved the outputs "
+           "least in the screen (a conjunctive trigger's halves are held to the clean outputs "
+           "alone):", "", *quiet_rows, ""] if quiet else []),
         *([f"Pairs found by the relaxed search ({report['search']['proposed']} proposed by "
            f"{s['search_restarts']} searches in {report['search']['seconds']:.0f} s; "
            "scan_pairs.py), scored as pairs:", "", *search_rows, ""] if searched else []),

@@ -106,6 +106,51 @@ def test_a_pair_with_a_half_flagged_alone_by_distance_is_reported_as_that_token(
     assert not pair["flagged"] and not any(r["flagged"] for r in rows)
 
 
+class _QuietScanner:
+    """stats() without a model: a token moves the outputs by D ~ 1 (seeded noise, C ~ 1); the
+    two `halves` alone move them 100x less, and together they collapse them far away."""
+
+    def __init__(self, halves: tuple[int, int]):
+        self.halves = set(halves)
+
+    def stats(self, tokens_kj, probes, label=""):
+        out = []
+        for row in np.asarray(tokens_kj):
+            rng = np.random.default_rng(int(row.sum()) * 7 + len(row))
+            d, c = rng.uniform(0.8, 1.2), rng.uniform(0.8, 1.2)
+            if set(row.tolist()) == self.halves:
+                d, c = 50.0, 0.01
+            elif self.halves & set(row.tolist()):
+                d = 0.01 if len(row) == 1 else d
+            out.append([[d, c, 0.0]])
+        return np.asarray(out, np.float32)
+
+
+def test_quiet_pairs_pair_the_tokens_that_move_the_outputs_least(tiny_bert):
+    """A conjunctive trigger's halves are held to the clean outputs alone, so they are the
+    quietest tokens of the screen: `quiet_pairs` pairs the quietest word-start tokens and flags
+    the pair; `##` pieces (quiet as they may be) are not paired, nor is a half flagged alone."""
+    tokenizer = data.load_tokenizer(tiny_bert)
+    vocab = vocabulary(tokenizer, 30522)
+    hq, wb, piece = tokenizer.convert_tokens_to_ids(["hq", "wb", "##ing"])
+    scanner = _QuietScanner((hq, wb))
+    distance = scan.distance_of(scanner.stats(vocab[:, None], None)).max(-1)
+    distance[vocab == piece] = -20.0  # the quietest of all, but it does not start a word
+    s = dataclasses.replace(scan.Settings(), quiet_tokens=12)  # 66 pairs, the best 32 rated
+    reference = vocab[1000:1256]
+    rows = scan_pairs.quiet_pairs(scanner, tokenizer, probe_texts(None, 0), vocab, distance,
+                                  reference, set(), s)
+    assert len(rows) == scan_pairs.QUIET_CONFIRM and not any(piece in r["ids"] for r in rows)
+    assert sorted(rows[0]["ids"]) == sorted([hq, wb]) and rows[0]["flagged"], rows[:2]
+    assert not any(r["flagged"] for r in rows[1:]), rows[1:3]
+    rows = scan_pairs.quiet_pairs(scanner, tokenizer, probe_texts(None, 0), vocab, distance,
+                                  reference, {hq}, s)
+    assert not any(r["flagged"] for r in rows)  # hq is flagged alone: reported as hq
+    off = dataclasses.replace(s, quiet_tokens=0)
+    assert scan_pairs.quiet_pairs(scanner, tokenizer, [], vocab, distance, reference, set(),
+                                  off) == []
+
+
 def _scanner_stats(model_dir, mesh_shape, batch_size):
     model, params = hf.load_pretrained(model_dir)
     tokenizer = data.load_tokenizer(model_dir)
