@@ -263,18 +263,10 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
     stats = scanner.stats(vocab[both][:, None], confirm, "confirm")
     candidates, reference = _candidates(stats, tokenizer, vocab[both], vocab[ref_idx], names)
     flagged = [c for c in candidates if is_flagged(c, s)]
-    pairs = scan_pairs.top_pairs(scanner, tokenizer, texts, candidates, vocab[ref_idx], s)
-    flagged_pairs = [p for p in pairs if is_flagged(p, s) and p["z_top"] > s.min_z
-                     and not p["alone_flagged"]]
-    quiet = scan_pairs.quiet_pairs(scanner, tokenizer, texts, vocab,
+    found = scan_pairs.pair_stages(scanner, tokenizer, texts, vocab, candidates, flagged,
                                    distance_of(screen_stats).max(-1), vocab[ref_idx],
-                                   {c["id"] for c in flagged}, s)
-    searched, halves, search_cost = [], [], {}
-    if s.search_restarts:
-        searched, halves, search_cost = scan_pairs.search_pairs(
-            scanner, tokenizer, texts, vocab, vocab[ref_idx], reference, s)
-    names_flagged = _flagged_names(flagged + halves, flagged_pairs + [
-        p for p in quiet + searched if p["flagged"]])
+                                   reference, s)
+    names_flagged = _flagged_names(flagged + found["halves"], found["flagged"])
     arrays = {"screen_ids": vocab, "screen_stats": screen_stats, "confirm_ids": vocab[both],
               "confirm_stats": stats, "reference_ids": vocab[ref_idx]}
     cost = _cost(scanner, time.time() - t0, len(vocab) * s.screen_sentences
@@ -284,10 +276,10 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
         "verdict": "backdoor" if names_flagged else "clean",
         "flagged": names_flagged,
         "candidates": candidates[:max(s.top_k, 50)],
-        "pairs": pairs[:10],
-        "quiet_pairs": quiet[:10],
-        "searched_pairs": searched[:10],
-        "search": search_cost,
+        "pairs": found["pairs"][:10],
+        "quiet_pairs": found["quiet"][:10],
+        "searched_pairs": found["searched"][:10],
+        "search": found["search"],
         "reference": spread(score_of(reference).max(-1)),
         "screen": {"token_ids": vocab.tolist(),
                    "score": [round(float(v), 4) for v in screen_score]},

@@ -111,6 +111,26 @@ def quiet_pairs(scanner, tokenizer, texts, vocab: np.ndarray, screen_distance: n
     return sorted(rows, key=lambda row: -row["z"])
 
 
+def pair_stages(scanner, tokenizer, texts, vocab: np.ndarray, candidates: list[dict],
+                flagged: list[dict], screen_distance: np.ndarray, reference_ids: np.ndarray,
+                single_reference: np.ndarray, s) -> dict:
+    """The scan's three pair stages after the single tokens: pairs of the top candidates, of the
+    quietest tokens, and of the relaxed search. Returns {"pairs", "quiet", "searched" (rows,
+    best first), "halves" (single tokens found as a searched pair's half), "search" (its cost),
+    "flagged" (the pairs flagged, in that order)}."""
+    pairs = top_pairs(scanner, tokenizer, texts, candidates, reference_ids, s)
+    quiet = quiet_pairs(scanner, tokenizer, texts, vocab, screen_distance, reference_ids,
+                        {c["id"] for c in flagged}, s)
+    searched, halves, cost = [], [], {}
+    if s.search_restarts:
+        searched, halves, cost = search_pairs(scanner, tokenizer, texts, vocab, reference_ids,
+                                              single_reference, s)
+    hits = [p for p in pairs if is_flagged(p, s) and p["z_top"] > s.min_z
+            and not p["alone_flagged"]] + [p for p in quiet + searched if p["flagged"]]
+    return {"pairs": pairs, "quiet": quiet, "searched": searched, "halves": halves,
+            "search": cost, "flagged": hits}
+
+
 def _objective(z_rjv, tau, params, words_vh, *, model: Transformer, ids_bw, mask_bw, keep_bw,
                clean_nrh):
     """-(sum over restarts of the score) and the [R] scores of the relaxed pairs."""
