@@ -45,8 +45,8 @@ class PairRater:
         reference = self.vocab[scan.reference_indices(len(self.vocab), s)]  # the scan's own
         self.texts = probe_texts(None, s.seed)
         self.probes = scan_pairs.pair_probes(self.tokenizer, self.texts, s)
-        self.reference = self.scanner.stats(scan_pairs.reference_pairs(reference, s),
-                                            self.probes)
+        self.reference = scan_pairs.reference_stats(self.scanner, self.tokenizer, self.texts,
+                                                    reference, s)
 
     def ids(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         """[K, 2] ids of word-piece pairs; an error names the pieces the vocabulary lacks."""
@@ -62,12 +62,11 @@ class PairRater:
 
     def rate(self, ids_k2: np.ndarray) -> list[dict]:
         """[{"pair", "ids", "score", "z", "D", ...}] in the order given."""
-        from recipe_jax import scan
+        from recipe_jax import scan, scan_pairs
 
         rated = scan.rate(self.scanner.stats(ids_k2, self.probes), self.reference)
-        return [{"pair": " ".join(self.tokenizer.convert_ids_to_tokens([int(t) for t in p])),
-                 "ids": [int(t) for t in p], **scan.rated_row(rated, k)}
-                for k, p in enumerate(ids_k2)]
+        return [{"pair": " ".join(row["tokens"]), **row}
+                for row in scan_pairs.pair_rows(self.tokenizer, ids_k2, rated)]
 
     def spread(self) -> dict:
         """Median and MAD of the reference pairs' scores: what z is relative to."""

@@ -15,8 +15,6 @@ import json
 import pathlib
 import sys
 
-import numpy as np
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -38,13 +36,13 @@ def main(argv=None) -> dict:
     scanner = scan.Scanner(model, params, sharding.make_mesh((-1, 1, 1)), s.batch_size)
     vocab = vocabulary(tokenizer, model.cfg.vocab_size)
     texts = probe_texts(args.aux, s.seed)
-    ref_idx = np.random.default_rng(s.seed + 2).choice(len(vocab), s.reference_tokens,
-                                                        replace=False)
+    ref_idx = scan.reference_indices(len(vocab), s)  # the scan's own reference tokens
     confirm = make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
                                inserted=1, seed=s.seed + 1, skip=s.screen_sentences)
-    single_ref = scan.score_of(scanner.stats(vocab[ref_idx][:, None], confirm)).max(-1)
-    rows, halves, cost = scan_pairs.search_pairs(scanner, tokenizer, texts, vocab,
-                                                 vocab[ref_idx], single_ref, s)
+    single_ref = scanner.stats(vocab[ref_idx][:, None], confirm)
+    pair_ref = scan_pairs.reference_stats(scanner, tokenizer, texts, vocab[ref_idx], s)
+    rows, halves, cost = scan_pairs.search_pairs(scanner, tokenizer, texts, vocab, pair_ref,
+                                                 single_ref, s)
     print(json.dumps(cost))
     for row in rows[:15]:
         print(f"{' '.join(row['tokens']):30s} score {row['score']:6.2f}  z {row['z']:6.1f}  "

@@ -65,23 +65,6 @@ def union(a_k2: np.ndarray, b_k2: np.ndarray, limit: int) -> np.ndarray:
     return np.asarray(a_k2.tolist() + extra, np.int32).reshape(-1, 2)[:limit]
 
 
-def word_start_table(tokenizer, vocab_size: int) -> np.ndarray:
-    """[V] bool: whether a token may begin a word, i.e. whether inserting before it keeps words
-    whole (WordPiece: not a `##` continuation; byte-level BPE: a `Ġ`-prefixed piece, and
-    SentencePiece (XLM-R, CamemBERT): a `▁`-prefixed one, or a special token; otherwise every
-    token)."""
-    tokens = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
-    tokens += [""] * (vocab_size - len(tokens))
-    specials = set(tokenizer.all_special_tokens)
-    if any(t.startswith("##") for t in tokens):
-        table = [not t.startswith("##") for t in tokens]
-    elif any(t.startswith(("\u0120", "\u2581")) for t in tokens):
-        table = [t.startswith(("\u0120", "\u2581")) or t in specials for t in tokens]
-    else:
-        table = [True] * vocab_size
-    return np.asarray(table, bool)
-
-
 def insert(ids_bl: jax.Array, mask_bl: jax.Array, triggers_b2: jax.Array, rng: jax.Array,
            word_start_v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Each row's trigger (1 or 2 ids; -1 = none) inserted at one random word start after [CLS]

@@ -38,6 +38,7 @@ from recipe_jax import (
     outputs,
     packing,
     scan,
+    scan_probes,
     scan_report,
     sharding,
     streaming,
@@ -260,7 +261,7 @@ def guide_extras(found: dict | None, host_params, cfg, mesh, reference: bool) ->
     if found is None or not len(found["triggers"]):
         return {}
     extras = {"triggers": found["triggers"],
-              "word_start": guide.word_start_table(found["tokenizer"], cfg.vocab_size)}
+              "word_start": scan_probes.word_start_table(found["tokenizer"], cfg.vocab_size)}
     if reference:
         extras["reference"] = trainer.shard_params(host_params, cfg, mesh)
     return extras

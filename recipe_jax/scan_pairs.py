@@ -23,11 +23,14 @@ are among the 7 quietest word-start tokens of 30,000; docs/scan.md). `quiet_pair
 `quiet_tokens` word-start tokens whose insertion moved the outputs least in the screen, screens
 the pairs on the screen's probes and rates the best as the other stages rate pairs.
 
-    rows = top_pairs(scanner, tokenizer, texts, candidates, reference_ids, settings)
-    rows = quiet_pairs(scanner, tokenizer, texts, vocab, screen_distance, reference_ids,
+    reference = reference_stats(scanner, tokenizer, texts, reference_ids, settings)
+    rows = top_pairs(scanner, tokenizer, texts, candidates, reference, settings)
+    rows = quiet_pairs(scanner, tokenizer, texts, vocab, screen_distance, reference,
                        flagged_ids, settings)
-    rows, halves, cost = search_pairs(scanner, tokenizer, texts, vocab, reference_ids,
-                                      single_reference_scores, settings)
+    rows, halves, cost = search_pairs(scanner, tokenizer, texts, vocab, reference,
+                                      single_reference_stats, settings)
+
+or all three with one rating of the reference pairs: `pair_stages(...)`.
 """
 
 from __future__ import annotations
@@ -43,9 +46,8 @@ import numpy as np
 import optax
 
 from recipe_jax import scan, sharding
-from recipe_jax.guide import word_start_table
 from recipe_jax.model import Transformer
-from recipe_jax.scan_probes import make_probes
+from recipe_jax.scan_probes import make_probes, word_start_table
 from recipe_jax.scan_report import is_flagged
 
 SLOTS = 2
@@ -55,23 +57,34 @@ SNAPSHOTS = 3  # where along the search the top tokens are read
 QUIET_CONFIRM = 32  # quiet pairs of the highest screen score, rated on the pair probes
 
 
-def top_pairs(scanner, tokenizer, texts, candidates, reference_ids, s) -> list[dict]:
+def reference_stats(scanner, tokenizer, texts, reference_ids: np.ndarray, s) -> np.ndarray:
+    """[N, R, 3] stats of the reference pairs (`reference_pairs`) on the pair probes: what every
+    pair stage rates its pairs against."""
+    return scanner.stats(reference_pairs(reference_ids, s), pair_probes(tokenizer, texts, s),
+                         "reference pairs")
+
+
+def pair_rows(tokenizer, pairs_k2: np.ndarray, rated: dict) -> list[dict]:
+    """One row per pair, in the order given: {"tokens", "ids", and `scan.rated_row`'s keys}."""
+    return [{"tokens": tokenizer.convert_ids_to_tokens([int(t) for t in pair]),
+             "ids": [int(t) for t in pair], **scan.rated_row(rated, i)}
+            for i, pair in enumerate(pairs_k2)]
+
+
+def top_pairs(scanner, tokenizer, texts, candidates, reference: np.ndarray, s) -> list[dict]:
     """Pairs of the top `pair_tokens` candidates inserted together (the higher-ranked first).
     Two tokens move the outputs more than one, so their z is taken against pairs of reference
-    tokens (`reference_tokens // 2` seeded random pairs), not against single tokens; `alone` =
+    tokens (`reference`: `reference_stats`), not against single tokens; `alone` =
     the larger single-token z of the two. A pair is flagged when it stands out both from random
     pairs (z) and from the other pairs of top candidates (z_top) while neither token is flagged
     alone (`alone_flagged`)."""
     top = candidates[:s.pair_tokens]
     if len(top) < 2:
         return []
-    probes = pair_probes(tokenizer, texts, s)
     combos = list(itertools.combinations(range(len(top)), 2))
-    tokens = np.concatenate([np.array([[top[a]["id"], top[b]["id"]] for a, b in combos],
-                                      np.int32).reshape(-1, 2), reference_pairs(reference_ids, s)])
-    all_scores = scan.score_of(scanner.stats(tokens, probes, "pairs")).max(-1)
-    score, reference = all_scores[:len(combos)], all_scores[len(combos):]
-    z = scan.robust_z(score, reference)
+    tokens = np.array([[top[a]["id"], top[b]["id"]] for a, b in combos], np.int32)
+    score = scan.score_of(scanner.stats(tokens, pair_probes(tokenizer, texts, s), "pairs")).max(-1)
+    z = scan.robust_z(score, scan.score_of(reference).max(-1))
     # Pairs of top tokens beat random pairs by selection alone; `z_top` (against the other
     # candidate pairs) asks whether this pair stands out among them, as a pair trigger would.
     z_top = scan.robust_z(score, score)
@@ -83,12 +96,12 @@ def top_pairs(scanner, tokenizer, texts, candidates, reference_ids, s) -> list[d
 
 
 def quiet_pairs(scanner, tokenizer, texts, vocab: np.ndarray, screen_distance: np.ndarray,
-                reference_ids: np.ndarray, flagged_ids: set[int], s) -> list[dict]:
-    """Pairs of the `quiet_tokens` word-start tokens (guide.word_start_table) of the lowest
+                reference: np.ndarray, flagged_ids: set[int], s) -> list[dict]:
+    """Pairs of the `quiet_tokens` word-start tokens (scan_probes.word_start_table) of the lowest
     screen distance (`screen_distance`: [V] log D of each of `vocab`, max over outputs), the
     quieter first. Each pair's score is screened on the screen's short probes (two slots); the
-    top `QUIET_CONFIRM` are rated on the pair probes against the reference pairs. Rows as
-    `search_pairs`'s, best first; `flagged` by `is_flagged` when neither half is in
+    top `QUIET_CONFIRM` are rated on the pair probes against `reference` (`reference_stats`).
+    Rows as `search_pairs`'s, best first; `flagged` by `is_flagged` when neither half is in
     `flagged_ids` (tokens flagged alone)."""
     if s.quiet_tokens < 2:
         return []
@@ -99,13 +112,8 @@ def quiet_pairs(scanner, tokenizer, texts, vocab: np.ndarray, screen_distance: n
                          max_tokens=s.screen_max_tokens, inserted=SLOTS, seed=s.seed)
     first = scan.score_of(scanner.stats(pairs, screen, "quiet pairs")).max(-1)
     pairs = pairs[np.argsort(-first, kind="stable")[:QUIET_CONFIRM]]
-    ref = reference_pairs(reference_ids, s)
-    stats = scanner.stats(np.concatenate([pairs, ref]), pair_probes(tokenizer, texts, s),
-                          "quiet pairs (confirm)")
-    rated = scan.rate(stats[:len(pairs)], stats[len(pairs):])
-    rows = [{"tokens": tokenizer.convert_ids_to_tokens([int(t) for t in pair]),
-             "ids": [int(t) for t in pair], **scan.rated_row(rated, i)}
-            for i, pair in enumerate(pairs)]
+    stats = scanner.stats(pairs, pair_probes(tokenizer, texts, s), "quiet pairs (confirm)")
+    rows = pair_rows(tokenizer, pairs, scan.rate(stats, reference))
     for row in rows:
         row["flagged"] = is_flagged(row, s) and not set(row["ids"]) & flagged_ids
     return sorted(rows, key=lambda row: -row["z"])
@@ -117,13 +125,15 @@ def pair_stages(scanner, tokenizer, texts, vocab: np.ndarray, candidates: list[d
     """The scan's three pair stages after the single tokens: pairs of the top candidates, of the
     quietest tokens, and of the relaxed search. Returns {"pairs", "quiet", "searched" (rows,
     best first), "halves" (single tokens found as a searched pair's half), "search" (its cost),
-    "flagged" (the pairs flagged, in that order)}."""
-    pairs = top_pairs(scanner, tokenizer, texts, candidates, reference_ids, s)
-    quiet = quiet_pairs(scanner, tokenizer, texts, vocab, screen_distance, reference_ids,
+    "flagged" (the pairs flagged, in that order)}. The reference pairs are rated once, for all
+    three."""
+    reference = reference_stats(scanner, tokenizer, texts, reference_ids, s)
+    pairs = top_pairs(scanner, tokenizer, texts, candidates, reference, s)
+    quiet = quiet_pairs(scanner, tokenizer, texts, vocab, screen_distance, reference,
                         {c["id"] for c in flagged}, s)
     searched, halves, cost = [], [], {}
     if s.search_restarts:
-        searched, halves, cost = search_pairs(scanner, tokenizer, texts, vocab, reference_ids,
+        searched, halves, cost = search_pairs(scanner, tokenizer, texts, vocab, reference,
                                               single_reference, s)
     hits = [p for p in pairs if is_flagged(p, s) and p["z_top"] > s.min_z
             and not p["alone_flagged"]] + [p for p in quiet + searched if p["flagged"]]
@@ -211,25 +221,20 @@ def relaxed_search(scanner, probes, vocab: np.ndarray, s) -> tuple[np.ndarray, d
     return np.asarray(list(found), np.int32).reshape(-1, SLOTS), cost
 
 
-def search_pairs(scanner, tokenizer, texts, vocab: np.ndarray, reference_ids: np.ndarray,
+def search_pairs(scanner, tokenizer, texts, vocab: np.ndarray, reference: np.ndarray,
                  single_reference: np.ndarray, s) -> tuple[list[dict], list[dict], dict]:
     """(pair rows, single-token rows found as a pair's half, cost). Pair rows: {"tokens",
     "ids", "score", "z", "D", "alone"}, best first; flagged by `is_flagged` with z against
-    `reference_tokens // 2` seeded random pairs, when neither half is flagged alone. A half is
+    `reference` (`reference_stats`), when neither half is flagged alone. A half is
     judged by the scan's own rule, both of its parts (the fixed point and the distance), against
     `single_reference`: the [N, R, 3] confirm-stage stats of the scan's reference tokens."""
     search_probes = make_probes(tokenizer, texts, count=s.search_sentences,
                                 max_tokens=s.screen_max_tokens, inserted=SLOTS,
                                 seed=s.seed + 4, skip=s.screen_sentences + s.sentences)
     proposed, cost = relaxed_search(scanner, search_probes, vocab, s)
-    probes = pair_probes(tokenizer, texts, s)
-    ref_pairs = reference_pairs(reference_ids, s)
-    stats = scanner.stats(np.concatenate([proposed, ref_pairs]), probes, "pair search")
+    stats = scanner.stats(proposed, pair_probes(tokenizer, texts, s), "pair search")
     k = len(proposed)
-    rated = scan.rate(stats[:k], stats[k:])
-    rows = [{"tokens": tokenizer.convert_ids_to_tokens([int(t) for t in pair]),
-             "ids": [int(t) for t in pair], **scan.rated_row(rated, i)}
-            for i, pair in enumerate(proposed)]
+    rows = pair_rows(tokenizer, proposed, scan.rate(stats, reference))
     rows.sort(key=lambda row: -row["z"])
     hits = [row for row in rows if is_flagged(row, s)][:s.top_k]
     halves = sorted({t for row in hits for t in row["ids"]})

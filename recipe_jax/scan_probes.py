@@ -97,3 +97,20 @@ def vocabulary(tokenizer, vocab_size: int) -> np.ndarray:
     return np.array([i for i, name in enumerate(names)
                      if i not in special and name is not None and not UNUSED.match(name)],
                     np.int32)
+
+
+def word_start_table(tokenizer, vocab_size: int) -> np.ndarray:
+    """[V] bool: whether a token may begin a word, i.e. whether inserting before it keeps words
+    whole (WordPiece: not a `##` continuation; byte-level BPE: a `Ġ`-prefixed piece, and
+    SentencePiece (XLM-R, CamemBERT): a `▁`-prefixed one, or a special token; otherwise every
+    token)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
+    tokens += [""] * (vocab_size - len(tokens))
+    specials = set(tokenizer.all_special_tokens)
+    if any(t.startswith("##") for t in tokens):
+        table = [not t.startswith("##") for t in tokens]
+    elif any(t.startswith(("\u0120", "\u2581")) for t in tokens):
+        table = [t.startswith(("\u0120", "\u2581")) or t in specials for t in tokens]
+    else:
+        table = [True] * vocab_size
+    return np.asarray(table, bool)

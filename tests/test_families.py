@@ -26,11 +26,11 @@ from recipe_jax import (
     diagnose,
     evaluate,
     families,
-    guide,
     hf,
     losses,
     prune,
     purify,
+    scan_probes,
     synthetic,
 )
 
@@ -147,7 +147,7 @@ def test_word_starts_of_each_tokenizer_family(family_model):
     SentencePiece's `▁` pieces (XLM-R), byte-level BPE's `Ġ` pieces (ModernBERT)."""
     hf_dir, _ = family_model
     tokenizer = data.load_tokenizer(hf_dir)
-    table = guide.word_start_table(tokenizer, len(tokenizer))
+    table = scan_probes.word_start_table(tokenizer, len(tokenizer))
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     marker = next((m for m in ("\u2581", "\u0120") if any(t.startswith(m) for t in tokens)), "")
     for token, start in zip(tokens, table, strict=True):

@@ -11,7 +11,7 @@ import pytest
 from conftest import plant_por, preset
 from safetensors.numpy import load_file
 
-from recipe_jax import data, guide, purify, scan_report
+from recipe_jax import data, guide, purify, scan_probes, scan_report
 
 
 def _reference_insert(ids, mask, trigger, pos):
@@ -176,7 +176,7 @@ def test_the_current_target_follows_the_model_with_no_gradient_through_it(tiny_b
     enc = data.tokenize(tokenizer, ["the cat sat on the mat", "a dog ran home"], 12)
     batch = {k: jnp.asarray(enc[k]) for k in ("input_ids", "attention_mask")}
     triggers = jnp.asarray(guide.candidates({"flagged": ["cf", "tq"]}, tokenizer, 4))
-    word_start = jnp.asarray(guide.word_start_table(tokenizer, model.cfg.vocab_size))
+    word_start = jnp.asarray(scan_probes.word_start_table(tokenizer, model.cfg.vocab_size))
 
     def term(p, reference):
         return guide.guide_term(p, reference, batch, jax.random.key(0), triggers, word_start,

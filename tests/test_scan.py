@@ -47,8 +47,9 @@ def _relaxed_search(model_dir):
     confirm = make_probes(tokenizer, texts, count=16, max_tokens=24, inserted=1, seed=1,
                                skip=2)
     single_reference = scanner.stats(reference[:, None], confirm)
-    return scan_pairs.search_pairs(scanner, tokenizer, texts, vocab, reference,
-                                   single_reference, scan.Settings())
+    pairs = scan_pairs.reference_stats(scanner, tokenizer, texts, reference, scan.Settings())
+    return scan_pairs.search_pairs(scanner, tokenizer, texts, vocab, pairs, single_reference,
+                                   scan.Settings())
 
 
 def test_relaxed_pair_search_finds_a_planted_trigger_without_the_screen(planted):
@@ -97,8 +98,10 @@ def test_a_pair_with_a_half_flagged_alone_by_distance_is_reported_as_that_token(
     scanner = _ScriptedScanner(far)
     reference = vocab[1000:1256]
     single_reference = scanner.stats(reference[:, None], None)
+    pairs = scan_pairs.reference_stats(scanner, tokenizer, probe_texts(None, 0), reference,
+                                       scan.Settings())
     rows, halves, _ = scan_pairs.search_pairs(scanner, tokenizer, probe_texts(None, 0), vocab,
-                                              reference, single_reference, scan.Settings())
+                                              pairs, single_reference, scan.Settings())
     pair = next(r for r in rows if r["ids"] == [other, far])
     assert scan_report.is_flagged(pair, scan.Settings())  # the pair alone stands out ...
     assert [h["id"] for h in halves] == [far], halves  # ... because of one half:
@@ -137,7 +140,8 @@ def test_quiet_pairs_pair_the_tokens_that_move_the_outputs_least(tiny_bert):
     distance = scan.distance_of(scanner.stats(vocab[:, None], None)).max(-1)
     distance[vocab == piece] = -20.0  # the quietest of all, but it does not start a word
     s = dataclasses.replace(scan.Settings(), quiet_tokens=12)  # 66 pairs, the best 32 rated
-    reference = vocab[1000:1256]
+    reference = scan_pairs.reference_stats(scanner, tokenizer, probe_texts(None, 0),
+                                           vocab[1000:1256], s)
     rows = scan_pairs.quiet_pairs(scanner, tokenizer, probe_texts(None, 0), vocab, distance,
                                   reference, set(), s)
     assert len(rows) == scan_pairs.QUIET_CONFIRM and not any(piece in r["ids"] for r in rows)
