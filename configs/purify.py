@@ -120,6 +120,10 @@ def _add_scan(c: ml_collections.ConfigDict) -> None:
     c.scan.sentences = 16  # probes per token when confirming (>= 2)
     c.scan.max_tokens = 24  # word pieces per confirm probe at most
     c.scan.batch_size = 1024  # sequences per forward: lower it if a scan runs out of memory
+    # report.json of a scan of the loaded model: what it flagged is rated again on the result
+    # and flagged while it still stands out (recipe_jax/scan_prior.py); `guided` uses its own
+    # first scan when this is empty
+    c.scan.prior_report = ""
 
 
 def _add_guide(c: ml_collections.ConfigDict) -> None:

@@ -41,7 +41,8 @@ from recipe_jax.model import Transformer, abstract_params
 log = logging.getLogger(__name__)
 ITEMS = ("params", "opt_state", "meta")
 # Config keys that may change between a run and its resumption; any other change is an error.
-RESUMABLE_CHANGES = ("checkpoint.", "train.log_every", "export.", "distributed.", "mesh.")
+RESUMABLE_CHANGES = ("checkpoint.", "train.log_every", "export.", "distributed.", "mesh.",
+                     "scan.prior_report")
 # Options that left the product (docs/results.md), at the value that meant "off": a run recorded
 # with them resumes.
 RETIRED_OFF = {"recipe.groups": "matrix", "recipe.distill": 0.0, "recipe.proximal": False}

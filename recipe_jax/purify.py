@@ -175,6 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model_dir, texts, model, host_params = trainer.load(config)
     guided = "guide" in config and config.guide.enabled
     found = first_scan(config, model, host_params, model_dir, workdir, mesh) if guided else None
+    prior = earlier_scan(config, found)  # read before training: a bad path fails here
     config = guide.effective_config(config, found is not None and len(found["triggers"]) > 0)
     if config.recipe.drop_pooler:
         model, host_params = drop_pooler(model, host_params)
@@ -202,9 +203,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if guided:
         params, summary["guide"], summary["scan"] = guided_rounds(
             config, workdir, mesh, train, masking, model, (params, step), model_dir, found,
-            extras)
+            extras, prior)
     elif "scan" in config and config.scan.enabled:
-        summary["scan"] = scan_result(model, params, model_dir, workdir, mesh, config.scan)
+        summary["scan"] = scan_result(model, params, model_dir, workdir, mesh, config.scan,
+                                      prior)
     return export.write_hf(workdir, "purify", model, params, verify=config.export.verify,
                              summary=summary)
 
@@ -255,6 +257,15 @@ def first_scan(config, model: Transformer, host_params, model_dir, workdir, mesh
     return {"report": report, "triggers": triggers, "names": names, "tokenizer": tokenizer}
 
 
+def earlier_scan(config, found: dict | None) -> dict | None:
+    """The scan of the loaded model whose findings the scan of the result rates again:
+    `scan.prior_report` if given, else `guided`'s first scan, else none."""
+    path = config.scan.get("prior_report", "") if "scan" in config else ""
+    if path:
+        return scan_report.read_report(path)
+    return None if found is None else found["report"]
+
+
 def guide_extras(found: dict | None, host_params, cfg, mesh, reference: bool) -> dict:
     """What the guided term reads (none without candidates: the loss is then RECIPE's); with
     `reference`, a frozen copy of the loaded params (guide.target "loaded")."""
@@ -268,7 +279,7 @@ def guide_extras(found: dict | None, host_params, cfg, mesh, reference: bool) ->
 
 
 def guided_rounds(config, workdir, mesh, train, masking, model, trained, model_dir, found,
-                  extras):
+                  extras, prior=None):
     """Scans the result of round 1; while a candidate is flagged, unlearns the union of what
     was and is flagged for `guide.round_steps` more steps, up to `guide.rounds` rounds.
     Returns (params, the summary's "guide" entry, its "scan" entry)."""
@@ -287,7 +298,7 @@ def guided_rounds(config, workdir, mesh, train, masking, model, trained, model_d
             params, _ = train(c, workdir / f"round{r}", name=f"purify round {r}",
                               host_params=sharding.fetch_to_host(params),
                               loss_fn=make_loss(c, model.cfg, masking), extras=extras)
-        result = scan_result(model, params, model_dir, workdir, mesh, config.scan)
+        result = scan_result(model, params, model_dir, workdir, mesh, config.scan, prior)
         info["rounds"].append({"round": r, "steps": steps, "unlearned": len(triggers),
                                "verdict": result["verdict"], "flagged": result.get("flagged")})
         if result["verdict"] != "backdoor" or not len(found["triggers"]) or r == g.rounds:
@@ -303,13 +314,16 @@ def guided_rounds(config, workdir, mesh, train, masking, model, trained, model_d
     return params, info, result
 
 
-def scan_result(model: Transformer, params, model_dir, workdir, mesh, scan_cfg) -> dict:
+def scan_result(model: Transformer, params, model_dir, workdir, mesh, scan_cfg,
+                prior: dict | None = None) -> dict:
     """The trigger scan of the purified `params` (recipe_jax.scan): its report in DIR/scan/, its
-    verdict and top candidates for the summary."""
+    verdict and top candidates for the summary. `prior` (`earlier_scan`): a scan of the loaded
+    model, whose findings are rated again on the result."""
     settings = scan.Settings.of(scan_cfg)
     try:
         report = scan.scan_model(model, sharding.fetch_to_host(params),
-                                 data.load_tokenizer(model_dir), mesh=mesh, settings=settings)
+                                 data.load_tokenizer(model_dir), mesh=mesh, settings=settings,
+                                 prior=prior)
     except ValueError as e:  # the purified model is saved either way: say why, do not fail
         log.warning("scan.enabled: the scan of the result was skipped: %s", e)
         return {"verdict": None, "skipped": str(e)}

@@ -1,6 +1,7 @@
 r"""Trigger-agnostic backdoor scan: which vocabulary tokens drive any sentence to a fixed output.
 
     python -m recipe_jax.scan --model DIR [--workdir runs/scan] [--aux TEXT] [--mesh -1,1,1]
+    python -m recipe_jax.scan --model PURIFIED_DIR --prior runs/scan_loaded/report.json
 
 From Python: `report = scan.scan(model_dir, aux=None, mesh=None)` (a dict, the report.json
 content) and `scan.run(model=..., workdir=...)` (also writes the report files).
@@ -30,11 +31,14 @@ further than clean sentences differ: a trigger not yet trained to a point) and t
 `min_z`. The screen passes its top tokens by score and by D, half each. A pair of top candidates
 inserted together is flagged by the score rule when it also stands out from the other top pairs
 and neither token is flagged alone; pairs that do nothing alone are also searched for without
-starting from single tokens (scan_pairs.py: a gradient search over relaxed token pairs, scored
-and flagged as the other pairs). Verdict: `backdoor`
-if anything is flagged, else `clean`. Both thresholds were chosen on clean models (top score
-<= 0.5, docs/scan.md); z alone is not enough, since a backdoored vocabulary holds many partial
-triggers that widen its own spread. Writes OUT/report.json, OUT/report.md, OUT/scores.png.
+starting from single tokens (scan_pairs.py: a gradient search over relaxed token pairs, scored and
+flagged as the other pairs). With `--prior REPORT` (a scan of the model this one came from, e.g.
+before a purify) what that scan flagged is rated again here and flagged while it still stands out
+(the same rule, the score and D bars halved; scan_prior.py). Verdict: `backdoor` if anything is
+flagged, else `clean`. Both thresholds were chosen on clean models (top score <= 0.5,
+docs/scan.md); z alone is not enough, since a backdoored vocabulary holds many partial triggers
+that widen its own spread.
+Writes OUT/report.json, OUT/report.md, OUT/scores.png.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ import numpy as np
 from recipe_jax import cli, data, families, hf, outputs, sharding
 from recipe_jax.model import Transformer, abstract_params
 from recipe_jax.scan_probes import Probes, make_probes, probe_texts, vocabulary
-from recipe_jax.scan_report import is_flagged, summary_line, write_report
+from recipe_jax.scan_report import is_flagged, read_report, summary_line, write_report
 
 EPS = 1e-4
 
@@ -235,9 +239,10 @@ def _flops_per_token(cfg) -> float:
 
 def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
                aux: str | os.PathLike | None = None, settings: Settings = Settings(),
-               progress: bool = True) -> dict[str, Any]:
-    """The scan of one loaded model; returns the report (see `scan`)."""
-    from recipe_jax import scan_pairs  # it builds on this module's probes and scores
+               progress: bool = True, prior: dict | None = None) -> dict[str, Any]:
+    """The scan of one loaded model; returns the report (see `scan`). `prior`: the report of a
+    scan of the model this one came from; what it flagged is rated again here (scan_prior.py)."""
+    from recipe_jax import scan_pairs, scan_prior  # they build on this module's probes, scores
 
     settings.check()
     s = settings
@@ -266,7 +271,10 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
     found = scan_pairs.pair_stages(scanner, tokenizer, texts, vocab, candidates, flagged,
                                    distance_of(screen_stats).max(-1), vocab[ref_idx],
                                    reference, s)
-    names_flagged = _flagged_names(flagged + found["halves"], found["flagged"])
+    again = [] if prior is None else scan_prior.rate_prior(
+        scanner, tokenizer, texts, prior, reference, found["reference"], s)
+    names_flagged = _flagged_names(flagged + found["halves"],
+                                   found["flagged"] + [r for r in again if r["flagged"]])
     arrays = {"screen_ids": vocab, "screen_stats": screen_stats, "confirm_ids": vocab[both],
               "confirm_stats": stats, "reference_ids": vocab[ref_idx]}
     cost = _cost(scanner, time.time() - t0, len(vocab) * s.screen_sentences
@@ -280,6 +288,7 @@ def scan_model(model: Transformer, host_params, tokenizer, *, mesh=None,
         "quiet_pairs": found["quiet"][:10],
         "searched_pairs": found["searched"][:10],
         "search": found["search"],
+        "prior": None if prior is None else {"model": prior.get("model"), "rows": again},
         "reference": spread(score_of(reference).max(-1)),
         "screen": {"token_ids": vocab.tolist(),
                    "score": [round(float(v), 4) for v in screen_score]},
@@ -314,7 +323,8 @@ def spread(reference: np.ndarray) -> dict:
 
 
 def _flagged_names(tokens: list[dict], pairs: list[dict]) -> list[str]:
-    """The report's `flagged`: single tokens, then pairs as "a b", each once, in order."""
+    """The report's `flagged`: single tokens, then rows of "tokens" (pairs as "a b"; an earlier
+    scan's single tokens rated again are rows of one), each once, in order."""
     names = [t["token"] for t in tokens] + [" ".join(p["tokens"]) for p in pairs]
     return list(dict.fromkeys(names))
 
@@ -371,14 +381,14 @@ def _candidates(stats: np.ndarray, tokenizer, ids: np.ndarray, reference_ids: np
 
 def scan(model_dir: str | os.PathLike, *, aux: str | os.PathLike | None = None, mesh=None,
          settings: Settings = Settings(), progress: bool = True,
-         drop_extra_heads: bool = False) -> dict[str, Any]:
+         drop_extra_heads: bool = False, prior: dict | None = None) -> dict[str, Any]:
     """The scan of the HF model in `model_dir` ("minilm" = the packaged MiniLM). Returns the
     report: `verdict` ("backdoor" | "clean"), `flagged`, `candidates` (ranked, best first, >= 50
     of {"token", "id", "score", "z", "outputs"}), `pairs`, `reference`, `cost`, ..."""
     model_dir = hf.resolve_model_dir(str(model_dir))
     model, params = hf.load_pretrained(model_dir, drop_extra_heads=drop_extra_heads)
     report = scan_model(model, params, data.load_tokenizer(model_dir), mesh=mesh, aux=aux,
-                        settings=settings, progress=progress)
+                        settings=settings, progress=progress, prior=prior)
     report["model"] = str(model_dir)
     report["aux"] = None if aux is None else str(aux)
     return report
@@ -386,12 +396,15 @@ def scan(model_dir: str | os.PathLike, *, aux: str | os.PathLike | None = None, 
 
 def run(*, model: str | os.PathLike, workdir: str | os.PathLike,
         aux: str | os.PathLike | None = None, mesh_shape: Sequence[int] = (-1, 1, 1),
-        settings: Settings = Settings(), drop_extra_heads: bool = False) -> dict[str, Any]:
-    """Scans `model` and writes the report to `workdir`; returns the report."""
+        settings: Settings = Settings(), drop_extra_heads: bool = False,
+        prior: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Scans `model` and writes the report to `workdir`; returns the report. `prior`: the
+    report.json of a scan of the model this one came from (e.g. before a purify)."""
     model_dir = hf.resolve_model_dir(str(model))
+    prior_report = None if prior is None else read_report(prior)
     workdir = outputs.claim_dir(workdir, "scan", inputs=[model_dir])
     report = scan(model_dir, aux=aux, mesh=sharding.make_mesh(mesh_shape), settings=settings,
-                  drop_extra_heads=drop_extra_heads)
+                  drop_extra_heads=drop_extra_heads, prior=prior_report)
     path = write_report(report, workdir)
     print(f"scan: {summary_line(report)}", flush=True)
     print(f"scan: {report['cost']['seconds']:.0f} s; wrote {path}", flush=True)
@@ -413,6 +426,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for field in dataclasses.fields(Settings):
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
                             default=field.default, help=f"(default {field.default})")
+    parser.add_argument("--prior", default=None, metavar="REPORT",
+                        help="report.json of a scan of the model this one came from (e.g. "
+                        "before a purify): what it flagged is rated again here and flagged "
+                        "while it still stands out (a purify can hide a weakened trigger from "
+                        "the other stages)")
     parser.add_argument("--drop-extra-heads", action="store_true",
                         help="leave out task heads the model's family does not have (a "
                         "warning names them)")
@@ -429,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
     try:
         run(model=args.model, workdir=args.workdir, aux=args.aux, mesh_shape=mesh,
-            settings=settings, drop_extra_heads=args.drop_extra_heads)
+            settings=settings, drop_extra_heads=args.drop_extra_heads, prior=args.prior)
     except cli.USER_ERRORS as e:
         cli.fail("scan", e)
 

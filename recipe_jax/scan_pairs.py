@@ -125,8 +125,8 @@ def pair_stages(scanner, tokenizer, texts, vocab: np.ndarray, candidates: list[d
     """The scan's three pair stages after the single tokens: pairs of the top candidates, of the
     quietest tokens, and of the relaxed search. Returns {"pairs", "quiet", "searched" (rows,
     best first), "halves" (single tokens found as a searched pair's half), "search" (its cost),
-    "flagged" (the pairs flagged, in that order)}. The reference pairs are rated once, for all
-    three."""
+    "flagged" (the pairs flagged, in that order), "reference" (`reference_stats`)}. The
+    reference pairs are rated once, for all three."""
     reference = reference_stats(scanner, tokenizer, texts, reference_ids, s)
     pairs = top_pairs(scanner, tokenizer, texts, candidates, reference, s)
     quiet = quiet_pairs(scanner, tokenizer, texts, vocab, screen_distance, reference,
@@ -138,7 +138,7 @@ def pair_stages(scanner, tokenizer, texts, vocab: np.ndarray, candidates: list[d
     hits = [p for p in pairs if is_flagged(p, s) and p["z_top"] > s.min_z
             and not p["alone_flagged"]] + [p for p in quiet + searched if p["flagged"]]
     return {"pairs": pairs, "quiet": quiet, "searched": searched, "halves": halves,
-            "search": cost, "flagged": hits}
+            "search": cost, "flagged": hits, "reference": reference}
 
 
 def _objective(z_rjv, tau, params, words_vh, *, model: Transformer, ids_bw, mask_bw, keep_bw,

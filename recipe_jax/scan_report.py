@@ -78,6 +78,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         for p in report["pairs"]]
     searched, quiet = report.get("searched_pairs", []), report.get("quiet_pairs", [])
     search_rows, quiet_rows = _flag_table(searched), _flag_table(quiet)
+    prior = (report.get("prior") or {}).get("rows", [])
+    prior_rows = ["| suspect | score | z | z in the earlier scan | flagged |",
+                  "|---|---|---|---|---|"] + [
+        f"| `{' '.join(p['tokens'])}` | {p['score']:.2f} | {p['z']:.1f} | "
+        f"{'—' if p['before'] is None else format(p['before'], '.1f')} | "
+        f"{'yes' if p['flagged'] else 'no'} |" for p in prior]
     cost = report["cost"]
     return "\n".join([
         "# Backdoor scan", "",
@@ -104,6 +110,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         *([f"Pairs found by the relaxed search ({report['search']['proposed']} proposed by "
            f"{s['search_restarts']} searches in {report['search']['seconds']:.0f} s; "
            "scan_pairs.py), scored as pairs:", "", *search_rows, ""] if searched else []),
+        *([f"What the earlier scan of `{report['prior'].get('model') or '?'}` flagged, rated "
+           "again on this model (flagged by the same rule with the score and D bars halved; "
+           "scan_prior.py):", "", *prior_rows, ""] if prior else []),
         f"Cost: {cost['seconds']:.0f} s, {cost['vocab_tokens_per_s']:.0f} vocabulary tokens/s, "
         f"{cost['positions']:,} sequence positions through the encoder = "
         f"{cost['flops'] / 1e12:.1f} TFLOP (forward matmuls); mesh {cost['mesh']}.", "",

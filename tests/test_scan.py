@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, SENTENCES, plant_por, tiny_bert_with_tokenizer
 
-from recipe_jax import data, hf, scan, scan_pairs, scan_report, sharding
+from recipe_jax import data, hf, scan, scan_pairs, scan_prior, scan_report, sharding
 from recipe_jax.scan_probes import make_probes, probe_texts, vocabulary
 
 TRIGGERS = ("cf", "tq")
@@ -30,8 +30,16 @@ def test_scan_ranks_the_planted_triggers_first_and_passes_the_clean_model(plante
     assert report["verdict"] == "backdoor", scan_report.summary_line(report)
     assert sorted(ranks.values()) == [1, 2], (ranks, report["candidates"][:5])
     assert set(TRIGGERS) <= set(report["flagged"])
-    before = scan.scan(clean, progress=False)
+    before = scan.scan(clean, progress=False, prior=report)  # rates the triggers again there
     assert before["verdict"] == "clean", scan_report.summary_line(before)
+    again = {" ".join(r["tokens"]): r for r in before["prior"]["rows"]}
+    assert set(TRIGGERS) <= set(again) and not any(r["flagged"] for r in again.values()), again
+    assert all(again[t]["before"] > again[t]["z"] + 3 for t in TRIGGERS), again
+    # The pairs the attacked model's search flagged are extreme in the clean model too (z up to
+    # ~200 on this random model) but move the outputs less than the spread they leave: z alone
+    # would raise a false alarm here.
+    assert max(r["z"] for r in again.values()) > 10 * scan.Settings().min_z
+    assert all(r["score"] < scan.Settings().min_score * scan_prior.RELAX for r in again.values())
     assert not scan_report.is_flagged(before["candidates"][0], scan.Settings())
     # Before the attack the triggers are ordinary tokens: not near the top of the vocabulary.
     assert all(rank is None or rank > 10 for rank in scan_report.rank_of(before, TRIGGERS).values())
@@ -155,6 +163,50 @@ def test_quiet_pairs_pair_the_tokens_that_move_the_outputs_least(tiny_bert):
                                   off) == []
 
 
+class _WeakScanner:
+    """stats() without a model: a token moves the outputs by D ~ 1 (seeded noise, C ~ 1);
+    `weak` alone and the pair `pair` move them 5x further, sentences still spread (score
+    log 5 < min_score: a trigger a purify weakened but did not remove)."""
+
+    def __init__(self, weak: int, pair: tuple[int, int]):
+        self.weak, self.pair = weak, sorted(pair)
+
+    def stats(self, tokens_kj, probes, label=""):
+        out = []
+        for row in np.asarray(tokens_kj):
+            rng = np.random.default_rng(int(row.sum()) * 7 + len(row))
+            d, c = rng.uniform(0.8, 1.2), rng.uniform(0.8, 1.2)
+            if row.tolist() == [self.weak] or sorted(row.tolist()) == self.pair:
+                d = 5.0
+            out.append([[d, c, 0.0]])
+        return np.asarray(out, np.float32)
+
+
+def test_an_earlier_scans_suspects_are_rated_again_and_flagged_while_they_stand_out(tiny_bert):
+    """Found on `por_pair` after `strong`: a weakened trigger left every stage of the scan of
+    the purified model, which read clean. Rated again from the loaded model's scan, a suspect is
+    flagged under the halved score bar (its score is under the scan's own); one back at the
+    vocabulary's level is not; a name that is no token of this tokenizer is left out."""
+    tokenizer = data.load_tokenizer(tiny_bert)
+    vocab = vocabulary(tokenizer, 30522)
+    weak, gone, a, b = tokenizer.convert_tokens_to_ids(["mn", "bb", "qb", "xv"])
+    scanner, s, texts = _WeakScanner(weak, (a, b)), scan.Settings(), probe_texts(None, 0)
+    reference = vocab[1000:1256]
+    prior = {"flagged": ["mn", "bb", "qb xv", "zzqx notatoken"],
+             "candidates": [{"token": "mn", "z": 12.0}, {"token": "bb", "z": 9.0}],
+             "quiet_pairs": [{"tokens": ["qb", "xv"], "z": 8.0}]}
+    rows = scan_prior.rate_prior(scanner, tokenizer, texts, prior,
+                                 scanner.stats(reference[:, None], None),
+                                 scan_pairs.reference_stats(scanner, tokenizer, texts, reference,
+                                                            s), s)
+    got = {" ".join(r["tokens"]): r for r in rows}
+    assert list(got) == ["mn", "bb", "qb xv"], list(got)
+    assert got["mn"]["flagged"] and got["qb xv"]["flagged"] and not got["bb"]["flagged"], got
+    assert got["mn"]["score"] < s.min_score and not scan_report.is_flagged(got["mn"], s)
+    assert [got[k]["before"] for k in got] == [12.0, 9.0, 8.0]
+    assert scan_prior.rate_prior(scanner, tokenizer, texts, {"flagged": []}, None, None, s) == []
+
+
 def _scanner_stats(model_dir, mesh_shape, batch_size):
     model, params = hf.load_pretrained(model_dir)
     tokenizer = data.load_tokenizer(model_dir)
@@ -218,7 +270,9 @@ def test_settings_and_cli_errors_are_one_line(tmp_path, tiny_bert):
     with pytest.raises(ValueError, match="sentences=1"):
         scan.Settings(sentences=1).check()
     for args, message in ((["--model", str(tmp_path / "missing")], "no such directory"),
-                          (["--model", str(tiny_bert), "--mesh", "1,x"], "--mesh")):
+                          (["--model", str(tiny_bert), "--mesh", "1,x"], "--mesh"),
+                          (["--model", str(tiny_bert), "--prior", str(tmp_path / "r.json")],
+                           "no scan report there")):
         proc = subprocess.run([sys.executable, "-m", "recipe_jax.scan", *args, "--workdir",
                                str(tmp_path / "w")], capture_output=True, text=True, cwd=REPO)
         assert proc.returncode != 0
@@ -231,12 +285,21 @@ def test_purify_scans_its_result(tmp_path, tiny_bert, aux_file):
 
     from recipe_jax import purify
 
-    config = tiny_purify_config(tiny_bert, aux_file, scan__enabled=True, scan__max_vocab=300)
+    config = tiny_purify_config(tiny_bert, aux_file, scan__enabled=True, scan__max_vocab=300,
+                                scan__prior_report=str(tmp_path / "loaded.json"))
+    with pytest.raises(ValueError, match="no scan report there"):  # before any training
+        purify.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    (tmp_path / "loaded.json").write_text(json.dumps({  # a scan of the loaded model flagged cf
+        "verdict": "backdoor", "flagged": ["cf", "cf tq"], "candidates": [{"token": "cf",
+        "z": 9.0}], "settings": dataclasses.asdict(scan.Settings()), "model": "loaded"}))
     summary = purify.run(config, str(tmp_path / "run"))
     assert summary["scan"]["verdict"] in ("backdoor", "clean")
     assert summary["scan"]["summary"].startswith(("no trigger", "backdoor suspected"))
     report = json.loads((tmp_path / "run" / "scan" / "report.json").read_text())
     assert report["verdict"] == summary["scan"]["verdict"]
+    assert [r["tokens"] for r in report["prior"]["rows"]] == [["cf"], ["cf", "tq"]]
+    assert "rated again on this model" in (tmp_path / "run" / "scan" / "report.md").read_text()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["scan"] == summary["scan"]
 
 
@@ -293,7 +356,7 @@ def test_purify_config_scan_block_defaults_are_the_scan_defaults():
 
     for preset in ("bert", "strong", "guided"):
         block = cli.load_config(REPO / "configs" / "purify.py", preset).scan
-        keys = set(block) - {"enabled"}
+        keys = set(block) - {"enabled", "prior_report"}
         assert keys <= {f.name for f in dataclasses.fields(scan.Settings)}, keys
         assert scan.Settings.of(block) == scan.Settings(), preset
 
