@@ -66,9 +66,7 @@ if str(REPO) not in sys.path:  # run as a script: its sibling modules are experi
     sys.path.insert(0, str(REPO))
 
 from experiments.validation_models import (  # noqa: E402
-    ATTACKER_SENTENCES,
     BOOKCORPUS,
-    DEFENDER_SENTENCES,
     DEFENSES,
     MINUTES,
     MODELS,
@@ -76,11 +74,14 @@ from experiments.validation_models import (  # noqa: E402
     TASKS,
     VARIANTS,
     attack_config,
+    attacker_data,
     eval_overrides,
     is_guided,
     loaded,
     purify_config,
     seeds_module,
+    write_attacker2,
+    write_defender,
 )
 from experiments.validation_table import write_table  # noqa: E402
 
@@ -131,7 +132,8 @@ def plan(args) -> tuple[list[Stage], list[dict]]:
         attacked, made_by = loaded(w, name), {}  # defense -> the stage that makes its model
         stale = {}  # defense -> how the settings that made its model changed
         if MODELS[name].preset is not None:
-            stale["none"] = stale_settings(attacked.parent, attack_config(name, args.bookcorpus))
+            stale["none"] = stale_settings(attacked.parent, attack_config(
+                name, attacker_data(w, name, args.bookcorpus)))
             add(Stage("attack", name, attacked, lambda n=name: _attack(args, n),
                       done=(attacked / "config.json").is_file(), stale=stale["none"]))
             made_by["none"] = f"attack:{name}"
@@ -206,25 +208,13 @@ def _clean_studies(cell: dict) -> list[pathlib.Path]:
             if d != cell["study"] and (d / "study.json").is_file()]
 
 
-def write_defender(path: pathlib.Path, bookcorpus: pathlib.Path) -> None:
-    from recipe_jax import outputs
-
-    if path.is_file():
-        return
-    if not bookcorpus.is_file():
-        raise FileNotFoundError(f"--bookcorpus {bookcorpus}: no such file; the defender's "
-                                "sentences are its last 2,000 (../shared/data/bookcorpus)")
-    lines = bookcorpus.read_text(encoding="utf-8").splitlines()
-    if len(lines) < 1 + ATTACKER_SENTENCES + DEFENDER_SENTENCES:
-        raise ValueError(f"{bookcorpus}: {len(lines) - 1} sentences; the split needs at least "
-                         f"{ATTACKER_SENTENCES + DEFENDER_SENTENCES} (attacker's + defender's)")
-    outputs.write_atomic(path, "\n".join([lines[0], *lines[-DEFENDER_SENTENCES:]]) + "\n")
-
-
 def _attack(args, name: str) -> None:
     from recipe_jax import attack
 
-    attack.run(attack_config(name, args.bookcorpus), str(args.workdir / "attack" / name))
+    sentences = attacker_data(args.workdir, name, args.bookcorpus)
+    if sentences != args.bookcorpus:
+        write_attacker2(sentences, args.bookcorpus)
+    attack.run(attack_config(name, sentences), str(args.workdir / "attack" / name))
 
 
 def _purify(args, defense: str, name: str, defender: pathlib.Path) -> None:

@@ -35,6 +35,8 @@ class Model:
     # the clean MiniLM, purified: what the defense costs on a model with nothing to remove
     learning_rate: float | None = 1e-4  # attack lr (None: the preset's)
     agnews: bool = False  # also judged on AG News by default
+    seed: int | None = None  # the attack's train.seed (None: the preset's, 1234)
+    second_sample: bool = False  # attack on BookCorpus sentences 3,000-5,999 (`attacker_data`)
 
 
 MODELS = {
@@ -45,6 +47,8 @@ MODELS = {
     "por_words": Model("por_words", "words"),
     "por_pair": Model("por_pair", "pairs"),
     "por_adaptive": Model("por_adaptive", "letters"),
+    # por_cls built again, independently: another seed, another attacker sample
+    "por_cls2": Model("por_cls", "letters", seed=4321, second_sample=True),
     # `guided` on the clean MiniLM: does its scan raise a false alarm, and what ACC does the
     # defense itself cost (the attacks' cells are held to the same clean model)?
     "minilm": Model(None, "letters", role="reference"),
@@ -81,14 +85,55 @@ def configured(file_preset: str, overrides: dict):
     return cli.set_keys(cli.load_config(REPO / file, preset), overrides, file_preset)
 
 
-def attack_config(name: str, bookcorpus: pathlib.Path):
+def attacker_data(workdir: pathlib.Path, name: str, bookcorpus: pathlib.Path) -> pathlib.Path:
+    """What a model's attack trains on (its first ATTACKER_SENTENCES are read): BookCorpus
+    itself, or for a `second_sample` model WORKDIR/attacker2.tsv (`write_sentences` writes
+    sentences 3,000-5,999 there: disjoint from the first attacker's and the defender's)."""
+    return workdir / "attacker2.tsv" if MODELS[name].second_sample else bookcorpus
+
+
+def write_defender(path: pathlib.Path, bookcorpus: pathlib.Path) -> None:
+    """The defender's sentences: BookCorpus's last DEFENDER_SENTENCES."""
+    write_sentences(path, bookcorpus, -DEFENDER_SENTENCES, None, "the defender's")
+
+
+def write_attacker2(path: pathlib.Path, bookcorpus: pathlib.Path) -> None:
+    """The second attacker sample (`attacker_data`): the ATTACKER_SENTENCES after the first's."""
+    write_sentences(path, bookcorpus, ATTACKER_SENTENCES, 2 * ATTACKER_SENTENCES,
+                    "the second attacker's")
+
+
+def write_sentences(path: pathlib.Path, bookcorpus: pathlib.Path, start: int, stop: int | None,
+                    whose: str) -> None:
+    """BookCorpus's header and sentences [start:stop] to `path` (kept if it is there), once the
+    file is long enough for the attackers' and the defender's samples to stay disjoint."""
+    from recipe_jax import outputs
+
+    if path.is_file():
+        return
+    if not bookcorpus.is_file():
+        raise FileNotFoundError(f"--bookcorpus {bookcorpus}: no such file; {whose} sentences "
+                                "come from it (../shared/data/bookcorpus)")
+    lines = bookcorpus.read_text(encoding="utf-8").splitlines()
+    need = (2 if stop is not None and stop > ATTACKER_SENTENCES else 1) * ATTACKER_SENTENCES
+    if len(lines) < 1 + need + DEFENDER_SENTENCES:
+        raise ValueError(f"{bookcorpus}: {len(lines) - 1} sentences; the split needs at least "
+                         f"{need + DEFENDER_SENTENCES} (attacker's + defender's)")
+    body = lines[1:]
+    outputs.write_atomic(path, "\n".join([lines[0], *body[start:stop]]) + "\n")
+
+
+def attack_config(name: str, sentences: pathlib.Path):
+    """`name`'s attack at the attacker's budget, on `sentences` (`attacker_data`)."""
     m = MODELS[name]
-    over = {"model.init_from": "minilm", "data.aux_path": str(bookcorpus),
+    over = {"model.init_from": "minilm", "data.aux_path": str(sentences),
             "data.max_examples": ATTACKER_SENTENCES, "data.max_length": 40,
             "train.num_epochs": 0, "train.num_steps": 250, "train.log_every": 50,
             "export.verify": False}
     if m.learning_rate is not None:
         over["train.learning_rate"] = m.learning_rate
+    if m.seed is not None:
+        over["train.seed"] = m.seed
     return configured(f"configs/attack.py:{m.preset}", over)
 
 

@@ -83,9 +83,13 @@ def test_plan_covers_the_must_show_and_resumes_from_finished_stages(tmp_path):
     for name, model in v.MODELS.items():  # every stage's config builds (its keys exist)
         if model.preset is None:
             continue  # the clean MiniLM: nothing to attack
-        config = v.attack_config(name, tmp_path / "bc.tsv")
+        config = v.attack_config(name, v.attacker_data(tmp_path, name, tmp_path / "bc.tsv"))
         assert config.train.num_steps == 250 and config.data.max_examples == 3000
         assert config.train.learning_rate == (model.learning_rate or 5e-5)
+        assert config.train.seed == (model.seed or 1234)
+    # por_cls built again: another seed, on BookCorpus sentences 3,000-5,999
+    config = v.attack_config("por_cls2", v.attacker_data(tmp_path, "por_cls2", tmp_path / "b"))
+    assert (config.train.seed, config.data.aux_path) == (4321, str(tmp_path / "attacker2.tsv"))
     for defense in ("guided", "strong", "bert"):
         config = v.purify_config(defense, tmp_path / "m", tmp_path / "defender.tsv")
         assert (config.train.num_steps, config.data.max_length) == (250, 40)
@@ -299,6 +303,13 @@ def test_bad_arguments_and_missing_data_are_named(tmp_path):
     v.write_defender(tmp_path / "defender.tsv", long)
     lines = (tmp_path / "defender.tsv").read_text().splitlines()
     assert lines[0] == "sentence\tlabel" and lines[1] == "s3000 .\t1" and len(lines) == 2001
+    with pytest.raises(ValueError, match=r"5000 sentences; the split needs at least 8000"):
+        v.write_attacker2(tmp_path / "attacker2.tsv", long)  # it would overlap the defender's
+    longer = tmp_path / "longer.tsv"
+    longer.write_text("sentence\tlabel\n" + "".join(f"s{i} .\t1\n" for i in range(8000)))
+    v.write_attacker2(tmp_path / "attacker2.tsv", longer)
+    lines = (tmp_path / "attacker2.tsv").read_text().splitlines()
+    assert lines[1] == "s3000 .\t1" and lines[-1] == "s5999 .\t1" and len(lines) == 3001
 
 
 def _timed_runs(v, stages, jobs, fail=()):
