@@ -18,10 +18,12 @@ the reference (z > `min_z`). z alone is not enough: a search selects tokens that
 the base model already, and those stay extreme in a clean copy of it (on a tiny random model,
 the attacked model's searched pairs reach z up to 219 on the clean model, at scores <= 0.42).
 
-Measured on `por_pair`'s five flagged suspects (scores): the result of `strong` (3.7 points of
-AASR left downstream) 0.15-1.98, four flagged; the clean MiniLM <= 0.44 and the result of
-`guided` (no backdoor left downstream) < 0, none flagged. Designed on that model, so a tuning
-result (docs/scan.md).
+Measured (docs/scan.md): `por_pair`'s five flagged suspects after `strong` (3.7 points of AASR
+left downstream) score 0.15-1.98, four flagged; after `guided` (none left) all < 0, none; on the
+clean MiniLM <= 0.44, none. The rule was set on that model and the tiny one; then, on
+`por_adaptive`'s 40 suspects: after `strong` (+4.7 left) 8 flagged, the fifth trigger `cf` among
+them, which the scan's own stages had passed; after `guided` (+1.5) none, although z reaches 5.1;
+on the clean MiniLM none.
 
     rows = rate_prior(scanner, tokenizer, texts, prior, single_reference, pair_reference, s)
 """
