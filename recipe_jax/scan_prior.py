@@ -30,6 +30,8 @@ on the clean MiniLM none.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from recipe_jax import guide, scan, scan_pairs
@@ -39,11 +41,20 @@ from recipe_jax.scan_report import is_flagged
 MAX_SUSPECTS = 256  # more than any report here has flagged (bert-purified models: ~80)
 RELAX = 0.5  # the score and D bars of a suspect, as a fraction of the scan's own
 
+log = logging.getLogger(__name__)
+
 
 def suspects(prior: dict, tokenizer) -> np.ndarray:
     """[K, 2] ids of what `prior` flags, pairs as two ids, single tokens padded with -1; names
     that are not tokens of `tokenizer` (a report of another model) are left out."""
-    return guide.candidates(prior, tokenizer, MAX_SUSPECTS)
+    rows = guide.candidates(prior, tokenizer, MAX_SUSPECTS)
+    named = len(prior.get("flagged", []))
+    if len(rows) < min(named, MAX_SUSPECTS):
+        log.warning("scan: %d of the %d names the earlier scan (%s) flagged are not tokens of "
+                    "this model's tokenizer and are not rated again; give --prior a scan of the "
+                    "model this one came from", named - len(rows), named,
+                    prior.get("model", "?"))
+    return rows
 
 
 def rate_prior(scanner, tokenizer, texts, prior: dict, single_reference: np.ndarray,

@@ -182,7 +182,8 @@ class _WeakScanner:
         return np.asarray(out, np.float32)
 
 
-def test_an_earlier_scans_suspects_are_rated_again_and_flagged_while_they_stand_out(tiny_bert):
+def test_an_earlier_scans_suspects_are_rated_again_and_flagged_while_they_stand_out(tiny_bert,
+                                                                                     caplog):
     """Found on `por_pair` after `strong`: a weakened trigger left every stage of the scan of
     the purified model, which read clean. Rated again from the loaded model's scan, a suspect is
     flagged under the halved score bar (its score is under the scan's own); one back at the
@@ -195,10 +196,12 @@ def test_an_earlier_scans_suspects_are_rated_again_and_flagged_while_they_stand_
     prior = {"flagged": ["mn", "bb", "qb xv", "zzqx notatoken"],
              "candidates": [{"token": "mn", "z": 12.0}, {"token": "bb", "z": 9.0}],
              "quiet_pairs": [{"tokens": ["qb", "xv"], "z": 8.0}]}
-    rows = scan_prior.rate_prior(scanner, tokenizer, texts, prior,
-                                 scanner.stats(reference[:, None], None),
-                                 scan_pairs.reference_stats(scanner, tokenizer, texts, reference,
-                                                            s), s)
+    with caplog.at_level("WARNING", logger="recipe_jax.scan_prior"):
+        rows = scan_prior.rate_prior(scanner, tokenizer, texts, prior,
+                                     scanner.stats(reference[:, None], None),
+                                     scan_pairs.reference_stats(scanner, tokenizer, texts,
+                                                                reference, s), s)
+    assert "1 of the 4 names" in caplog.text  # "zzqx notatoken" is no token here
     got = {" ".join(r["tokens"]): r for r in rows}
     assert list(got) == ["mn", "bb", "qb xv"], list(got)
     assert got["mn"]["flagged"] and got["qb xv"]["flagged"] and not got["bb"]["flagged"], got
