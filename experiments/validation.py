@@ -21,6 +21,7 @@ and is read back when finished, so a rerun resumes where a run stopped (a killed
 its checkpoint):
 
     WORKDIR/defender.tsv                    the defender's sentences (the last 2,000 of BookCorpus)
+    WORKDIR/attacker2.tsv                   por_cls2's attacker's (BookCorpus sentences 3,000-5,999)
     WORKDIR/attack/<model>/hf               the attacked model (configs/attack.py preset)
     WORKDIR/purify/<defense>-<model>/hf     the purified model; summary.json has its scan verdict
     WORKDIR/eval/<task>/<defense>-<model>/  a seed study of experiments/seeds.py
