@@ -66,22 +66,20 @@ def rate_prior(scanner, tokenizer, texts, prior: dict, single_reference: np.ndar
     rows_k2 = suspects(prior, tokenizer)
     before = _prior_z(prior)
     out: list[dict] = [{}] * len(rows_k2)
-    singles = np.flatnonzero(rows_k2[:, 1] < 0)
-    pairs = np.flatnonzero(rows_k2[:, 1] >= 0)
-    if len(singles):
-        probes = make_probes(tokenizer, texts, count=s.sentences, max_tokens=s.max_tokens,
-                             inserted=1, seed=s.seed + 1, skip=s.screen_sentences)
-        stats = scanner.stats(rows_k2[singles, :1], probes, "earlier scan's tokens")
-        for i, row in zip(singles, scan_pairs.pair_rows(
-                tokenizer, rows_k2[singles, :1], scan.rate(stats, single_reference)),
-                strict=True):
-            out[i] = row
-    if len(pairs):
-        stats = scanner.stats(rows_k2[pairs], scan_pairs.pair_probes(tokenizer, texts, s),
-                              "earlier scan's pairs")
-        for i, row in zip(pairs, scan_pairs.pair_rows(
-                tokenizer, rows_k2[pairs], scan.rate(stats, pair_reference)), strict=True):
-            out[i] = row
+    single = lambda: make_probes(tokenizer, texts, count=s.sentences,  # noqa: E731
+                                 max_tokens=s.max_tokens, inserted=1, seed=s.seed + 1,
+                                 skip=s.screen_sentences)
+    pair = lambda: scan_pairs.pair_probes(tokenizer, texts, s)  # noqa: E731
+    for where, width, probes, reference in ((rows_k2[:, 1] < 0, 1, single, single_reference),
+                                            (rows_k2[:, 1] >= 0, 2, pair, pair_reference)):
+        index = np.flatnonzero(where)
+        if len(index):  # probes built only for the kinds the prior flagged
+            ids = rows_k2[index, :width]
+            stats = scanner.stats(ids, probes(), f"earlier scan's {width}-token suspects")
+            for i, row in zip(index, scan_pairs.pair_rows(tokenizer, ids,
+                                                          scan.rate(stats, reference)),
+                              strict=True):
+                out[i] = row
     relaxed = {"min_score": s.min_score * RELAX, "min_distance": s.min_distance * RELAX,
                "min_z": s.min_z}
     for row in out:
