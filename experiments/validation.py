@@ -311,8 +311,12 @@ def category(stage: Stage) -> str:
 def describe(stages: list[Stage]) -> str:
     lines, minutes = [], 0
     for s in stages:
-        cost = (MINUTES["finetune"] * s.todo + MINUTES["score"] * s.scored
-                if s.kind == "finetune" else MINUTES.get(s.name.split("-")[0], MINUTES["attack"]))
+        if s.kind == "finetune":
+            cost = MINUTES["finetune"] * s.todo + MINUTES["score"] * s.scored
+        elif s.kind == "attack":
+            cost = MINUTES["attack"] * MODELS[s.name].steps // 250
+        else:
+            cost = MINUTES[s.name.split("-")[0]]
         state = "done" if s.done else f"todo (~{cost} min on 2 CPU cores)"
         if s.stale:
             state = f"STALE, made with other settings ({'; '.join(s.stale[:3])})"

@@ -37,6 +37,7 @@ class Model:
     agnews: bool = False  # also judged on AG News by default
     seed: int | None = None  # the attack's train.seed (None: the preset's, 1234)
     second_sample: bool = False  # attack on BookCorpus sentences 3,000-5,999 (`attacker_data`)
+    steps: int = 250  # the attack's train.num_steps (batches of its preset's size)
 
 
 MODELS = {
@@ -44,6 +45,9 @@ MODELS = {
     "por_cls": Model("por_cls", "letters", role="tuning"),
     "neuba": Model("neuba", "symbols", learning_rate=None),  # 5e-5: docs/results.md
     "badpre": Model("badpre", "letters", agnews=True),
+    # badpre's backdoor did not survive the full-protocol fine-tune at 250 steps: 4x the steps
+    # (the paper's BadPre trains 5,000 steps at lr 2e-5; 1,000 at 1e-4 is a comparable update)
+    "badpre_long": Model("badpre", "letters", agnews=True, steps=1000),
     "por_words": Model("por_words", "words"),
     "por_pair": Model("por_pair", "pairs"),
     "por_adaptive": Model("por_adaptive", "letters"),
@@ -128,7 +132,7 @@ def attack_config(name: str, sentences: pathlib.Path):
     m = MODELS[name]
     over = {"model.init_from": "minilm", "data.aux_path": str(sentences),
             "data.max_examples": ATTACKER_SENTENCES, "data.max_length": 40,
-            "train.num_epochs": 0, "train.num_steps": 250, "train.log_every": 50,
+            "train.num_epochs": 0, "train.num_steps": m.steps, "train.log_every": 50,
             "export.verify": False}
     if m.learning_rate is not None:
         over["train.learning_rate"] = m.learning_rate

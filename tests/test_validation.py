@@ -84,12 +84,18 @@ def test_plan_covers_the_must_show_and_resumes_from_finished_stages(tmp_path):
         if model.preset is None:
             continue  # the clean MiniLM: nothing to attack
         config = v.attack_config(name, v.attacker_data(tmp_path, name, tmp_path / "bc.tsv"))
-        assert config.train.num_steps == 250 and config.data.max_examples == 3000
+        assert config.train.num_steps == model.steps and config.data.max_examples == 3000
         assert config.train.learning_rate == (model.learning_rate or 5e-5)
         assert config.train.seed == (model.seed or 1234)
     # por_cls built again: another seed, on BookCorpus sentences 3,000-5,999
     config = v.attack_config("por_cls2", v.attacker_data(tmp_path, "por_cls2", tmp_path / "b"))
     assert (config.train.seed, config.data.aux_path) == (4321, str(tmp_path / "attacker2.tsv"))
+    # badpre trained 4x longer (the 250-step build does not survive the fine-tune), priced so
+    config = v.attack_config("badpre_long", v.BOOKCORPUS)
+    assert (config.attack.kind, config.train.num_steps) == ("badpre", 1000)
+    long_plan = v.main(["--workdir", str(tmp_path / "long"), "--models", "badpre_long",
+                        "--defenses", "none", "--tasks", "sst2", "--plan"])
+    assert "attack   badpre_long" in long_plan and "~48 min" in long_plan
     for defense in ("guided", "strong", "bert"):
         config = v.purify_config(defense, tmp_path / "m", tmp_path / "defender.tsv")
         assert (config.train.num_steps, config.data.max_length) == (250, 40)
